@@ -1,0 +1,415 @@
+"""Networks: encoders, the heads of each method, the EMA teacher, and building
+a network back from a checkpoint.
+
+    from model import SSLModel
+    model = SSLModel("vje", arch="resnet18", image_size=32, num_classes=10)
+    loss, logs = model(x1, x2, labels)      # two augmented views, (B, 3, H, W) each
+
+One class, `SSLModel`, holds everything a method trains: the encoder, the
+method's heads, an EMA teacher where the method has one, and an online linear
+probe on detached encoder features (Sec. 4 of SPEC.md). Its forward returns
+the training loss, so that one DistributedDataParallel wrapper and one
+backward cover all of it; the probe's gradient never reaches the encoder.
+
+Methods (SPEC.md sections 1-3):
+  vje      encoder -> inference network g -> (mu, var); no projector.
+           Target: the other view's raw embedding, detached (stop-gradient)
+           or produced by an EMA copy of the encoder (--target ema).
+  vssl     student encoder -> projector -> (mu, var) -> predictor -> posterior;
+           teacher = EMA encoder + projector -> prior; denoiser on a sample.
+  byol     encoder -> projector -> predictor; EMA teacher encoder + projector.
+  simsiam  encoder -> projector -> predictor; target = own projection, detached.
+"""
+import copy
+import os
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+import losses
+
+METHODS = ("vje", "vssl", "byol", "simsiam")
+ARCHS = ("tiny", "resnet18", "resnet50")
+
+
+# -----------------------------------------------------------------------------
+# encoders
+
+def tiny_encoder():
+    """The CPU benchmark network: four 3x3 conv layers (no bias) with 32, 64,
+    128, 256 channels and strides 1, 2, 2, 2, each followed by BatchNorm and
+    ReLU, then global average pooling to a 256-d embedding (0.39 M parameters)."""
+    layers, c_in = [], 3
+    for c_out, stride in zip((32, 64, 128, 256), (1, 2, 2, 2)):
+        layers += [nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+        c_in = c_out
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+
+def build_encoder(arch, image_size):
+    """Returns (encoder, embedding size D). ResNets lose their `fc`; for images
+    of 64 px or less they get the CIFAR stem (3x3 conv, stride 1, no max-pool),
+    since the ImageNet stem would shrink a 32 px image to 8 px before layer1."""
+    if arch == "tiny":
+        return tiny_encoder(), 256
+    if arch not in ("resnet18", "resnet50"):
+        raise ValueError(f"unknown architecture '{arch}'; choose one of {', '.join(ARCHS)}")
+    net = getattr(torchvision.models, arch)(weights=None)
+    if image_size <= 64:
+        net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        net.maxpool = nn.Identity()
+    dim = net.fc.in_features
+    net.fc = nn.Identity()
+    return net, dim
+
+
+# -----------------------------------------------------------------------------
+# heads
+
+def mlp(in_dim, hidden_dim, out_dim, num_layers=2, last_bn=False):
+    """Linear -> BN -> ReLU blocks, then a final Linear (BYOL / SimSiam / VSSL
+    projector and predictor shape). `last_bn` adds a non-affine BatchNorm on
+    the output, as SimSiam's projector has."""
+    layers, d = [], in_dim
+    for _ in range(num_layers - 1):
+        layers += [nn.Linear(d, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True)]
+        d = hidden_dim
+    layers.append(nn.Linear(d, out_dim, bias=not last_bn))
+    if last_bn:
+        layers.append(nn.BatchNorm1d(out_dim, affine=False))
+    return nn.Sequential(*layers)
+
+
+class InferenceNetwork(nn.Module):
+    """VJE's g (SPEC.md 1, Model): raw embedding z (B, D) -> (mu, var), each (B, D).
+
+    Linear(D,H,no bias) -> LayerNorm -> ReLU -> Linear(H,H,no bias) -> LayerNorm
+    -> ReLU, then a mean head Linear(H,D) and a variance head
+    Softplus(Linear(H,D)) + 1e-5, with H = round(D / 4). LayerNorm rather than
+    BatchNorm keeps the posterior of one image independent of its batch."""
+
+    def __init__(self, dim):
+        super().__init__()
+        h = round(0.25 * dim)
+        self.trunk = nn.Sequential(
+            nn.Linear(dim, h, bias=False), nn.LayerNorm(h), nn.ReLU(inplace=True),
+            nn.Linear(h, h, bias=False), nn.LayerNorm(h), nn.ReLU(inplace=True))
+        self.mean = nn.Linear(h, dim)
+        self.var = nn.Linear(h, dim)
+
+    def forward(self, z):
+        h = self.trunk(z)
+        return self.mean(h), F.softplus(self.var(h)) + 1e-5
+
+
+def split_gaussian(out, positive):
+    """Splits a head's (B, 2d) output into (mu, var), each (B, d). VSSL's cosine
+    forms see only the direction of the variance vector (Eqs. 9-10), so there
+    the variance stays an unconstrained linear output; the Gaussian forms need
+    var > 0 and get softplus(.) + 1e-5."""
+    mu, var = out.chunk(2, dim=1)
+    return mu, (F.softplus(var) + 1e-5 if positive else var)
+
+
+# -----------------------------------------------------------------------------
+# batch norm across processes
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over processes whose backward is again a sum over processes (the
+    gradient of every process's loss with respect to the shared statistic)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        x = x.clone()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class DistBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose batch statistics are taken over all processes.
+
+    torch.nn.SyncBatchNorm only runs on GPUs; this is its CPU (gloo) stand-in,
+    so that a DDP run on the CPU normalizes over the global batch exactly as one
+    process would. Its collectives run on a process group of their own: on the
+    default group they could interleave with DDP's gradient all-reduces in a
+    different order on each process and mix up the two."""
+
+    group = None  # set by convert_batchnorm
+
+    def _check_input_dim(self, x):
+        if x.dim() not in (2, 3, 4, 5):
+            raise ValueError(f"expected 2D-5D input, got {x.dim()}D")
+
+    def forward(self, x):
+        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        c = x.shape[1]
+        dims = [0] + list(range(2, x.dim()))
+        xf = x.float()
+        count = xf.new_tensor([xf.numel() / c])
+        stats = _AllReduceSum.apply(torch.cat([xf.sum(dims), (xf * xf).sum(dims), count]), self.group)
+        n = stats[-1]
+        mean = stats[:c] / n
+        var = (stats[c:2 * c] / n - mean * mean).clamp_min(0)  # biased, as BatchNorm normalizes
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+                self.running_var.mul_(1 - m).add_(var.detach() * n / (n - 1).clamp_min(1), alpha=m)
+        shape = [1, c] + [1] * (x.dim() - 2)
+        y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y.to(x.dtype)
+
+
+def convert_batchnorm(module, device_type, group=None):
+    """Makes every BatchNorm layer normalize over the global batch under DDP:
+    torch's SyncBatchNorm on CUDA, DistBatchNorm elsewhere. Every process must
+    call it (it creates a process group on the CPU)."""
+    if device_type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    if group is None and dist.is_available() and dist.is_initialized():
+        group = dist.new_group()
+    out = module
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, DistBatchNorm):
+        out = DistBatchNorm(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
+        out.load_state_dict(module.state_dict())
+        out.train(module.training)
+    if isinstance(out, DistBatchNorm):
+        out.group = group
+    for name, child in module.named_children():
+        out.add_module(name, convert_batchnorm(child, device_type, group))
+    return out
+
+
+def wrap_ddp(model, device):
+    """BatchNorm over the global batch, then DistributedDataParallel. The
+    teacher is left out of DDP's bookkeeping: every process updates it from
+    identical student weights, so it needs no syncing, and with its
+    batch-norm collectives inside DDP's forward the gradients of the two
+    processes came out different on gloo."""
+    model = convert_batchnorm(model, device.type).to(device)
+    ignore = [n for n, _ in list(model.named_parameters()) + list(model.named_buffers()) if n.startswith("teacher.")]
+    nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignore)
+    ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    return model, ddp
+
+
+# -----------------------------------------------------------------------------
+# the model
+
+class SSLModel(nn.Module):
+    """Encoder + the heads of one method + EMA teacher + online linear probe.
+
+    forward(x1, x2, labels) returns (loss, logs): `loss` is the method's
+    objective plus the probe's cross-entropy (probe on detached features, so
+    the sum trains both without mixing them); `logs` holds detached scalars.
+    """
+
+    def __init__(self, method, arch="resnet18", image_size=32, num_classes=0, target="stopgrad",
+                 nu=1.0, beta=1.0, radial=True, center_var=False,
+                 vssl_form="cosine", vssl_sampling="paper", vssl_same_view=False,
+                 proj_hidden=4096, proj_dim=256):
+        super().__init__()
+        if method not in METHODS:
+            raise ValueError(f"unknown method '{method}'; choose one of {', '.join(METHODS)}")
+        self.method, self.target = method, target
+        self.nu, self.beta, self.radial, self.center_var = nu, beta, radial, center_var
+        self.vssl_form, self.vssl_sampling, self.vssl_same_view = vssl_form, vssl_sampling, vssl_same_view
+        self.encoder, self.dim = build_encoder(arch, image_size)
+        d = self.dim
+        self.teacher = None
+        if method == "vje":
+            self.head = InferenceNetwork(d)
+            if target == "ema":
+                self.teacher = copy.deepcopy(self.encoder)
+        elif method == "byol":
+            self.projector = mlp(d, proj_hidden, proj_dim)
+            self.predictor = mlp(proj_dim, proj_hidden, proj_dim)
+        elif method == "simsiam":
+            self.projector = mlp(d, 2048, 2048, num_layers=3, last_bn=True)
+            self.predictor = mlp(2048, 512, 2048)
+        elif method == "vssl":
+            # projector -> (mu, var) of size d; predictor reads [mu, var]
+            # (Algorithm 1, line 6) and gives the posterior (mu_hat, var_hat).
+            self.projector = mlp(d, proj_hidden, 2 * proj_dim)
+            self.predictor = mlp(2 * proj_dim, proj_hidden, 2 * proj_dim)
+            # Denoiser D_phi: one MLP for the mean, one for the variance, each
+            # reading a latent sample drawn from the student posterior.
+            self.denoiser_mu = mlp(proj_dim, proj_hidden, proj_dim)
+            self.denoiser_var = mlp(proj_dim, proj_hidden, proj_dim)
+        if method in ("byol", "vssl"):
+            # Teacher = EMA copy of encoder and projector, never the predictor
+            # (BYOL's asymmetry; VSSL's Algorithm 1 also names a momentum
+            # predictor, which we leave out, as solo-learn's BYOL does).
+            self.teacher = nn.Sequential(copy.deepcopy(self.encoder), copy.deepcopy(self.projector))
+        if self.teacher is not None:
+            for p in self.teacher.parameters():
+                p.requires_grad_(False)
+        self.probe = nn.Linear(d, num_classes) if num_classes > 0 else None
+
+    # -- the teacher ---------------------------------------------------------
+    def student_for_teacher(self):
+        """The student modules whose EMA the teacher is, in the teacher's order."""
+        if self.method == "vje":
+            return self.encoder
+        return nn.Sequential(self.encoder, self.projector)
+
+    @torch.no_grad()
+    def update_teacher(self, momentum):
+        """teacher <- m * teacher + (1 - m) * student, for parameters and float
+        buffers (BN running statistics: VJE's EMA teacher runs in eval mode and
+        uses them)."""
+        if self.teacher is None:
+            return
+        student = self.student_for_teacher()
+        for t, s in zip(self.teacher.parameters(), student.parameters()):
+            t.mul_(momentum).add_(s.detach(), alpha=1.0 - momentum)
+        for t, s in zip(self.teacher.buffers(), student.buffers()):
+            if t.dtype.is_floating_point:
+                t.mul_(momentum).add_(s, alpha=1.0 - momentum)
+            else:
+                t.copy_(s)
+
+    def train(self, mode=True):
+        super().train(mode)
+        if self.method == "vje" and self.teacher is not None:
+            self.teacher.eval()  # SPEC: VJE's EMA target is kept in eval mode
+        return self
+
+    # -- forward ---------------------------------------------------------------
+    def forward(self, x1, x2, labels=None):
+        b = x1.shape[0]
+        z = self.encoder(torch.cat([x1, x2]))  # both views in one pass
+        loss, logs = getattr(self, f"_loss_{self.method}")(z, torch.cat([x1, x2]), b)
+        logs["ssl_loss"] = loss.detach()
+        if self.probe is not None and labels is not None:
+            logits = self.probe(z[:b].detach().float())
+            probe_loss = F.cross_entropy(logits, labels, ignore_index=-1)
+            known = labels >= 0
+            logs["probe_loss"] = probe_loss.detach()
+            logs["probe_correct"] = ((logits.argmax(1) == labels) & known).sum().detach()
+            logs["probe_count"] = known.sum().detach()
+            if known.any():
+                loss = loss + probe_loss
+        return loss, logs
+
+    def _loss_vje(self, z, x, b):
+        mu, var = self.head(z)
+        if self.teacher is None:
+            t = z.detach()
+        else:
+            with torch.no_grad():
+                t = self.teacher(x)
+        loss, terms = losses.vje_loss(mu[:b], var[:b], mu[b:], var[b:], t[:b], t[b:],
+                                      nu=self.nu, beta=self.beta, radial=self.radial, center_var=self.center_var)
+        return loss, dict(terms)
+
+    def _loss_byol(self, z, x, b):
+        p = self.predictor(self.projector(z))
+        with torch.no_grad():
+            t = self.teacher(x)
+        loss = losses.byol_loss(p[:b], t[b:]) + losses.byol_loss(p[b:], t[:b])
+        return loss, {}
+
+    def _loss_simsiam(self, z, x, b):
+        h = self.projector(z)
+        p = self.predictor(h)
+        loss = 0.5 * (losses.simsiam_loss(p[:b], h[b:]) + losses.simsiam_loss(p[b:], h[:b]))
+        return loss, {}
+
+    def _loss_vssl(self, z, x, b):
+        positive = self.vssl_form == "gaussian"
+        mu_s, var_s = split_gaussian(self.projector(z), positive)
+        mu_q, var_q = split_gaussian(self.predictor(torch.cat([mu_s, var_s], dim=1)), positive)
+        with torch.no_grad():
+            mu_p, var_p = split_gaussian(self.teacher(x), positive)
+        # Which view feeds the denoiser (our reading of Eq. 8): the sample is
+        # drawn from the student posterior of the view that gives the KL's q,
+        # and the denoised distribution is scored against the teacher's other view.
+        sample = losses.vssl_sample(mu_q.float(), var_q.float(), mode=self.vssl_sampling)
+        mu_r = self.denoiser_mu(sample)
+        var_r = self.denoiser_var(sample)
+        if positive:
+            var_r = F.softplus(var_r) + 1e-5
+        views = [(slice(0, b), slice(b, 2 * b)), (slice(b, 2 * b), slice(0, b))]
+        if self.vssl_same_view:  # the paper's double sum also has same-view pairs
+            views += [(slice(0, b), slice(0, b)), (slice(b, 2 * b), slice(b, 2 * b))]
+        total, kl, nll = 0.0, 0.0, 0.0
+        for a, o in views:
+            l, t = losses.vssl_loss(mu_q[a], var_q[a], mu_p[o], var_p[o], mu_r[a], var_r[a],
+                                    form=self.vssl_form)
+            total, kl, nll = total + l, kl + t["kl"], nll + t["nll"]
+        return total, {"kl": kl, "nll": nll}
+
+    # -- features for evaluation ---------------------------------------------------
+    @torch.no_grad()
+    def features(self, x, source="z"):
+        """Evaluation features: `z` the encoder output, `mu` VJE's posterior
+        mean, `ema` the teacher encoder's output."""
+        if source == "z":
+            return self.encoder(x)
+        if source == "mu":
+            if self.method != "vje":
+                raise ValueError(f"feature 'mu' needs a VJE checkpoint, this one is {self.method}")
+            return self.head(self.encoder(x))[0]
+        if source == "ema":
+            if self.teacher is None:
+                raise ValueError(f"feature 'ema' needs a target encoder; this {self.method} model has none")
+            enc = self.teacher if self.method == "vje" else self.teacher[0]
+            return enc(x)
+        raise ValueError(f"unknown feature source '{source}'; choose z, mu or ema")
+
+
+def model_kwargs(args):
+    """The SSLModel arguments that a train.py argument set defines."""
+    return dict(method=args["method"], arch=args["arch"], image_size=args["image_size"],
+                num_classes=args.get("num_classes", 0), target=args.get("target", "stopgrad"),
+                nu=args.get("nu", 1.0), beta=args.get("beta", 1.0), radial=args.get("radial", True),
+                center_var=args.get("center_var", False), vssl_form=args.get("vssl_form", "cosine"),
+                vssl_sampling=args.get("vssl_sampling", "paper"),
+                vssl_same_view=args.get("vssl_same_view", False),
+                proj_hidden=args.get("proj_hidden", 4096))
+
+
+def load_model(path, map_location="cpu"):
+    """Builds the network a train.py checkpoint describes and loads its weights.
+    Returns (model, args, checkpoint). Raises SystemExit with one clear line if
+    the file is missing or unreadable."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: checkpoint '{path}' not found; pass the checkpoint.pt written by train.py")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+        args = ckpt["args"]
+        model = SSLModel(**model_kwargs(args))
+        model.load_state_dict(ckpt["model"])
+    except (RuntimeError, KeyError, EOFError, OSError, ValueError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SystemExit(f"error: cannot load checkpoint '{path}' (truncated or not from train.py?): {first}")
+    return model, args, ckpt
+
+
+def count_parameters(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+if __name__ == "__main__":
+    # quick look at the sizes: python model.py
+    for arch in ARCHS:
+        enc, d = build_encoder(arch, 32)
+        print(f"{arch:9s} D={d:5d} params={count_parameters(enc) / 1e6:.2f}M")
+    for m in METHODS:
+        net = SSLModel(m, arch="tiny", image_size=32, num_classes=10)
+        print(f"{m:8s} trainable={sum(p.numel() for p in net.parameters() if p.requires_grad) / 1e6:.2f}M")

@@ -1,0 +1,31 @@
+"""Shared fixtures: tiny generated image folders, so that no test needs a
+download or ../shared."""
+import os
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def make_image_folder(root, classes=3, train_per_class=8, test_per_class=4, size=16, seed=0):
+    """ImageFolder tree root/{train,test}/<class>/*.png of random colour blobs:
+    each class has its own mean colour, so a k-NN on raw pixels is above chance."""
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", train_per_class), ("test", test_per_class)):
+        for c in range(classes):
+            d = os.path.join(root, split, f"class{c}")
+            os.makedirs(d, exist_ok=True)
+            base = rng.uniform(0, 255, size=3)
+            for i in range(n):
+                img = np.clip(base + rng.normal(0, 40, size=(size, size, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(os.path.join(d, f"{i:03d}.png"))
+    return str(root)
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    return make_image_folder(tmp_path / "data")
