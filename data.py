@@ -211,6 +211,39 @@ def labels_of(dataset):
     raise ValueError(f"cannot read labels of {type(dataset).__name__}")
 
 
+class ClassSubset(torch.utils.data.Dataset):
+    """The images of some classes of a dataset, labels re-indexed 0..n-1 in
+    the order the classes are given (e.g. six animal classes of CIFAR-10 for
+    training, the four vehicles as out-of-distribution data)."""
+
+    def __init__(self, dataset, class_names):
+        self.dataset, self.classes = dataset, list(class_names)
+        index = {c: i for i, c in enumerate(dataset.classes)}
+        new_label = {index[c]: i for i, c in enumerate(self.classes)}
+        labels = labels_of(dataset).tolist()
+        self.indices = [i for i, y in enumerate(labels) if y in new_label]
+        self.targets = [new_label[labels[i]] for i in self.indices]
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        x, _ = self.dataset[self.indices[i]]
+        return x, self.targets[i]
+
+
+def select_classes(dataset, class_names):
+    """Restricts a labelled dataset to `class_names` (a list or a comma-separated
+    string); stops with one clear line if a name is not one of its classes."""
+    if isinstance(class_names, str):
+        class_names = [c.strip() for c in class_names.split(",") if c.strip()]
+    known = list(getattr(dataset, "classes", []))
+    unknown = [c for c in class_names if c not in known]
+    if unknown or not class_names:
+        fail(f"class(es) {', '.join(unknown) or '(none given)'} not in this dataset; its classes are: {', '.join(known)}")
+    return ClassSubset(dataset, class_names)
+
+
 def train_loader(dataset, batch_size, num_workers, seed, rank=0, world_size=1, device_type="cpu"):
     """Shuffled, drop-last loader over this process's shard.
 

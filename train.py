@@ -39,7 +39,7 @@ RECIPES = {
     "simsiam": dict(optimizer="sgd", lr=0.05, weight_decay=5e-4, ema_momentum=0.0, epochs=800),
 }
 # flags that define what is being trained: --resume refuses to change them
-RECIPE_FLAGS = ("method", "dataset", "arch", "batch_size", "lr", "weight_decay", "warmup_epochs", "nu", "beta",
+RECIPE_FLAGS = ("method", "dataset", "classes", "arch", "batch_size", "lr", "weight_decay", "warmup_epochs", "nu", "beta",
                 "target", "radial", "center_var", "vssl_form", "vssl_sampling", "vssl_same_view", "seed",
                 "ema_momentum", "image_size", "proj_hidden")
 
@@ -54,6 +54,9 @@ def get_args(argv=None):
                    help="download folder for cifar10/cifar100/stl10; for imagenet/folder a tree with train/ and test/ (or val/)")
     p.add_argument("--arch", default="resnet18", help="resnet18, resnet50, or tiny (the 0.4 M-parameter CPU network)")
     p.add_argument("--image-size", type=int, default=None, help="override the dataset's image size (px)")
+    p.add_argument("--classes", default=None,
+                   help="train (and evaluate) on these classes only, comma-separated names, e.g. the six animal "
+                        "classes of CIFAR-10 for an out-of-distribution study: bird,cat,deer,dog,frog,horse")
     p.add_argument("--epochs", type=int, default=None, help="default: the recipe's (VJE 200, BYOL/VSSL 1000, SimSiam 800)")
     p.add_argument("--warmup-epochs", type=int, default=10, help="linear learning-rate warm-up before the cosine decay")
     p.add_argument("--batch-size", type=int, default=256, help="global batch size, split over the processes")
@@ -257,7 +260,14 @@ def main(argv=None):
     if per_rank_batch < 2:
         raise SystemExit(f"error: --batch-size {args.batch_size} leaves {per_rank_batch} image per process; "
                          f"use at least 2 per process")
-    train_set = data.build_dataset(args.dataset, args.data_path, "pretrain", data.two_view_transform(args.method, info))
+    def dataset(split, transform):
+        ds = data.build_dataset(args.dataset, args.data_path, split, transform)
+        return data.select_classes(ds, args.classes) if args.classes else ds
+
+    if args.classes:
+        args.num_classes = len(data.select_classes(data.build_dataset(args.dataset, args.data_path, "test", None),
+                                                   args.classes).classes)
+    train_set = dataset("pretrain", data.two_view_transform(args.method, info))
     if args.batch_size > len(train_set):
         raise SystemExit(f"error: --batch-size {args.batch_size} is larger than the dataset "
                          f"({len(train_set)} images); lower it")
@@ -266,8 +276,7 @@ def main(argv=None):
     eval_sets = None
     if args.eval_every > 0:
         tf = data.eval_transform(info)
-        eval_sets = (data.build_dataset(args.dataset, args.data_path, "train", tf),
-                     data.build_dataset(args.dataset, args.data_path, "test", tf))
+        eval_sets = (dataset("train", tf), dataset("test", tf))
 
     # ---- networks ----------------------------------------------------------------
     model = model_lib.SSLModel(**model_lib.model_kwargs(vars(args))).to(device)
@@ -337,7 +346,7 @@ def main(argv=None):
                                        rng=states), ckpt_path)
 
     if start_epoch == 0 and eval_sets is not None:
-        metrics = knn_monitor(model, *eval_sets, info["num_classes"], args, device, rank, world_size, amp_dtype)
+        metrics = knn_monitor(model, *eval_sets, args.num_classes, args, device, rank, world_size, amp_dtype)
         log(dict(epoch=0, step=0, knn_acc=metrics["knn_acc"]))
         if master:
             print(f"epoch 0 (initialization): k-NN {metrics['knn_acc']:.2f}%")
@@ -393,7 +402,7 @@ def main(argv=None):
             entry["probe_train_acc"] = 100.0 * sums["probe_correct"] / sums["probe_count"]
         entry["images_per_s"] = count * args.batch_size / max(train_time, 1e-9)
         if eval_sets is not None and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
-            entry.update(knn_monitor(model, *eval_sets, info["num_classes"], args, device, rank, world_size,
+            entry.update(knn_monitor(model, *eval_sets, args.num_classes, args, device, rank, world_size,
                                      amp_dtype))
         entry["epoch_time"] = time.time() - t_epoch
         save(epoch + 1)

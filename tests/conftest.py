@@ -15,11 +15,12 @@ def make_image_folder(root, classes=3, train_per_class=8, test_per_class=4, size
     """ImageFolder tree root/{train,test}/<class>/*.png of random colour blobs:
     each class has its own mean colour, so a k-NN on raw pixels is above chance."""
     rng = np.random.default_rng(seed)
+    bases = rng.uniform(0, 255, size=(classes, 3))
     for split, n in (("train", train_per_class), ("test", test_per_class)):
         for c in range(classes):
             d = os.path.join(root, split, f"class{c}")
             os.makedirs(d, exist_ok=True)
-            base = rng.uniform(0, 255, size=3)
+            base = bases[c]
             for i in range(n):
                 img = np.clip(base + rng.normal(0, 40, size=(size, size, 3)), 0, 255).astype(np.uint8)
                 Image.fromarray(img).save(os.path.join(d, f"{i:03d}.png"))
