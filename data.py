@@ -15,7 +15,9 @@ Splits: "pretrain" is what self-supervised training reads (STL-10 adds its
 100k unlabeled images, labelled -1), "train" the labelled training images
 (the k-NN memory bank and the linear probe), "test" the evaluation split.
 """
+import itertools
 import os
+import re
 
 import torch
 import torchvision
@@ -169,7 +171,14 @@ def load_image(path):
             img = Image.open(f)
             return img.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise RuntimeError(f"cannot decode image '{path}': {e}") from None
+        raise RuntimeError(f"cannot decode image '{path}' ({type(e).__name__})") from None
+
+
+def decode_error(exc):
+    """The "cannot decode image '<path>'" line inside an exception (also one
+    re-raised from a DataLoader worker), or None."""
+    found = re.findall(r"cannot decode image '[^\n]*", str(exc))
+    return found[-1] if found else None  # the last: a worker's text also quotes the raising source line
 
 
 def build_dataset(name, root, split, transform):
@@ -244,6 +253,18 @@ def select_classes(dataset, class_names):
     return ClassSubset(dataset, class_names)
 
 
+class ShardSampler(torch.utils.data.DistributedSampler):
+    """DistributedSampler that can start `skip` samples into its shard, so that
+    a run stopped part-way through an epoch resumes at the next batch."""
+    skip = 0
+
+    def __iter__(self):
+        return itertools.islice(super().__iter__(), self.skip, None)
+
+    def __len__(self):
+        return super().__len__() - self.skip
+
+
 def train_loader(dataset, batch_size, num_workers, seed, rank=0, world_size=1, device_type="cpu"):
     """Shuffled, drop-last loader over this process's shard.
 
@@ -253,8 +274,7 @@ def train_loader(dataset, batch_size, num_workers, seed, rank=0, world_size=1, d
     epoch's workers are seeded from the global torch RNG, which the checkpoint
     saves, so the augmentations of a resumed epoch match too.
     """
-    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world_size, rank=rank,
-                                                  shuffle=True, seed=seed, drop_last=True)
+    sampler = ShardSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler,
                                        num_workers=num_workers, pin_memory=device_type == "cuda",
                                        drop_last=True, persistent_workers=False)

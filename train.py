@@ -19,6 +19,8 @@ import json
 import math
 import os
 import random
+import signal
+import sys
 import time
 
 import numpy as np
@@ -97,7 +99,10 @@ def get_args(argv=None):
                    help="VSSL: paper's z = mu + var*|eps|, or the textbook mu + sqrt(var)*eps")
     p.add_argument("--vssl-same-view", action="store_true", help="VSSL: add the same-view pairs of Eq. 8's double sum")
     p.add_argument("--proj-hidden", type=int, default=4096, help="hidden width of BYOL/VSSL projector and predictor")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (smoke tests)")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="stop after this many steps in all, saving a checkpoint that --resume continues from")
+    # mistakes in the flags: one line, no usage dump
+    p.error = lambda message: sys.exit(f"error: {message} (see python train.py --help)")
     args = p.parse_args(argv)
     if args.method not in RECIPES:
         p.error(f"unknown method '{args.method}'; choose one of {', '.join(RECIPES)}")
@@ -299,7 +304,7 @@ def main(argv=None):
     os.makedirs(args.output_dir, exist_ok=True)
     ckpt_path = os.path.join(args.output_dir, "checkpoint.pt")
     log_path = os.path.join(args.output_dir, "log.jsonl")
-    start_epoch, step = 0, 0
+    start_epoch, step, epoch_step = 0, 0, 0
     if args.resume:
         ckpt = utils.load_checkpoint(ckpt_path)
         old = ckpt.get("args", {})
@@ -316,12 +321,20 @@ def main(argv=None):
         if probe_optimizer is not None and ckpt.get("probe_optimizer"):
             probe_optimizer.load_state_dict(ckpt["probe_optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, step = ckpt["epoch"], ckpt["step"]
+        start_epoch, step, epoch_step = ckpt["epoch"], ckpt["step"], ckpt.get("epoch_step", 0)
         states = ckpt["rng"]
         if len(states) == world_size:  # exact continuation needs the same process count
             utils.set_rng_state(states[rank])
         if master:
-            print(f"resumed from {ckpt_path} at epoch {start_epoch} (step {step})")
+            print(f"resumed from {ckpt_path} at epoch {start_epoch}" +
+                  (f" + {epoch_step} steps" if epoch_step else "") + f" (step {step})")
+            # epochs logged after this checkpoint was written are done again: drop their lines
+            if os.path.isfile(log_path):
+                with open(log_path) as f:
+                    kept = [l for l in f if l.strip() and json.loads(l)["epoch"] <= start_epoch]
+                with open(log_path + ".tmp", "w") as f:
+                    f.writelines(kept)
+                os.replace(log_path + ".tmp", log_path)
     if master:
         print(json.dumps(vars(args), indent=2, sort_keys=True))
         with open(os.path.join(args.output_dir, "args.json"), "w") as f:
@@ -334,7 +347,8 @@ def main(argv=None):
             with open(log_path, "a") as f:
                 f.write(json.dumps(entry) + "\n")
 
-    def save(epoch):
+    def save(epoch, epoch_step=0):
+        """Checkpoint after `epoch` whole epochs and `epoch_step` steps of the next."""
         states = [utils.rng_state()]
         if world_size > 1:
             states = [None] * world_size
@@ -342,8 +356,17 @@ def main(argv=None):
         if master:
             utils.save_checkpoint(dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
                                        probe_optimizer=probe_optimizer.state_dict() if probe_optimizer else None,
-                                       scaler=scaler.state_dict(), epoch=epoch, step=step, args=vars(args),
-                                       rng=states), ckpt_path)
+                                       scaler=scaler.state_dict(), epoch=epoch, epoch_step=epoch_step,
+                                       step=step, args=vars(args), rng=states), ckpt_path)
+
+    # Ctrl-C and SIGTERM (pre-emption) only raise a flag: the loop saves a
+    # checkpoint at the next step boundary and exits, and --resume continues.
+    stop = {"signal": 0}
+
+    def request_stop(signum, frame):
+        stop["signal"] = signum
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
 
     if start_epoch == 0 and eval_sets is not None:
         metrics = knn_monitor(model, *eval_sets, args.num_classes, args, device, rank, world_size, amp_dtype)
@@ -354,12 +377,15 @@ def main(argv=None):
     # ---- training loop --------------------------------------------------------------
     for epoch in range(start_epoch, args.epochs):
         loader.sampler.set_epoch(epoch)
+        loader.sampler.skip = epoch_step * per_rank_batch  # part-way into an epoch after a stop
         model.train()
         sums, count, train_time = {}, 0, 0.0
         t_epoch = time.time()
         t_step = time.time()
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not master, leave=False)
-        for it, ((x1, x2), y) in enumerate(bar):
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not master, leave=False,
+                   initial=epoch_step, total=steps_per_epoch)
+        interrupted = False
+        for it, ((x1, x2), y) in enumerate(bar, start=epoch_step):
             for g in optimizer.param_groups:
                 g["lr"] = lr_schedule[step]
             if probe_optimizer is not None:
@@ -369,11 +395,15 @@ def main(argv=None):
                      y.to(device, non_blocking=True))
             loss, logs = train_step(ddp_model, model, batch, optimizer, probe_optimizer, scaler, amp_dtype,
                                     momentum_schedule[step])
-            # the same number on every process: all stop together on a bad loss
-            check = utils.all_reduce_sum(loss.detach().float().clone()) / world_size
-            if not math.isfinite(check.item()):
-                raise SystemExit(f"error: non-finite loss ({check.item()}) at epoch {epoch + 1}, step {step}; "
-                                 f"{ckpt_path} still holds the last good epoch ({epoch}). "
+            if os.environ.get("VSSL_FAULT") == f"nan-at-step-{step}":  # fault injection for the tests
+                loss = loss * float("nan")
+            # one all-reduce gives every process the same loss and stop request,
+            # so all of them stop together
+            check = utils.all_reduce_sum(torch.stack([loss.detach().float(), loss.new_tensor(float(stop["signal"]))]))
+            mean_loss = check[0].item() / world_size
+            if not math.isfinite(mean_loss):
+                raise SystemExit(f"error: non-finite loss ({mean_loss}) at epoch {epoch + 1}, step {step}; "
+                                 f"{ckpt_path} still holds the last good state (epoch {epoch}). "
                                  f"Try a lower --lr or --precision fp32, then --resume.")
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float()
@@ -382,10 +412,21 @@ def main(argv=None):
             now = time.time()
             train_time += now - t_step
             if master and it % 10 == 0:
-                bar.set_postfix(loss=f"{check.item():.4f}", lr=f"{lr_schedule[step - 1]:.4f}")
+                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr_schedule[step - 1]:.4f}")
             t_step = time.time()
-            if args.max_steps is not None and step >= args.max_steps:
+            if check[1].item() > 0 or (args.max_steps is not None and step >= args.max_steps):
+                interrupted = True
+                epoch_step = it + 1
                 break
+        bar.close()
+        if interrupted and epoch_step < steps_per_epoch:
+            save(epoch, epoch_step)
+            if master:
+                why = f"signal {signal.Signals(stop['signal']).name}" if stop["signal"] else "--max-steps"
+                print(f"stopped by {why} at epoch {epoch + 1}, step {step}; checkpoint saved to {ckpt_path}; "
+                      f"continue with --resume")
+            break
+        epoch_step = 0
 
         # ---- end of epoch: reduce metrics, evaluate, log, checkpoint -------------------
         keys = sorted(sums)
@@ -405,15 +446,26 @@ def main(argv=None):
             entry.update(knn_monitor(model, *eval_sets, args.num_classes, args, device, rank, world_size,
                                      amp_dtype))
         entry["epoch_time"] = time.time() - t_epoch
+        log(entry)  # the log line first: a resume drops lines newer than its checkpoint
         save(epoch + 1)
-        log(entry)
         if master:
             print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items()))
-        if args.max_steps is not None and step >= args.max_steps:
+        if interrupted:
+            if master and stop["signal"]:
+                print(f"stopped by signal {signal.Signals(stop['signal']).name} after epoch {epoch + 1}; "
+                      f"continue with --resume")
             break
     utils.cleanup_distributed()
+    if stop["signal"]:  # stopped from outside: say so in the exit status (128 + signal, as a shell does)
+        sys.exit(128 + stop["signal"])
     return model
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except RuntimeError as e:  # raised in a data-loading worker, re-raised here with its traceback as text
+        bad_file = data.decode_error(e)
+        if bad_file is None:
+            raise
+        sys.exit(f"error: {bad_file}; remove or replace that file")

@@ -1,7 +1,9 @@
 """Distributed set-up and checkpoint I/O, shared by train.py and the eval scripts.
 Nothing else belongs here."""
+import io
 import os
 import random
+import signal
 
 import numpy as np
 import torch
@@ -60,12 +62,26 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+_saves = 0
+
+
 def save_checkpoint(obj, path):
     """Writes atomically: to a temporary file in the same folder, flushed to
     disk, then renamed over `path`. A crash mid-write leaves the previous
-    checkpoint as it was."""
+    checkpoint as it was.
+
+    For the tests, VSSL_FAULT=kill-during-save-N kills the process with
+    SIGKILL half-way through writing its N-th checkpoint."""
+    global _saves
+    _saves += 1
     tmp = f"{path}.tmp"
     with open(tmp, "wb") as f:
+        if os.environ.get("VSSL_FAULT") == f"kill-during-save-{_saves}":
+            buf = io.BytesIO()
+            torch.save(obj, buf)
+            f.write(buf.getvalue()[:len(buf.getvalue()) // 2])
+            f.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())

@@ -1,0 +1,257 @@
+"""Faults and bad input, run as a user would (subprocess): every mistake gives
+exit code != 0 and one line naming the problem, never a traceback, and leaves
+existing checkpoints and logs as they were; kills and signals lose at most the
+current epoch."""
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT, make_image_folder
+
+import utils
+
+TRAIN = os.path.join(ROOT, "train.py")
+
+
+def run(script, *args, env=None, timeout=300):
+    cmd = [sys.executable, os.path.join(ROOT, script), *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                          env={**os.environ, **(env or {})})
+
+
+def flags(data_dir, out, method="vje", epochs=1, **extra):
+    f = ["--method", method, "--dataset", "folder", "--data-path", data_dir, "--arch", "tiny", "--batch-size", 8,
+         "--warmup-epochs", 1, "--num-workers", 0, "--output-dir", out, "--proj-hidden", 64, "--epochs", epochs,
+         "--eval-every", 0]
+    for k, v in extra.items():
+        f += [f"--{k.replace('_', '-')}", v]
+    return f
+
+
+def digest(folder):
+    """Hashes of every file in a run folder, to show that nothing changed."""
+    return {n: hashlib.sha256(open(os.path.join(folder, n), "rb").read()).hexdigest()
+            for n in sorted(os.listdir(folder))}
+
+
+def assert_clean_error(r, *needles):
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    # progress bars (tqdm writes them to stderr) may stand before the error
+    lines = [l for l in r.stderr.strip().splitlines() if l.strip() and "%|" not in l]
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr[-3000:]
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A finished 1-epoch VJE run on tiny data: (data dir, run dir)."""
+    root = tmp_path_factory.mktemp("errors")
+    data_dir = make_image_folder(root / "data")
+    out = str(root / "run")
+    r = run("train.py", *flags(data_dir, out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    return data_dir, out
+
+
+# -----------------------------------------------------------------------------
+# bad flags and data
+
+@pytest.mark.parametrize("flag,value,needle", [
+    ("--method", "simclr", "unknown method 'simclr'"),
+    ("--dataset", "mnist", "unknown dataset 'mnist'"),
+    ("--arch", "vit", "unknown architecture 'vit'"),
+    ("--precision", "fp8", "invalid choice: 'fp8'"),
+])
+def test_unknown_names(trained, tmp_path, flag, value, needle):
+    data_dir, _ = trained
+    f = flags(data_dir, str(tmp_path / "x"))
+    if flag in f:
+        f[f.index(flag) + 1] = value
+    else:
+        f += [flag, value]
+    assert_clean_error(run("train.py", *f), needle)
+
+
+def test_missing_and_empty_data_path(tmp_path):
+    out = str(tmp_path / "run")
+    assert_clean_error(run("train.py", *flags(str(tmp_path / "nowhere"), out)), "does not exist")
+    (tmp_path / "empty").mkdir()
+    assert_clean_error(run("train.py", *flags(str(tmp_path / "empty"), out)), "has no train/ folder")
+    (tmp_path / "noimg" / "train" / "cat").mkdir(parents=True)
+    assert_clean_error(run("train.py", *flags(str(tmp_path / "noimg"), out)), "holds no images")
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_image_that_fails_to_decode_is_named(tmp_path, workers):
+    data_dir = make_image_folder(tmp_path / "data")
+    bad = os.path.join(data_dir, "train", "class1", "zz_broken.png")
+    with open(bad, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n this is not an image")
+    f = flags(data_dir, str(tmp_path / "run"))
+    f[f.index("--num-workers") + 1] = workers
+    assert_clean_error(run("train.py", *f), "cannot decode image", "zz_broken.png")
+
+
+def test_batch_size_too_small_or_too_large(trained, tmp_path):
+    data_dir, _ = trained
+    f = flags(data_dir, str(tmp_path / "run"))
+    i = f.index("--batch-size") + 1
+    f[i] = 1
+    assert_clean_error(run("train.py", *f), "--batch-size must be at least 2")
+    f[i] = 1000
+    assert_clean_error(run("train.py", *f), "larger than the dataset (24 images)")
+
+
+def test_fp16_on_cpu(trained, tmp_path):
+    data_dir, _ = trained
+    assert_clean_error(run("train.py", *flags(data_dir, str(tmp_path / "run")), "--precision", "fp16"),
+                       "fp16 needs a CUDA GPU")
+
+
+def test_more_processes_than_gpus(monkeypatch):
+    """torchrun with LOCAL_RANK beyond the visible GPUs (simulated: CUDA
+    reported present with one device) stops before touching any GPU."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit, match="process 1 has no GPU: 1 visible; run torchrun with --nproc_per_node at most 1"):
+        utils.setup_distributed("auto")
+
+
+# -----------------------------------------------------------------------------
+# checkpoints
+
+def test_resume_without_checkpoint(trained, tmp_path):
+    data_dir, _ = trained
+    assert_clean_error(run("train.py", *flags(data_dir, str(tmp_path / "fresh")), "--resume"), "not found")
+
+
+def test_truncated_checkpoint(trained, tmp_path):
+    data_dir, out = trained
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    blob = open(os.path.join(out, "checkpoint.pt"), "rb").read()
+    (broken / "checkpoint.pt").write_bytes(blob[:len(blob) // 3])
+    before = digest(broken)
+    assert_clean_error(run("train.py", *flags(data_dir, str(broken), epochs=2), "--resume"), "unreadable")
+    assert digest(broken) == before
+
+
+@pytest.mark.parametrize("change,needle", [
+    (["--method", "byol"], "--method (vje -> byol)"),
+    (["--arch", "resnet18"], "--arch (tiny -> resnet18)"),
+    (["--lr", "0.5"], "--lr (0.05 -> 0.5)"),
+    (["--nu", "3"], "--nu (1.0 -> 3.0)"),
+])
+def test_resume_with_other_recipe(trained, change, needle):
+    data_dir, out = trained
+    before = digest(out)
+    f = flags(data_dir, out, epochs=2)
+    for k in range(0, len(change), 2):
+        if change[k] in f:
+            f[f.index(change[k]) + 1] = change[k + 1]
+        else:
+            f += change[k:k + 2]
+    assert_clean_error(run("train.py", *f, "--resume"), "changed recipe flags", needle)
+    assert digest(out) == before
+
+
+def test_eval_knn_feature_mu_on_byol_and_missing_checkpoint(tmp_path):
+    data_dir = make_image_folder(tmp_path / "data")
+    out = str(tmp_path / "byol")
+    assert run("train.py", *flags(data_dir, out, method="byol")).returncode == 0
+    before = digest(out)
+    assert_clean_error(run("eval_knn.py", "--checkpoint", os.path.join(out, "checkpoint.pt"), "--feature", "mu",
+                           "--num-workers", 0), "VJE")
+    assert digest(out) == before
+    assert_clean_error(run("eval_knn.py", "--checkpoint", str(tmp_path / "none.pt")), "not found")
+
+
+# -----------------------------------------------------------------------------
+# faults during training
+
+def test_non_finite_loss_keeps_last_good_checkpoint(tmp_path):
+    data_dir = make_image_folder(tmp_path / "data")
+    out = str(tmp_path / "run")
+    assert run("train.py", *flags(data_dir, out)).returncode == 0  # epoch 1: 3 steps
+    before = digest(out)
+    r = run("train.py", *flags(data_dir, out, epochs=2), "--resume", env={"VSSL_FAULT": "nan-at-step-4"})
+    line = assert_clean_error(r, "non-finite loss", "epoch 2, step 4", "--precision fp32", "lower --lr")
+    assert digest(out) == before, line
+
+
+def test_sigkill_during_checkpoint_write_then_resume(tmp_path):
+    """Killed half-way through writing the 2nd checkpoint: the 1st stays
+    loadable, and --resume finishes the run with every epoch logged once."""
+    data_dir = make_image_folder(tmp_path / "data")
+    out = str(tmp_path / "run")
+    r = run("train.py", *flags(data_dir, out, epochs=3), env={"VSSL_FAULT": "kill-during-save-2"})
+    assert r.returncode == -signal.SIGKILL
+    assert torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)["epoch"] == 1
+    assert os.path.exists(os.path.join(out, "checkpoint.pt.tmp"))  # the half-written file
+    r = run("train.py", *flags(data_dir, out, epochs=3), "--resume")
+    assert r.returncode == 0, r.stderr[-2000:]
+    ckpt = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)
+    assert (ckpt["epoch"], ckpt["step"]) == (3, 9)
+    assert [json.loads(l)["epoch"] for l in open(os.path.join(out, "log.jsonl"))] == [1, 2, 3]
+
+
+def wait_for(predicate, timeout=120):
+    t0 = time.time()
+    while not predicate():
+        if time.time() - t0 > timeout:
+            raise TimeoutError
+        time.sleep(0.05)
+
+
+def test_sigkill_mid_epoch_then_resume(tmp_path):
+    data_dir = make_image_folder(tmp_path / "data", train_per_class=32)  # 12 steps an epoch
+    out = str(tmp_path / "run")
+    log = os.path.join(out, "log.jsonl")
+    p = subprocess.Popen([sys.executable, TRAIN, *map(str, flags(data_dir, out, epochs=3))], cwd=ROOT,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: os.path.exists(log) and len(open(log).readlines()) >= 1)
+    time.sleep(0.5)  # inside epoch 2 now
+    p.kill()
+    p.wait()
+    assert torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)["epoch"] >= 1
+    r = run("train.py", *flags(data_dir, out, epochs=3), "--resume")
+    assert r.returncode == 0, r.stderr[-2000:]
+    ckpt = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)
+    assert (ckpt["epoch"], ckpt["step"]) == (3, 36)
+    assert [json.loads(l)["epoch"] for l in open(log)] == [1, 2, 3]
+
+
+def test_sigterm_saves_at_next_step_and_resume_continues(tmp_path):
+    data_dir = make_image_folder(tmp_path / "data", train_per_class=32)  # 12 steps an epoch
+    out = str(tmp_path / "run")
+    p = subprocess.Popen([sys.executable, TRAIN, *map(str, flags(data_dir, out, epochs=2))], cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = os.path.join(out, "log.jsonl")
+    wait_for(lambda: os.path.exists(log))  # epoch 1 done, epoch 2 under way
+    p.send_signal(signal.SIGTERM)
+    stdout, stderr = p.communicate(timeout=120)
+    assert p.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    assert "Traceback" not in stderr
+    ckpt = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)
+    assert "stopped by signal SIGTERM" in stdout
+    if ckpt["epoch"] == 1:  # stopped inside epoch 2, at a step boundary
+        assert 0 < ckpt["epoch_step"] < 12 and ckpt["step"] == 12 + ckpt["epoch_step"]
+        assert f"at epoch 2, step {ckpt['step']}" in stdout
+    else:  # the signal landed during the end-of-epoch work: that epoch is complete
+        assert (ckpt["epoch"], ckpt["epoch_step"], ckpt["step"]) == (2, 0, 24)
+    r = run("train.py", *flags(data_dir, out, epochs=2), "--resume")
+    assert r.returncode == 0, r.stderr[-2000:]
+    ckpt = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)
+    assert (ckpt["epoch"], ckpt["epoch_step"], ckpt["step"]) == (2, 0, 24)
