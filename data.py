@@ -248,6 +248,8 @@ def select_classes(dataset, class_names):
         class_names = [c.strip() for c in class_names.split(",") if c.strip()]
     known = list(getattr(dataset, "classes", []))
     unknown = [c for c in class_names if c not in known]
+    if len(set(class_names)) != len(class_names):
+        fail(f"a class is named twice in '{','.join(class_names)}'")
     if unknown or not class_names:
         fail(f"class(es) {', '.join(unknown) or '(none given)'} not in this dataset; its classes are: {', '.join(known)}")
     return ClassSubset(dataset, class_names)

@@ -368,7 +368,7 @@ def main(argv=None):
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
 
-    if start_epoch == 0 and eval_sets is not None:
+    if start_epoch == 0 and epoch_step == 0 and eval_sets is not None:
         metrics = knn_monitor(model, *eval_sets, args.num_classes, args, device, rank, world_size, amp_dtype)
         log(dict(epoch=0, step=0, knn_acc=metrics["knn_acc"]))
         if master:

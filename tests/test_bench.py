@@ -1,0 +1,87 @@
+"""bench.py: the statistics helper against hand-computed values, and one end-to-end
+run on tiny settings whose JSON must hold every section with positive, finite,
+mutually consistent numbers. Nothing here judges speed: timings on a shared
+machine are the benchmark's business, not a test's."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, make_image_folder
+
+import bench
+
+
+def test_summarize_matches_hand_computed_median_quartiles_and_ratio():
+    # 1, 2, 3, 4, 10 ms: median 3, quartiles 2 and 4 (numpy's linear
+    # interpolation lands on samples for n = 5), extremes 1 and 10
+    s = bench.summarize([0.004, 0.001, 0.010, 0.003, 0.002], images=6, reference=[0.002, 0.001, 0.0015])
+    assert s["median_ms"] == pytest.approx(3.0)
+    assert (s["q1_ms"], s["q3_ms"]) == (pytest.approx(2.0), pytest.approx(4.0))
+    assert (s["min_ms"], s["max_ms"], s["n"]) == (pytest.approx(1.0), pytest.approx(10.0), 5)
+    assert s["images_per_s"] == pytest.approx(6 / 0.003)  # 2000 images/s at the median step
+    assert s["ratio_to_encoder"] == pytest.approx(3.0 / 1.5)  # medians 3 ms over 1.5 ms
+    # even count: median halfway between the middle two, quartiles at positions 0.75 and 2.25
+    s = bench.summarize([0.001, 0.002, 0.003, 0.004])
+    assert (s["q1_ms"], s["median_ms"], s["q3_ms"]) == (pytest.approx(1.75), pytest.approx(2.5), pytest.approx(3.25))
+    assert s["images_per_s"] is None and s["ratio_to_encoder"] is None
+
+
+def test_fp16_on_the_cpu_is_refused_in_one_line():
+    with pytest.raises(SystemExit, match="fp16 needs a CUDA GPU"):
+        bench.main(["--device", "cpu", "--precision", "fp16"])
+
+
+def positive_finite(x):
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_end_to_end_json_has_every_section_with_consistent_numbers(tmp_path):
+    folder = make_image_folder(tmp_path / "data", classes=3, train_per_class=8, test_per_class=4, size=16)
+    out = tmp_path / "bench.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "bench.py", "--arch", "tiny", "--batch-size", "4", "--image-size", "16",
+           "--rounds", "1", "--warmup", "0", "--threads", "1", "--device", "cpu",
+           "--data-path", folder, "--workers", "0", "1", "--data-batches", "2", "--output", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads(out.read_text())
+    methods = ["vje", "vssl", "byol", "simsiam"]
+
+    steps = r["train_step"]
+    assert list(steps) == ["encoder"] + methods
+    enc = steps["encoder"]["median_ms"]
+    for name, s in steps.items():
+        assert all(positive_finite(s[k]) for k in ("median_ms", "q1_ms", "q3_ms", "min_ms", "max_ms", "images_per_s"))
+        assert s["min_ms"] <= s["q1_ms"] <= s["median_ms"] <= s["q3_ms"] <= s["max_ms"]
+        assert s["n"] == 1
+        # every ratio is median / median of the encoder step of the same run
+        assert s["ratio_to_encoder"] == pytest.approx(s["median_ms"] / enc)
+        assert s["images_per_s"] == pytest.approx(4 / (s["median_ms"] / 1000))
+
+    loss = r["loss_overhead"]
+    assert set(loss) == set(methods) | {"vje_loss_fn", "encoder"}
+    for name in methods + ["vje_loss_fn"]:
+        assert positive_finite(loss[name]["median_ms"]) and positive_finite(loss[name]["ratio_to_encoder"])
+        assert loss[name]["ratio_to_encoder"] == pytest.approx(loss[name]["median_ms"] / enc)
+        assert loss[name]["includes"]
+
+    rows = r["data_loading"]
+    assert [(row["method"], row["workers"]) for row in rows] == [(m, w) for m in methods for w in (0, 1)]
+    for row in rows:
+        # 24 images in batches of 4: 6 batches, one for warm-up, 2 timed
+        assert row["batches"] == 2 and row["pairs"] == 8
+        assert positive_finite(row["pairs_per_s"]) and positive_finite(row["ms_per_batch"])
+
+    for m in methods:
+        b = r["breakdown"][m]
+        assert b["encoder_ms"] + b["heads_and_loss_ms"] + b["rest_of_step_ms"] == pytest.approx(b["step_ms"])
+        assert sum(b["share_percent"].values()) == pytest.approx(100.0)
+        assert set(b["data_ms_per_batch"]) == {"0", "1"}
+
+    assert positive_finite(r["memory"]["cpu_peak_rss_mb"])
+    assert r["env"]["device"] == "cpu" and r["env"]["threads"] == 1 and r["env"]["precision"] == "fp32"
+    assert "loss overhead" in proc.stdout and "data loading" in proc.stdout
