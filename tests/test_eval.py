@@ -14,7 +14,6 @@ import torch.nn.functional as F
 
 from conftest import ROOT, make_image_folder
 
-import _select_classes_draft as draft
 import data
 import eval_knn
 import eval_linear
@@ -29,8 +28,6 @@ def one_thread(monkeypatch):
     the tests keep to one core."""
     torch.set_num_threads(1)
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
-    if not hasattr(data, "select_classes"):
-        monkeypatch.setattr(data, "select_classes", draft.select_classes, raising=False)
 
 
 # -----------------------------------------------------------------------------
@@ -169,9 +166,8 @@ def folder(tmp_path_factory):
     return make_image_folder(tmp_path_factory.mktemp("data"))
 
 
-@pytest.mark.parametrize("select", [draft.select_classes, getattr(data, "select_classes", draft.select_classes)],
-                         ids=["draft", "data"])
-def test_select_classes_reindexes_in_the_given_order(folder, select):
+def test_select_classes_reindexes_in_the_given_order(folder):
+    select = data.select_classes
     full = data.build_dataset("folder", folder, "train", data.eval_transform(data.dataset_info("folder", folder)))
     sub = select(full, ["class2", "class0"])
     assert len(sub) == 16 and list(sub.classes) == ["class2", "class0"]
@@ -185,10 +181,10 @@ def test_select_classes_reindexes_in_the_given_order(folder, select):
         select(full, ["class0", "nope"])
 
 
-def test_select_classes_draft_rejects_repeated_names(folder):
+def test_select_classes_rejects_repeated_names(folder):
     full = data.build_dataset("folder", folder, "test", None)
-    with pytest.raises(SystemExit, match="^error: .*more than once"):
-        draft.select_classes(full, "class0,class0")
+    with pytest.raises(SystemExit, match="^error: a class is named twice"):
+        data.select_classes(full, "class0,class0")
 
 
 # -----------------------------------------------------------------------------
