@@ -396,7 +396,7 @@ def load_model(path, map_location="cpu"):
         model = SSLModel(**model_kwargs(args))
         model.load_state_dict(ckpt["model"])
     except (RuntimeError, KeyError, EOFError, OSError, ValueError, TypeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
         raise SystemExit(f"error: cannot load checkpoint '{path}' (truncated or not from train.py?): {first}")
     return model, args, ckpt
 

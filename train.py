@@ -73,7 +73,7 @@ def get_args(argv=None):
     p.add_argument("--output-dir", default=None, help="default: runs/<method>-<dataset>-<arch>")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint.pt")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-workers", type=int, default=4,
+    p.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1),
                    help="data-loading processes per training process; on a 2-core CPU 0 or 2 are the sensible values")
     p.add_argument("--precision", default=None, choices=("fp32", "bf16", "fp16"),
                    help="autocast precision; default bf16 on GPUs that support it, fp32 on the CPU. "
@@ -306,6 +306,9 @@ def main(argv=None):
     log_path = os.path.join(args.output_dir, "log.jsonl")
     start_epoch, step, epoch_step = 0, 0, 0
     if args.resume:
+        if not os.path.isfile(ckpt_path):
+            raise SystemExit(f"error: --resume but '{ckpt_path}' does not exist; check --output-dir, "
+                             f"or leave out --resume to start a new run")
         ckpt = utils.load_checkpoint(ckpt_path)
         old = ckpt.get("args", {})
         changed = [f"--{k.replace('_', '-')} ({old.get(k)} -> {getattr(args, k)})"

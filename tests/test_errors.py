@@ -134,7 +134,7 @@ def test_more_processes_than_gpus(monkeypatch):
 
 def test_resume_without_checkpoint(trained, tmp_path):
     data_dir, _ = trained
-    assert_clean_error(run("train.py", *flags(data_dir, str(tmp_path / "fresh")), "--resume"), "not found")
+    assert_clean_error(run("train.py", *flags(data_dir, str(tmp_path / "fresh")), "--resume"), "does not exist", "leave out --resume")
 
 
 def test_truncated_checkpoint(trained, tmp_path):
