@@ -30,7 +30,6 @@ linear_<feature>.json beside the checkpoint).
 import argparse
 import json
 import os
-import random
 import time
 
 import numpy as np
@@ -110,9 +109,7 @@ def main(argv=None):
     args = get_args(argv)
     rank, _, world_size, device = utils.setup_distributed(args.device)
     master = rank == 0
-    torch.manual_seed(args.seed + rank)
-    np.random.seed(args.seed + rank)
-    random.seed(args.seed + rank)
+    utils.seed_all(args.seed + rank)
     amp_dtype = eval_knn.autocast_dtype(args.precision, device)
     ckpt_dir = os.path.dirname(os.path.abspath(args.checkpoint))
     args.output_dir = args.output_dir or os.path.join(ckpt_dir, f"linear_{args.feature}")

@@ -18,7 +18,6 @@ import argparse
 import json
 import math
 import os
-import random
 import signal
 import sys
 import time
@@ -238,9 +237,7 @@ def main(argv=None):
     args = get_args(argv)
     rank, local_rank, world_size, device = utils.setup_distributed(args.device)
     master = rank == 0
-    torch.manual_seed(args.seed + rank)
-    np.random.seed(args.seed + rank)
-    random.seed(args.seed + rank)
+    utils.seed_all(args.seed + rank)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True

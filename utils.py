@@ -54,6 +54,13 @@ def rng_state():
                 cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
 
 
+def seed_all(seed):
+    """Seeds every generator rng_state() saves (python, numpy, torch, CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 def set_rng_state(state):
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
