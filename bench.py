@@ -34,6 +34,7 @@ every ratio is median(item) / median(encoder step) of the same rounds.
 The JSON (--output) holds the same numbers and the resolved arguments.
 """
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -243,6 +244,87 @@ def data_throughput(method, workers, args, device):
                 pairs_per_s=pairs / seconds, ms_per_batch=1000.0 * seconds / batches)
 
 
+def batched_views_per_s(method, threads, images, info, args, device):
+    """Views/s of data.BatchedTwoViews (both views of each batch) with
+    `threads` torch threads, from the uint8 images already in memory, after
+    one warm-up batch."""
+    torch.set_num_threads(threads)
+    loader = data.BatchedTwoViews(images, torch.zeros(len(images), dtype=torch.long), method, info,
+                                  args.batch_size, args.seed)
+    batches = min(args.data_batches, len(loader) - 1)
+    it = iter(loader)
+    next(it)
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    sync(device)
+    seconds = time.perf_counter() - t0
+    return dict(method=method, pipeline="batched", cores=threads, threads=threads, batches=batches,
+                views_per_s=2 * batches * args.batch_size / seconds)
+
+
+def feed_loop(feeds, images, labels, info, args, device, amp_dtype):
+    """The training loop's images/s (two-view pairs per second) fed four ways,
+    with one model (--feed-method's recipe) shared by all feeds:
+      batched   data.BatchedTwoViews on `device`
+      pil-wN    data.train_loader over the JPEG files with N loader processes
+      ceiling   batches already on the device, no augmentation at all
+    Each timed step is: fetch the next batch, move it to the device,
+    train.train_step. Feeds take turns in blocks (a fresh epoch each, its first
+    --feed-warmup steps untimed: worker start-up, first batch); the block
+    order rotates every round. Returns {feed: [seconds per step, ...]}."""
+    method = args.feed_method
+    model, targs = build_model(method, args, device)
+    optimizer = train.build_optimizer(model, targs)
+    for g in optimizer.param_groups:
+        g["lr"] = targs.lr * args.batch_size / 256
+    probe_optimizer = torch.optim.SGD(model.probe.parameters(), lr=0.01, momentum=0.9)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    b = args.batch_size
+    mean = torch.tensor(info["mean"], device=device).view(1, 3, 1, 1)
+    std = torch.tensor(info["std"], device=device).view(1, 3, 1, 1)
+    fixed = []  # the ceiling's batches: real images, normalized, no augmentation
+    for k in range(4):
+        x = (images[k * b:(k + 1) * b].float() / 255 - mean) / std
+        fixed.append(((x, x.roll(1, 0)), labels[k * b:(k + 1) * b].to(device)))
+    pil_set = data.build_dataset("folder", args.data_path, "pretrain", data.two_view_transform(method, info))
+
+    def make_iter(feed, epoch):
+        if feed == "ceiling":
+            return itertools.cycle(fixed)
+        if feed == "batched":
+            loader = data.BatchedTwoViews(images, labels, method, info, b, args.seed)
+        else:
+            loader = data.train_loader(pil_set, b, int(feed.removeprefix("pil-w")), args.seed,
+                                       device_type=device.type)
+        data.set_epoch(loader, epoch)
+        return iter(loader)
+
+    need = args.feed_warmup + args.feed_steps
+    if len(images) // b < need:
+        data.fail(f"'{args.data_path}' has {len(images)} training images: too few for {need} batches of {b}; "
+                  f"lower --batch-size or --feed-steps")
+    times = {f: [] for f in feeds}
+    for r in tqdm(range(args.feed_rounds), desc="feed rounds", leave=False):
+        k = r % len(feeds)
+        for feed in feeds[k:] + feeds[:k]:
+            it = make_iter(feed, r)
+            for s in range(need):
+                sync(device)
+                t0 = time.perf_counter()
+                (x1, x2), y = next(it)
+                batch = ((x1.to(device, non_blocking=True), x2.to(device, non_blocking=True)),
+                         y.to(device, non_blocking=True))
+                train.train_step(model, model, batch, optimizer, probe_optimizer, scaler, amp_dtype,
+                                 targs.ema_momentum)
+                sync(device)
+                if s >= args.feed_warmup:
+                    times[feed].append(time.perf_counter() - t0)
+            del it  # shuts down a loader's workers before the next feed runs
+    return times
+
+
 # -----------------------------------------------------------------------------
 # output
 
@@ -323,6 +405,19 @@ def get_args(argv=None):
     p.add_argument("--skip-steps", action="store_true", help="leave out the train-step table")
     p.add_argument("--skip-loss", action="store_true", help="leave out the loss-overhead table")
     p.add_argument("--skip-data", action="store_true", help="leave out the data-loading table")
+    p.add_argument("--skip-aug", action="store_true",
+                   help="leave out the augmentation tables (views/s of the batched and PIL pipelines, and the "
+                        "training loop fed by each); they need --data-path")
+    p.add_argument("--aug-threads", type=int, nargs="+", default=[1, 2],
+                   help="core counts for the views/s table: torch threads for the batched pipeline, loader "
+                        "processes for the PIL one (1 core = no loader process)")
+    p.add_argument("--feed-method", default="vje", choices=model_lib.METHODS,
+                   help="the method whose augmentations and train step the feed table runs")
+    p.add_argument("--feed-workers", type=int, nargs="+", default=[0, 2],
+                   help="loader processes of the PIL feeds of the training-loop table")
+    p.add_argument("--feed-rounds", type=int, default=3, help="rounds of the feed table, each one block per feed")
+    p.add_argument("--feed-steps", type=int, default=8, help="timed steps per block")
+    p.add_argument("--feed-warmup", type=int, default=2, help="untimed steps at the start of each block")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default="bench.json", help="JSON file for every number printed, and the arguments")
     # mistakes in the flags: one line, no usage dump
@@ -337,8 +432,10 @@ def get_args(argv=None):
         p.error("--warmup must be at least 0 and --rounds at least 1")
     if args.threads is not None and args.threads < 1:
         p.error("--threads must be at least 1")
-    if args.data_batches < 1 or any(w < 0 for w in args.workers):
-        p.error("--data-batches must be at least 1 and --workers at least 0")
+    if args.data_batches < 1 or any(w < 0 for w in args.workers + args.feed_workers):
+        p.error("--data-batches must be at least 1 and --workers and --feed-workers at least 0")
+    if min(args.aug_threads) < 1 or args.feed_rounds < 1 or args.feed_steps < 1 or args.feed_warmup < 0:
+        p.error("--aug-threads, --feed-rounds and --feed-steps must be at least 1, --feed-warmup at least 0")
     return args
 
 
@@ -446,6 +543,51 @@ def main(argv=None):
             print(f"{r['method']:<10}{r['workers']:>8}{r['batches']:>9}{r['pairs_per_s']:>10.1f}"
                   f"{r['ms_per_batch']:>11.1f}")
         memory["cpu_peak_rss_mb_after_data"] = peak_rss_mb()
+
+    # ---- augmentation: batched against PIL ------------------------------------------------
+    if args.skip_aug:
+        pass
+    elif args.data_path is None:
+        print("\naugmentation: skipped (no --data-path)")
+    else:
+        info = data.dataset_info("folder", args.data_path, args.image_size)
+        images, labels = data.images_as_tensor(data.build_dataset("folder", args.data_path, "pretrain", None),
+                                               num_workers=max(args.workers), progress=False)
+        images = images.to(device)
+        threads = torch.get_num_threads()
+        rows = []
+        for m in args.methods:
+            for t in args.aug_threads:
+                rows.append(batched_views_per_s(m, t, images, info, args, device))
+            torch.set_num_threads(threads)
+            for t in args.aug_threads:
+                r = data_throughput(m, 0 if t == 1 else t, args, device)
+                rows.append(dict(method=m, pipeline="pil", cores=t, workers=r["workers"], batches=r["batches"],
+                                 views_per_s=2 * r["pairs_per_s"]))
+        results["augmentation_views"] = rows
+        print(f"\naugmentation: views/s, batch {args.batch_size}, {info['image_size']} px, on {device.type}; "
+              f"batched = data.BatchedTwoViews from the images in memory (torch threads = cores), "
+              f"pil = data.train_loader from the JPEG files, decoding included (loader processes = cores, "
+              f"none for 1 core)")
+        print(f"{'method':<10}{'pipeline':>10}{'cores':>7}{'views/s':>10}")
+        for r in rows:
+            print(f"{r['method']:<10}{r['pipeline']:>10}{r['cores']:>7}{r['views_per_s']:>10.0f}")
+
+        feeds = ["ceiling", "batched"] + [f"pil-w{w}" for w in args.feed_workers]
+        times = feed_loop(feeds, images, labels, info, args, device, amp_dtype)
+        results["feeds"] = {f: summarize(times[f], args.batch_size, times["ceiling"]) for f in feeds}
+        for f in feeds:
+            # images/s of the feed / images/s of the ceiling (= median ceiling step / median feed step)
+            results["feeds"][f]["throughput_vs_ceiling"] = 1 / results["feeds"][f].pop("ratio_to_encoder")
+        print(f"\ntraining loop fed four ways: {args.feed_method}, {args.arch}, batch {args.batch_size}, "
+              f"{args.precision}; {args.feed_rounds} rounds x {args.feed_steps} timed steps per feed "
+              f"(+{args.feed_warmup} untimed); images/s = pairs/s at the median step; ratio = images/s / ceiling's")
+        print(f"{'feed':<10}{'median ms':>11}{'IQR ms':^21}{'images/s':>10}{'x ceiling':>11}")
+        for f in feeds:
+            s = results["feeds"][f]
+            print(f"{f:<10}{s['median_ms']:>11.1f}{s['q1_ms']:>10.1f}-{s['q3_ms']:<10.1f}{s['images_per_s']:>10.1f}"
+                  f"{s['throughput_vs_ceiling']:>11.3f}")
+        memory["cpu_peak_rss_mb_after_aug"] = peak_rss_mb()
 
     # ---- where the time goes ----------------------------------------------------------
     results["breakdown"] = None if args.skip_steps or args.skip_loss else breakdown(results, args.methods)

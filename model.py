@@ -204,6 +204,12 @@ def wrap_ddp(model, device):
     ignore = [n for n, _ in list(model.named_parameters()) + list(model.named_buffers()) if n.startswith("teacher.")]
     nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignore)
     ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    # DDP has just copied rank 0's student to every process; the teacher, which
+    # it does not manage, must start from rank 0's copy too (each process drew
+    # its own initial weights)
+    if model.teacher is not None:
+        for t in model.teacher.state_dict().values():
+            dist.broadcast(t, 0)
     return model, ddp
 
 

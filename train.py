@@ -40,7 +40,7 @@ RECIPES = {
     "simsiam": dict(optimizer="sgd", lr=0.05, weight_decay=5e-4, ema_momentum=0.0, epochs=800),
 }
 # flags that define what is being trained: --resume refuses to change them
-RECIPE_FLAGS = ("method", "dataset", "classes", "arch", "batch_size", "lr", "weight_decay", "warmup_epochs", "nu", "beta",
+RECIPE_FLAGS = ("method", "dataset", "classes", "aug", "arch", "batch_size", "lr", "weight_decay", "warmup_epochs", "nu", "beta",
                 "target", "radial", "center_var", "vssl_form", "vssl_sampling", "vssl_same_view", "seed",
                 "ema_momentum", "image_size", "proj_hidden")
 
@@ -74,6 +74,10 @@ def get_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1),
                    help="data-loading processes per training process; on a 2-core CPU 0 or 2 are the sensible values")
+    p.add_argument("--aug", default="auto", choices=("auto", "batched", "pil"),
+                   help="how the two views are made: 'batched' on the training device from the whole dataset held "
+                        "as one uint8 tensor (small images), 'pil' per image in --num-workers loader processes; "
+                        "auto: batched for cifar10/cifar100/stl10 and folders of images up to 96 px, else pil")
     p.add_argument("--precision", default=None, choices=("fp32", "bf16", "fp16"),
                    help="autocast precision; default bf16 on GPUs that support it, fp32 on the CPU. "
                         "fp16 uses a GradScaler. Losses are computed in float32 in every case.")
@@ -256,6 +260,8 @@ def main(argv=None):
     # ---- data -------------------------------------------------------------------
     info = data.dataset_info(args.dataset, args.data_path, args.image_size)
     args.image_size, args.num_classes = info["image_size"], info["num_classes"]
+    if args.aug == "auto":  # batched where the dataset fits in memory as one tensor (bench.py measures both)
+        args.aug = "batched" if args.dataset != "imagenet" and args.image_size <= 96 else "pil"
     if args.batch_size % world_size:
         raise SystemExit(f"error: --batch-size {args.batch_size} is not divisible by {world_size} processes")
     per_rank_batch = args.batch_size // world_size
@@ -269,11 +275,17 @@ def main(argv=None):
     if args.classes:
         args.num_classes = len(data.select_classes(data.build_dataset(args.dataset, args.data_path, "test", None),
                                                    args.classes).classes)
-    train_set = dataset("pretrain", data.two_view_transform(args.method, info))
+    train_set = dataset("pretrain", data.two_view_transform(args.method, info) if args.aug == "pil" else None)
     if args.batch_size > len(train_set):
         raise SystemExit(f"error: --batch-size {args.batch_size} is larger than the dataset "
                          f"({len(train_set)} images); lower it")
-    loader = data.train_loader(train_set, per_rank_batch, args.num_workers, args.seed, rank, world_size, device.type)
+    if args.aug == "batched":  # decoded once, augmented on the device a batch at a time
+        images, labels = data.images_as_tensor(train_set, args.num_workers, progress=master)
+        loader = data.BatchedTwoViews(images.to(device), labels, args.method, info, per_rank_batch, args.seed,
+                                      rank, world_size)
+    else:
+        loader = data.train_loader(train_set, per_rank_batch, args.num_workers, args.seed, rank, world_size,
+                                   device.type)
     steps_per_epoch = len(loader)
     eval_sets = None
     if args.eval_every > 0:
@@ -340,7 +352,8 @@ def main(argv=None):
         with open(os.path.join(args.output_dir, "args.json"), "w") as f:
             json.dump(vars(args), f, indent=2, sort_keys=True)
         print(f"{args.method} on {args.dataset} ({len(train_set)} images, {info['image_size']} px), {args.arch}, "
-              f"{world_size} process(es) on {device.type}, {args.precision}, {steps_per_epoch} steps/epoch")
+              f"{world_size} process(es) on {device.type}, {args.precision}, {args.aug} augmentation, "
+              f"{steps_per_epoch} steps/epoch")
 
     def log(entry):
         if master:
@@ -376,8 +389,7 @@ def main(argv=None):
 
     # ---- training loop --------------------------------------------------------------
     for epoch in range(start_epoch, args.epochs):
-        loader.sampler.set_epoch(epoch)
-        loader.sampler.skip = epoch_step * per_rank_batch  # part-way into an epoch after a stop
+        data.set_epoch(loader, epoch, skip_steps=epoch_step)  # part-way into an epoch after a stop
         model.train()
         sums, count, train_time = {}, 0, 0.0
         t_epoch = time.time()

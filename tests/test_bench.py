@@ -45,7 +45,9 @@ def test_end_to_end_json_has_every_section_with_consistent_numbers(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "bench.py", "--arch", "tiny", "--batch-size", "4", "--image-size", "16",
            "--rounds", "1", "--warmup", "0", "--threads", "1", "--device", "cpu",
-           "--data-path", folder, "--workers", "0", "1", "--data-batches", "2", "--output", str(out)]
+           "--data-path", folder, "--workers", "0", "1", "--data-batches", "2", "--output", str(out),
+           "--aug-threads", "1", "2", "--feed-workers", "0", "1", "--feed-rounds", "2", "--feed-steps", "2",
+           "--feed-warmup", "1"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     r = json.loads(out.read_text())
@@ -82,6 +84,20 @@ def test_end_to_end_json_has_every_section_with_consistent_numbers(tmp_path):
         assert sum(b["share_percent"].values()) == pytest.approx(100.0)
         assert set(b["data_ms_per_batch"]) == {"0", "1"}
 
+    views = r["augmentation_views"]
+    assert [(v["method"], v["pipeline"], v["cores"]) for v in views] == \
+        [(m, p, c) for m in methods for p in ("batched", "pil") for c in (1, 2)]
+    assert all(positive_finite(v["views_per_s"]) for v in views)
+    assert [v["workers"] for v in views if v["pipeline"] == "pil"] == [0, 2] * 4
+
+    feeds = r["feeds"]
+    assert list(feeds) == ["ceiling", "batched", "pil-w0", "pil-w1"]
+    for f, s in feeds.items():
+        assert s["n"] == 2 * 2  # rounds x timed steps
+        assert s["throughput_vs_ceiling"] == pytest.approx(feeds["ceiling"]["median_ms"] / s["median_ms"])
+        assert s["images_per_s"] == pytest.approx(4 / (s["median_ms"] / 1000))
+    assert feeds["ceiling"]["throughput_vs_ceiling"] == 1.0
+
     assert positive_finite(r["memory"]["cpu_peak_rss_mb"])
     assert r["env"]["device"] == "cpu" and r["env"]["threads"] == 1 and r["env"]["precision"] == "fp32"
-    assert "loss overhead" in proc.stdout and "data loading" in proc.stdout
+    assert "loss overhead" in proc.stdout and "data loading" in proc.stdout and "fed four ways" in proc.stdout

@@ -187,15 +187,17 @@ def test_training_writes_log_args_and_checkpoint(image_folder, tmp_path):
     assert set(ckpt["rng"][0]) == {"python", "numpy", "torch", "cuda"}
 
 
-def test_resume_is_exact(image_folder, tmp_path):
+@pytest.mark.parametrize("aug", ["pil", "batched"])
+def test_resume_is_exact(aug, image_folder, tmp_path):
     """2 epochs in one run == 1 epoch, then --resume for the 2nd (with 2 data
     workers): the parameters agree to 1e-6 (same ops, same order, same random
-    draws; only float non-associativity could differ, and on the CPU it does not)."""
+    draws; only float non-associativity could differ, and on the CPU it does not).
+    On both augmentation paths."""
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    flags = ["--eval-every", 0, "--epochs", 2]
+    flags = ["--eval-every", 0, "--epochs", 2, "--aug", aug]
     r = run_train(*common_flags(image_folder, a, workers=2), *flags)
     assert r.returncode == 0, r.stderr[-2000:]
-    r = run_train(*common_flags(image_folder, b, workers=2), "--eval-every", 0, "--epochs", 2, "--max-steps", 3)
+    r = run_train(*common_flags(image_folder, b, workers=2), *flags, "--max-steps", 3)
     assert r.returncode == 0, r.stderr[-2000:]
     assert torch.load(os.path.join(b, "checkpoint.pt"), weights_only=False)["epoch"] == 1
     r = run_train(*common_flags(image_folder, b, workers=2), *flags, "--resume")
@@ -289,3 +291,27 @@ def test_torchrun_two_processes_on_cpu(image_folder, tmp_path):
     log = [json.loads(l) for l in open(os.path.join(out, "log.jsonl"))]
     assert [l["epoch"] for l in log] == [0, 1]  # one writer: rank 0
     assert math.isfinite(log[-1]["loss"])
+
+
+def test_torchrun_matches_one_process_on_the_batched_path(image_folder, tmp_path):
+    """train.py end to end: one step of BYOL (EMA teacher, LARS, probe) on 2
+    processes with the batched augmentation equals one step of one process:
+    the two processes' slices of the step are the single process's global
+    batch with the same views, and both start from rank 0's student and teacher."""
+    flags = ["--method", "byol", "--aug", "batched", "--epochs", 1, "--max-steps", 1, "--eval-every", 0,
+             "--device", "cpu"]
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    r = run_train(*common_flags(image_folder, one), *flags)
+    assert r.returncode == 0, r.stderr[-2000:]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "train.py"), *map(str, common_flags(image_folder, two)), *map(str, flags)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    pa = torch.load(os.path.join(one, "checkpoint.pt"), weights_only=False)["model"]
+    pb = torch.load(os.path.join(two, "checkpoint.pt"), weights_only=False)["model"]
+    assert pa.keys() == pb.keys()
+    for k in pa:
+        if pa[k].dtype.is_floating_point:
+            assert (pa[k] - pb[k]).abs().max().item() <= 1e-5, k
+        else:
+            assert torch.equal(pa[k], pb[k]), k
