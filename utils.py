@@ -28,9 +28,13 @@ def setup_distributed(device_flag="auto"):
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-        # share the cores between the processes of this node
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        # share the cores between the processes of this node, unless the user (or
+        # torchrun) already chose a thread count with OMP_NUM_THREADS: overriding it
+        # oversubscribes the cores when several jobs share a machine, and idle OpenMP
+        # threads spinning on their barrier then eat about half of the CPU time
+        if not os.environ.get("OMP_NUM_THREADS"):
+            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
     return rank, local_rank, world_size, device

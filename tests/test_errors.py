@@ -224,7 +224,8 @@ def test_sigkill_mid_epoch_then_resume(tmp_path):
     log = os.path.join(out, "log.jsonl")
     p = subprocess.Popen([sys.executable, TRAIN, *map(str, flags(data_dir, out, epochs=3))], cwd=ROOT,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for(lambda: os.path.exists(log) and len(open(log).readlines()) >= 1)
+    # epoch 1's checkpoint is in place (written atomically, after its log line)
+    wait_for(lambda: os.path.exists(os.path.join(out, "checkpoint.pt")))
     time.sleep(0.5)  # inside epoch 2 now
     p.kill()
     p.wait()

@@ -253,6 +253,26 @@ def ddp_worker(rank, world, port, method, init, batch, out):
     dist.destroy_process_group()
 
 
+def test_cpu_thread_count_respects_omp_num_threads(monkeypatch):
+    """Without OMP_NUM_THREADS a CPU run takes the node's cores split over its
+    processes; with it (set by the user, or by torchrun) the count is left alone,
+    so two jobs on one machine do not oversubscribe the cores."""
+    import utils
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+        torch.set_num_threads(1)
+        utils.setup_distributed("cpu")
+        assert torch.get_num_threads() == (os.cpu_count() or 1)
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        torch.set_num_threads(1)
+        utils.setup_distributed("cpu")
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("method", ["byol", "simsiam", "vje"])
 def test_ddp_step_equals_single_process_step(method, tmp_path, monkeypatch):
     """One step on 2 processes (each with half of the global batch, BN over the
