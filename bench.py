@@ -7,6 +7,9 @@ Data loading from CIFAR images on disk, with 0 and 2 loader processes:
     python bench.py --skip-steps --skip-loss --data-path ../shared/data/cifar10-subset --workers 0 2
 Everything at once, on a GPU if there is one (bf16 there unless --precision says otherwise):
     python bench.py --data-path ../shared/data/cifar10-subset --output bench_gpu.json
+Batched against PIL augmentation, and the `tiny` loop fed three ways (CPU):
+    python bench.py --arch tiny --batch-size 256 --image-size 32 --skip-steps --skip-loss --skip-data \
+        --data-path ../shared/data/cifar10-subset --methods vje byol --data-batches 8 --feed-rounds 3 --feed-steps 6
 A smoke run in seconds:
     python bench.py --arch tiny --batch-size 8 --steps 2 --warmup 1 --threads 1 --skip-data
 
@@ -23,6 +26,14 @@ What is measured (synthetic tensors: no data loading in the first two tables):
                  losses.vje_loss alone (directional + radial + KL).
   data loading   two-view pairs/s from data.py's real pipeline (ImageFolder,
                  each method's augmentations, data.train_loader) per worker count.
+  augmentation   views/s of data.py's batched pipeline (images held as one uint8
+                 tensor on the device, every op on the whole batch) and of the
+                 PIL pipeline (JPEG decode included, 0 loader processes), per
+                 --aug-threads thread count, for each of --methods' recipes.
+  feeds          train.train_step of --feed-method fed by: the batched pipeline;
+                 the PIL pipeline with each --feed-workers count; and the
+                 ceiling, real images already in memory with no augmentation,
+                 which no data path can beat. Ratio: images/s over the ceiling's.
   memory         CUDA: torch.cuda.max_memory_allocated around every timed step.
                  CPU: the process's peak RSS (getrusage), which only ever grows.
 

@@ -533,7 +533,11 @@ def images_as_tensor(dataset, num_workers=0, progress=True):
             x = x.permute(0, 3, 1, 2)
         return x.contiguous(), labels_of(dataset)
     dataset.transform = T.PILToTensor()
-    loader = torch.utils.data.DataLoader(dataset, batch_size=256, num_workers=num_workers)
+    # its own generator: a DataLoader draws its workers' base seed from the global
+    # RNG otherwise, and the network built next would start from other weights
+    # than on the PIL path with the same --seed
+    loader = torch.utils.data.DataLoader(dataset, batch_size=256, num_workers=num_workers,
+                                         generator=torch.Generator())
     chunks, labels = [], []
     try:
         for x, y in tqdm(loader, desc="decoding images", disable=not progress, leave=False):

@@ -245,7 +245,10 @@ def test_flip_and_apply_rates_follow_torchvision_transforms():
 def test_images_as_tensor_decodes_a_folder_and_reads_cifar_arrays(tmp_path):
     root = make_image_folder(tmp_path / "d", classes=2, train_per_class=3, size=8)
     ds = data.build_dataset("folder", root, "pretrain", None)
+    rng = torch.get_rng_state()
     x, y = data.images_as_tensor(ds, progress=False)
+    # the global RNG is untouched: the network built next starts as on the PIL path
+    assert torch.equal(torch.get_rng_state(), rng)
     assert x.dtype == torch.uint8 and x.shape == (6, 3, 8, 8) and y.tolist() == [0, 0, 0, 1, 1, 1]
     path, label = ds.samples[4]
     assert torch.equal(x[4], torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1))
