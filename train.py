@@ -424,7 +424,9 @@ def main(argv=None):
             now = time.time()
             train_time += now - t_step
             if master and it % 10 == 0:
-                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr_schedule[step - 1]:.4f}")
+                # the method's loss, running mean over this epoch on this process (as
+                # log.jsonl's "loss"; the backward also carries the probe's loss)
+                bar.set_postfix(loss=f"{(sums['ssl_loss'] / count).item():.4f}", lr=f"{lr_schedule[step - 1]:.4f}")
             t_step = time.time()
             if check[1].item() > 0 or (args.max_steps is not None and step >= args.max_steps):
                 interrupted = True
