@@ -11,17 +11,31 @@
   the scale of the directional likelihood ("variance tying").
 - VSSL: M. C. Yavuz, B. Yanıkoğlu, "Variational Self-Supervised Learning",
   arXiv 2025. A student posterior, a teacher prior and a denoiser, scored with
-  cosine KL and likelihood terms or with the Gaussian ones. The paper has no
-  public code; the comments marked "interpretation" are our reading of it.
+  cosine KL and likelihood terms or with the Gaussian ones. The paper links
+  its code (a fork of solo-learn, github.com/convergedmachine/vssl-solo-learn),
+  which we could not consult; the comments marked "interpretation" are our
+  reading of the paper.
 - BYOL and SimSiam, the baselines trained with the same loop.
 
 Per-sample terms take (B, D) tensors and return shape (B,); the objectives
 (`vje_loss`, `vssl_loss`, `byol_loss`, `simsiam_loss`) return batch means.
+The VJE functions also take an isotropic posterior variance of shape (B, 1).
 Everything is computed in float32 (float64 if given float64), also for bf16 or
 fp16 inputs from autocast; only element-wise ops and reductions are used, so
-autocast does not lower the precision inside. Mismatched shapes and
-non-positive variances (where a formula takes their log) raise ValueError.
-Equation numbers refer to the papers.
+autocast does not lower the precision inside. Equation numbers refer to the
+papers.
+
+Input checks. Shapes are always checked: they are known on the host, so the
+check is free. Tensor values (variances must be > 0 where a formula takes
+their log) are checked only with `validate=True`, the default for calls by
+hand. That check reads the values on the host: on a GPU it waits for the
+device, and under torch.compile it breaks the graph. Training loops pass
+`validate=False`, which checks no values and never syncs. A failed check
+raises ValueError naming the argument; so do bad Python numbers (nu, beta),
+which are always checked.
+
+Noise. Functions that sample take `generator=None`: without one they draw
+from the global RNG (torch.manual_seed), with one from that generator only.
 """
 import math
 
@@ -42,8 +56,24 @@ def _check_shapes(**tensors):
                 f"{first} has shape {tuple(x0.shape)} but {name} has {tuple(x.shape)}")
 
 
+def _check_variance_shape(name, var, shape):
+    """Raise ValueError unless var is (B, D) or (B, 1), where (B, D) = shape.
+
+    (B, 1) is an isotropic posterior: one variance per sample, shared by all
+    D dimensions (VJE, appendix, isotropic variance ablation).
+    """
+    batch = shape[0]
+    if var.shape != shape and var.shape != (batch, 1):
+        raise ValueError(f"{name} must have shape (B, D) = {tuple(shape)} or (B, 1) = "
+                         f"({batch}, 1), got {tuple(var.shape)}")
+
+
 def _check_positive(**tensors):
-    """Raise ValueError unless every entry is > 0 (this also rejects NaN)."""
+    """Raise ValueError unless every entry is > 0 (this also rejects NaN).
+
+    bool() and item() copy the values to the host: a device sync, and a graph
+    break under torch.compile. Callers run this only when validate=True.
+    """
     for name, x in tensors.items():
         if not bool((x > 0).all()):
             raise ValueError(f"{name} must be positive, got min {x.min().item():.3g}")
@@ -61,6 +91,20 @@ def _as_float(*tensors):
     """Cast to float32, keeping float64; bf16/fp16 lose too much in these sums."""
     out = tuple(x if x.dtype == torch.float64 else x.float() for x in tensors)
     return out if len(out) > 1 else out[0]
+
+
+def _posterior_noise(mu, mc_samples, generator):
+    """ε ~ N(0, I) of shape (K, B, D) for K reparameterized samples from one view.
+
+    Drawn from `generator` if given, else from the global RNG. Without a
+    generator, K = 1 is drawn with randn_like(mu) as it always has been:
+    randn of the same shape draws other numbers for a non-contiguous mu, and
+    globally seeded runs should repeat.
+    """
+    if generator is None and mc_samples == 1:
+        return torch.randn_like(mu).unsqueeze(0)
+    shape = (mc_samples, *mu.shape)
+    return torch.randn(shape, generator=generator, device=mu.device, dtype=mu.dtype)
 
 
 def _unit(x, eps=1e-12):
@@ -117,7 +161,8 @@ def _cosine(a, b, eps=1e-8):
 # ----------------------------------------------------------------------------
 # VJE
 # ----------------------------------------------------------------------------
-def vje_directional_nll(target, sample, var, nu=1.0, center_var=False, normalized=False):
+def vje_directional_nll(target, sample, var, nu=1.0, center_var=False, normalized=False, *,
+                        validate=True):
     """Student-t NLL of the target's direction on the sphere, at the sample's direction.
 
     VJE, Eqs. 20-27. The target direction ẑ is taken to the tangent plane of
@@ -134,13 +179,18 @@ def vje_directional_nll(target, sample, var, nu=1.0, center_var=False, normalize
     Args:
         target: (B, D) observed embedding z_j; only its direction is used.
         sample: (B, D) posterior sample s, not normalized.
-        var: (B, D) positive posterior variance, the likelihood's scale.
+        var: (B, D) positive posterior variance, the likelihood's scale; or
+            (B, 1), one variance for all dimensions (VJE, appendix, isotropic
+            variance ablation), which gives the same values as its (B, D)
+            expansion.
         nu: degrees of freedom ν > 0; float('inf') gives the Gaussian Q/2.
         center_var: rescale var to unit geometric mean per sample (App. A.2).
         normalized: add the constants of a k-dim Student-t (Gaussian for
             ν = inf), which the reference drops, so that the value is the exact
             −log-density over directions on S^{D-1}. That density integrates
             to at most 1: tangent mass beyond ‖u‖ = π is cut off.
+        validate: check that var > 0, a host-device sync (see the module
+            docstring); shapes are checked either way.
 
     Returns:
         (B,) negative log-likelihood, up to a constant unless `normalized`.
@@ -150,10 +200,15 @@ def vje_directional_nll(target, sample, var, nu=1.0, center_var=False, normalize
         >>> vje_directional_nll(z, s, var).shape
         torch.Size([4])
     """
-    _check_shapes(target=target, sample=sample, var=var)
-    _check_positive(var=var)
+    _check_shapes(target=target, sample=sample)
+    _check_variance_shape("var", var, target.shape)
+    if validate:
+        _check_positive(var=var)
     nu = _check_positive_number("nu", nu)
     target, sample, var = _as_float(target, sample, var)
+    # An isotropic (B, 1) var becomes (B, D) here, so that every sum over d
+    # below counts it D times: Σ_d log v = D·log v, Σ_d u_d²/v = ‖u‖²/v.
+    var = var.expand_as(target)
     dim = target.shape[-1]
     k = dim - 1
 
@@ -221,13 +276,17 @@ def vje_radial_nll(target, sample, nu=1.0):
     return _student_t_energy(delta * delta, nu, 1)
 
 
-def kl_to_standard_normal(mu, var):
+def kl_to_standard_normal(mu, var, *, validate=True):
     """KL(N(mu, diag var) ‖ N(0, I)), summed over dimensions.
 
     VJE, Eq. 7: ½ Σ_d (var + mu² − 1 − log var).
 
     Args:
-        mu, var: (B, D) posterior mean and positive variance.
+        mu, var: (B, D) posterior mean and positive variance; var may be
+            (B, 1), one variance for all D dimensions (VJE, appendix,
+            isotropic variance ablation): ½ (D·var + ‖mu‖² − D − D·log var).
+        validate: check that var > 0, a host-device sync (see the module
+            docstring); shapes are checked either way.
 
     Returns:
         (B,) KL divergence in nats.
@@ -236,38 +295,59 @@ def kl_to_standard_normal(mu, var):
         >>> kl_to_standard_normal(torch.zeros(2, 3), torch.ones(2, 3))
         tensor([0., 0.])
     """
-    _check_shapes(mu=mu, var=var)
-    _check_positive(var=var)
+    _check_shapes(mu=mu)
+    _check_variance_shape("var", var, mu.shape)
+    if validate:
+        _check_positive(var=var)
     mu, var = _as_float(mu, var)
+    var = var.expand_as(mu)  # isotropic (B, 1): the sum over d counts it D times
     return 0.5 * (var + mu * mu - 1 - var.log()).sum(-1)
 
 
 def vje_loss(mu1, var1, mu2, var2, target1, target2, nu=1.0, beta=1.0, radial=True,
-             center_var=False):
-    """Symmetric VJE objective for two views, one reparameterized sample each.
+             center_var=False, *, mc_samples=1, generator=None, validate=True):
+    """Symmetric VJE objective for two views, reparameterized samples of each.
 
     VJE, Eqs. 4 and 8. The posterior of view i, N(mu_i, diag var_i), draws
-    s_i = mu_i + sqrt(var_i)·ε (view 1 first) and explains the other view's
-    target (pair 1→2 pairs s_1 with target2). Batch mean of
+    s_i = mu_i + sqrt(var_i)·ε and explains the other view's target (pair
+    1→2 pairs s_1 with target2). Batch mean of
 
         ½[ℓ_dir(1→2) + ℓ_dir(2→1)] + ½[ℓ_rad(1→2) + ℓ_rad(2→1)] + β·½[KL_1 + KL_2]
 
     with the radial term only if `radial`. Targets are detached here.
 
+    Two ablations of the VJE paper's appendices are options here:
+    - Monte Carlo sampling ablation (appendix): `mc_samples` = K samples per
+      view; ℓ_dir and ℓ_rad are averaged over them, the KL is analytic and
+      does not change. K = 1 is the paper's objective.
+    - Isotropic variance ablation (appendix): var1 and var2 of shape (B, 1),
+      one variance per sample shared by all dimensions.
+
+    Noise: view 1's K samples are drawn first, as one (K, B, D) tensor, then
+    view 2's. With K = 1 and no generator they are randn_like(mu1) and
+    randn_like(mu2), so torch.manual_seed(s) reproduces runs of earlier
+    versions. Passing a generator breaks the graph under torch.compile
+    (torch._dynamo in torch 2.14); training uses the global RNG.
+
     Args:
-        mu1, var1: (B, D) posterior of view 1 (inference network on z1).
-        mu2, var2: (B, D) posterior of view 2.
+        mu1, var1: (B, D) posterior of view 1 (inference network on z1);
+            var1 > 0, and may be (B, 1) (isotropic).
+        mu2, var2: (B, D) posterior of view 2; var2 as var1.
         target1, target2: (B, D) encoder outputs of views 1 and 2 (z.detach()
             or an EMA encoder's output).
         nu: degrees of freedom of both Student-t terms; float('inf') for Gaussian.
         beta: weight of the KL term.
         radial: include the radial term in the loss (it is reported anyway).
         center_var: variance centring in the directional term (App. A.2).
+        mc_samples: K ≥ 1 posterior samples per view.
+        generator: torch.Generator to draw ε from; None for the global RNG.
+        validate: check that var1, var2 > 0, a host-device sync (see the module
+            docstring); shapes are checked either way. Training passes False.
 
     Returns:
         (loss, terms): the scalar loss and a dict of detached 0-dim batch means
-        "dir", "rad" (each the average of the two directions) and "kl"
-        (½[KL_1 + KL_2], without β).
+        "dir", "rad" (each the average of the two directions, and of the K
+        samples) and "kl" (½[KL_1 + KL_2], without β).
 
     Example:
         >>> mu1, mu2, z1, z2 = torch.randn(4, 4, 8).unbind(0)
@@ -275,21 +355,42 @@ def vje_loss(mu1, var1, mu2, var2, target1, target2, nu=1.0, beta=1.0, radial=Tr
         >>> loss, terms = vje_loss(mu1, var1, mu2, var2, z1, z2)
         >>> sorted(terms)
         ['dir', 'kl', 'rad']
+        >>> loss, terms = vje_loss(mu1, var1[:, :1], mu2, var2[:, :1], z1, z2,
+        ...                        mc_samples=4, validate=False)
+        >>> loss.shape
+        torch.Size([])
     """
-    _check_shapes(mu1=mu1, var1=var1, mu2=mu2, var2=var2, target1=target1, target2=target2)
-    _check_positive(var1=var1, var2=var2)
+    _check_shapes(mu1=mu1, mu2=mu2, target1=target1, target2=target2)
+    _check_variance_shape("var1", var1, mu1.shape)
+    _check_variance_shape("var2", var2, mu2.shape)
+    if validate:
+        _check_positive(var1=var1, var2=var2)
+    if not isinstance(mc_samples, int) or mc_samples < 1:
+        raise ValueError(f"mc_samples must be an integer >= 1, got {mc_samples!r}")
     mu1, var1, mu2, var2 = _as_float(mu1, var1, mu2, var2)
+    var1, var2 = var1.expand_as(mu1), var2.expand_as(mu2)  # isotropic (B, 1) → (B, D)
     target1, target2 = _as_float(target1.detach(), target2.detach())
 
     # Reparameterized samples: gradients reach mu and var through s, and var
-    # again as the directional scale (variance tying).
-    s1 = mu1 + var1.sqrt() * torch.randn_like(mu1)
-    s2 = mu2 + var2.sqrt() * torch.randn_like(mu2)
+    # again as the directional scale (variance tying). The K samples of a view
+    # are stacked along the batch, sample k in rows k·B … (k+1)·B − 1, and
+    # each row is scored on its own against a copy of its target and var.
+    k = mc_samples
+    s1 = (mu1 + var1.sqrt() * _posterior_noise(mu1, k, generator)).flatten(0, 1)
+    s2 = (mu2 + var2.sqrt() * _posterior_noise(mu2, k, generator)).flatten(0, 1)
+    t1, t2 = target1.repeat(k, 1), target2.repeat(k, 1)
+    v1, v2 = var1.repeat(k, 1), var2.repeat(k, 1)
 
-    directional = 0.5 * (vje_directional_nll(target2, s1, var1, nu, center_var)
-                         + vje_directional_nll(target1, s2, var2, nu, center_var))
-    radial_nll = 0.5 * (vje_radial_nll(target2, s1, nu) + vje_radial_nll(target1, s2, nu))
-    kl = 0.5 * (kl_to_standard_normal(mu1, var1) + kl_to_standard_normal(mu2, var2))
+    # Monte Carlo average of the ELBO terms: (K·B,) → (K, B) → mean over K.
+    # The var checks above cover the inner calls: they need not sync again.
+    dir12 = vje_directional_nll(t2, s1, v1, nu, center_var, validate=False).view(k, -1).mean(0)
+    dir21 = vje_directional_nll(t1, s2, v2, nu, center_var, validate=False).view(k, -1).mean(0)
+    rad12 = vje_radial_nll(t2, s1, nu).view(k, -1).mean(0)
+    rad21 = vje_radial_nll(t1, s2, nu).view(k, -1).mean(0)
+    directional = 0.5 * (dir12 + dir21)
+    radial_nll = 0.5 * (rad12 + rad21)
+    kl = 0.5 * (kl_to_standard_normal(mu1, var1, validate=False)
+                + kl_to_standard_normal(mu2, var2, validate=False))
 
     loss = directional.mean() + beta * kl.mean()
     if radial:
@@ -299,7 +400,7 @@ def vje_loss(mu1, var1, mu2, var2, target1, target2, nu=1.0, beta=1.0, radial=Tr
     return loss, terms
 
 
-def vje_ood_score(z, mu, var, nu=1.0, radial=True):
+def vje_ood_score(z, mu, var, nu=1.0, radial=True, *, validate=True):
     """Out-of-distribution score of an embedding under its own posterior.
 
     VJE, Eq. 39, at s = mu (no sampling): the directional NLL of ẑ at μ̂ with
@@ -308,9 +409,12 @@ def vje_ood_score(z, mu, var, nu=1.0, radial=True):
 
     Args:
         z: (B, D) encoder output.
-        mu, var: (B, D) posterior mean and positive variance from z.
+        mu, var: (B, D) posterior mean and positive variance from z; var may
+            be (B, 1) (isotropic, as in vje_directional_nll).
         nu: degrees of freedom, as in training.
         radial: add the radial term.
+        validate: check that var > 0, a host-device sync (see the module
+            docstring); shapes are checked either way.
 
     Returns:
         (B,) score, up to a constant shared by all inputs.
@@ -320,8 +424,9 @@ def vje_ood_score(z, mu, var, nu=1.0, radial=True):
         >>> vje_ood_score(z, mu, var).shape
         torch.Size([4])
     """
-    _check_shapes(z=z, mu=mu, var=var)
-    score = vje_directional_nll(z, mu, var, nu)
+    _check_shapes(z=z, mu=mu)
+    _check_variance_shape("var", var, z.shape)
+    score = vje_directional_nll(z, mu, var, nu, validate=validate)
     if radial:
         score = score + vje_radial_nll(z, mu, nu)
     return score
@@ -330,7 +435,7 @@ def vje_ood_score(z, mu, var, nu=1.0, radial=True):
 # ----------------------------------------------------------------------------
 # VSSL
 # ----------------------------------------------------------------------------
-def gaussian_kl(mu_q, var_q, mu_p, var_p):
+def gaussian_kl(mu_q, var_q, mu_p, var_p, *, validate=True):
     """KL(N(mu_q, diag var_q) ‖ N(mu_p, diag var_p)), summed over dimensions.
 
     VSSL, Eq. 8, Gaussian form: ½ Σ_d [log(var_p/var_q) + (var_q + (mu_q − mu_p)²)/var_p − 1].
@@ -338,6 +443,8 @@ def gaussian_kl(mu_q, var_q, mu_p, var_p):
     Args:
         mu_q, var_q: (B, D) posterior mean and positive variance.
         mu_p, var_p: (B, D) prior mean and positive variance.
+        validate: check that var_q, var_p > 0, a host-device sync (see the
+            module docstring); shapes are checked either way.
 
     Returns:
         (B,) KL divergence in nats.
@@ -348,13 +455,14 @@ def gaussian_kl(mu_q, var_q, mu_p, var_p):
         tensor(True)
     """
     _check_shapes(mu_q=mu_q, var_q=var_q, mu_p=mu_p, var_p=var_p)
-    _check_positive(var_q=var_q, var_p=var_p)
+    if validate:
+        _check_positive(var_q=var_q, var_p=var_p)
     mu_q, var_q, mu_p, var_p = _as_float(mu_q, var_q, mu_p, var_p)
     diff = mu_q - mu_p
     return 0.5 * (var_p.log() - var_q.log() + (var_q + diff * diff) / var_p - 1).sum(-1)
 
 
-def gaussian_nll(x, mu, var):
+def gaussian_nll(x, mu, var, *, validate=True):
     """Exact −log N(x; mu, diag var), summed over dimensions.
 
     VSSL, Eq. 8, Gaussian likelihood: ½ Σ_d [log 2π + log var + (x − mu)²/var].
@@ -362,6 +470,8 @@ def gaussian_nll(x, mu, var):
     Args:
         x: (B, D) observation.
         mu, var: (B, D) mean and positive variance.
+        validate: check that var > 0, a host-device sync (see the module
+            docstring); shapes are checked either way.
 
     Returns:
         (B,) negative log-density in nats.
@@ -371,7 +481,8 @@ def gaussian_nll(x, mu, var):
         tensor([1.8379])
     """
     _check_shapes(x=x, mu=mu, var=var)
-    _check_positive(var=var)
+    if validate:
+        _check_positive(var=var)
     x, mu, var = _as_float(x, mu, var)
     diff = x - mu
     return 0.5 * (math.log(2 * math.pi) + var.log() + diff * diff / var).sum(-1)
@@ -475,15 +586,20 @@ def cosine_nll(mu_r, mu_t, var_r, var_t, beta=1.0):
     return s_var.log() + 4 * s_var + s_mu * s_mu * s_var
 
 
-def vssl_sample(mu, var, mode="paper"):
+def vssl_sample(mu, var, mode="paper", *, generator=None, validate=True):
     """One latent sample from N(mu, diag var), VSSL Sec. III-G.
 
     "paper": z = mu + var·|ε|, the paper's deliberate approximation (var may
     have any sign). "standard": the textbook z = mu + sqrt(var)·ε, var > 0.
+    Without a generator, ε is randn_like(mu), as it always has been. Passing a
+    generator breaks the graph under torch.compile (torch._dynamo in torch 2.14).
 
     Args:
         mu, var: (B, D) mean and variance vectors.
         mode: "paper" or "standard".
+        generator: torch.Generator to draw ε from; None for the global RNG.
+        validate: in "standard" mode, check that var > 0, a host-device sync
+            (see the module docstring); shapes are checked either way.
 
     Returns:
         (B, D) sample, differentiable in mu and var.
@@ -494,17 +610,21 @@ def vssl_sample(mu, var, mode="paper"):
     """
     _check_shapes(mu=mu, var=var)
     mu, var = _as_float(mu, var)
-    eps = torch.randn_like(mu)
+    if generator is None:
+        eps = torch.randn_like(mu)
+    else:
+        eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
     if mode == "paper":
         return mu + var * eps.abs()
     if mode == "standard":
-        _check_positive(var=var)
+        if validate:
+            _check_positive(var=var)
         return mu + var.sqrt() * eps
     raise ValueError(f'mode must be "paper" or "standard", got {mode!r}')
 
 
 def vssl_loss(mu_q, var_q, mu_p, var_p, mu_r, var_r, form="cosine", kl_beta=3.0,
-              nll_beta=1.0):
+              nll_beta=1.0, *, validate=True):
     """VSSL objective for one ordered pair of views (a → b), VSSL Eq. 8.
 
     KL(student posterior on view a ‖ teacher prior on view b) plus the NLL of
@@ -512,7 +632,7 @@ def vssl_loss(mu_q, var_q, mu_p, var_p, mu_r, var_r, form="cosine", kl_beta=3.0,
     Call once per ordered pair and sum (the paper's cross-view pairs are
     (1→2, 2→1); its double sum also has same-view pairs).
 
-    Interpretation notes (the paper has no public code):
+    Interpretation notes (our reading of the paper; we could not consult its code):
     - The student has a predictor, the teacher does not (BYOL asymmetry);
       Algorithm 1 also mentions a momentum predictor, which we leave out.
     - The denoiser reads a sample of the student posterior of view a:
@@ -528,6 +648,10 @@ def vssl_loss(mu_q, var_q, mu_p, var_p, mu_r, var_r, form="cosine", kl_beta=3.0,
             or "gaussian" (the textbook ELBO; variances must be positive).
         kl_beta: β of S_β in the cosine KL.
         nll_beta: β of S_β in the cosine likelihood.
+        validate: in the "gaussian" form, check that var_q, var_p, var_r > 0,
+            a host-device sync (see the module docstring); the cosine form
+            checks no values. Shapes are checked either way. It draws no noise:
+            the sample is the caller's (vssl_sample).
 
     Returns:
         (loss, terms): the scalar batch mean of KL + NLL, and detached 0-dim
@@ -545,8 +669,9 @@ def vssl_loss(mu_q, var_q, mu_p, var_p, mu_r, var_r, form="cosine", kl_beta=3.0,
         kl = cosine_kl(mu_q, mu_p, var_q, var_p, kl_beta)
         nll = cosine_nll(mu_r, mu_p, var_r, var_p, nll_beta)
     elif form == "gaussian":
-        kl = gaussian_kl(mu_q, var_q, mu_p, var_p)
-        nll = gaussian_nll(mu_p, mu_r, var_r)  # teacher mean under N(mu_r, var_r)
+        kl = gaussian_kl(mu_q, var_q, mu_p, var_p, validate=validate)
+        # The teacher's mean under the denoiser's N(mu_r, var_r).
+        nll = gaussian_nll(mu_p, mu_r, var_r, validate=validate)
     else:
         raise ValueError(f'form must be "cosine" or "gaussian", got {form!r}')
     loss = kl.mean() + nll.mean()

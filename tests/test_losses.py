@@ -555,6 +555,244 @@ def test_extreme_inputs_give_finite_values_and_gradients(dtype):
 
 
 # ----------------------------------------------------------------------------
+# Training path: no host-device syncs, one compiled graph, seeded noise
+# ----------------------------------------------------------------------------
+def small_vje_batch(dtype=torch.float32, seed=16):
+    """mu1, var1, mu2, var2, target1, target2 for B = 8, D = 16."""
+    gen = torch.Generator().manual_seed(seed)
+    mu1, mu2, z1, z2 = torch.randn(4, 8, 16, dtype=dtype, generator=gen)
+    var1, var2 = log_uniform((2, 8, 16), 0.1, 2.0, gen).to(dtype)
+    return mu1, var1, mu2, var2, z1, z2
+
+
+def training_calls(validate):
+    """The calls model.py makes in a training step, by name."""
+    mu1, var1, mu2, var2, z1, z2 = small_vje_batch()
+    return {
+        "vje_loss": lambda: vje_loss(mu1, var1, mu2, var2, z1, z2, validate=validate),
+        "vje_loss generator=None": lambda: vje_loss(mu1, var1, mu2, var2, z1, z2,
+                                                    validate=validate, generator=None),
+        "vje_loss K=3 isotropic": lambda: vje_loss(mu1, var1[:, :1], mu2, var2[:, :1], z1, z2,
+                                                   mc_samples=3, validate=validate),
+        "vssl_sample paper": lambda: vssl_sample(mu1, var1, "paper", validate=validate),
+        "vssl_sample standard": lambda: vssl_sample(mu1, var1, "standard", validate=validate),
+        "vssl_loss cosine": lambda: vssl_loss(mu1, var1, mu2, var2, z1, var1, "cosine",
+                                              validate=validate),
+        "vssl_loss gaussian": lambda: vssl_loss(mu1, var1, mu2, var2, z1, var1, "gaussian",
+                                                validate=validate),
+    }
+
+
+def count_host_reads(monkeypatch, call):
+    """Number of Tensor.__bool__, .item and .tolist calls made by call(): the
+    ways Python code reads a tensor's values, each a device sync on a GPU."""
+    counts = {"__bool__": 0, "item": 0, "tolist": 0}
+    for name in counts:
+        original = getattr(torch.Tensor, name)
+
+        def counting(self, *args, _name=name, _original=original, **kwargs):
+            counts[_name] += 1
+            return _original(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    try:
+        call()
+    finally:
+        monkeypatch.undo()
+    return sum(counts.values())
+
+
+def test_validate_false_reads_no_tensor_values_on_the_host(monkeypatch):
+    for name, call in training_calls(validate=False).items():
+        assert count_host_reads(monkeypatch, call) == 0, name
+    # The counter does see the value checks (so this test can fail): every
+    # call that checks a variance reads it, as before validate existed.
+    checked = training_calls(validate=True)
+    del checked["vssl_sample paper"], checked["vssl_loss cosine"]  # they check no values
+    for name, call in checked.items():
+        assert count_host_reads(monkeypatch, call) > 0, name
+    x = torch.ones(4, 8)
+    for call in (lambda v: vje_directional_nll(x, x, x, validate=v),
+                 lambda v: kl_to_standard_normal(x, x, validate=v),
+                 lambda v: vje_ood_score(x, x, x, validate=v),
+                 lambda v: gaussian_kl(x, x, x, x, validate=v),
+                 lambda v: gaussian_nll(x, x, x, validate=v)):
+        assert count_host_reads(monkeypatch, lambda: call(False)) == 0
+        assert count_host_reads(monkeypatch, lambda: call(True)) > 0
+    # validate=False checks no values: a negative variance goes through (to NaN) ...
+    assert torch.isnan(vje_directional_nll(x, x, -x, validate=False)).all()
+    assert torch.isnan(vje_loss(x, x, x, -x, x, x, validate=False)[0])
+    assert torch.isnan(vssl_sample(x, -x, "standard", validate=False)).all()
+    # ... but shapes are still checked.
+    bad = torch.ones(4, 9)
+    with pytest.raises(ValueError, match="target2 has"):
+        vje_loss(x, x, x, x, x, bad, validate=False)
+    with pytest.raises(ValueError, match="var_r has"):
+        vssl_loss(x, x, x, x, x, bad, form="gaussian", validate=False)
+    with pytest.raises(ValueError, match="var has"):
+        vssl_sample(x, bad, "standard", validate=False)
+
+
+def test_training_path_traces_to_one_graph_without_breaks():
+    dynamo = torch._dynamo
+    for name, call in training_calls(validate=False).items():
+        dynamo.reset()
+        explained = dynamo.explain(lambda: call())()
+        assert explained.graph_break_count == 0, (name, explained.break_reasons)
+        # explain counts no break for validate=True either (torch 2.14: the
+        # data-dependent bool() in a nested call is not reported), so also
+        # ask for the whole function as one graph, which fails on any break.
+        dynamo.reset()
+        torch.compile(call, fullgraph=True, backend="eager")()
+    for name in ("vje_loss", "vssl_sample standard", "vssl_loss gaussian"):
+        dynamo.reset()
+        with pytest.raises(dynamo.exc.TorchDynamoException):
+            torch.compile(training_calls(validate=True)[name], fullgraph=True, backend="eager")()
+    # A generator is an object dynamo cannot put in a graph (as the docstrings say).
+    mu1, var1, mu2, var2, z1, z2 = small_vje_batch()
+    dynamo.reset()
+    explained = dynamo.explain(vje_loss)(mu1, var1, mu2, var2, z1, z2, validate=False,
+                                         generator=torch.Generator().manual_seed(0))
+    report("vje_loss with a generator: dynamo graph breaks", explained.graph_break_count)
+    dynamo.reset()
+
+
+def test_generator_draws_repeat_and_leave_the_global_rng_alone():
+    mu1, var1, mu2, var2, z1, z2 = small_vje_batch()
+    calls = {
+        "vje_loss": lambda g: vje_loss(mu1, var1, mu2, var2, z1, z2, generator=g)[0],
+        "vje_loss K=4": lambda g: vje_loss(mu1, var1, mu2, var2, z1, z2, mc_samples=4,
+                                           generator=g)[0],
+        "vssl_sample paper": lambda g: vssl_sample(mu1, var1, "paper", generator=g),
+        "vssl_sample standard": lambda g: vssl_sample(mu1, var1, "standard", generator=g),
+    }
+    for name, call in calls.items():
+        torch.manual_seed(123)
+        state = torch.get_rng_state()
+        first = call(torch.Generator().manual_seed(7))
+        assert torch.equal(torch.get_rng_state(), state), name  # the global RNG is not used
+        assert torch.equal(call(torch.Generator().manual_seed(7)), first), name
+        assert not torch.equal(call(torch.Generator().manual_seed(8)), first), name
+        # Without a generator, the global RNG is used and advanced.
+        call(None)
+        assert not torch.equal(torch.get_rng_state(), state), name
+    # The generator's draw is randn of mu's shape, dtype and device.
+    eps = torch.randn(8, 16, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(vssl_sample(mu1, var1, "paper", generator=torch.Generator().manual_seed(7)),
+                       mu1 + var1 * eps.abs())
+
+
+def single_sample_vje_loss(mu1, var1, mu2, var2, target1, target2, eps1, eps2, nu, beta):
+    """vje_loss as it was before mc_samples, in the same order of float ops,
+    with the noise passed in; returns (loss, dir, rad, kl), batch means."""
+    s1 = mu1 + var1.sqrt() * eps1
+    s2 = mu2 + var2.sqrt() * eps2
+    d = 0.5 * (vje_directional_nll(target2, s1, var1, nu)
+               + vje_directional_nll(target1, s2, var2, nu))
+    r = 0.5 * (vje_radial_nll(target2, s1, nu) + vje_radial_nll(target1, s2, nu))
+    kl = 0.5 * (kl_to_standard_normal(mu1, var1) + kl_to_standard_normal(mu2, var2))
+    loss = d.mean() + beta * kl.mean() + r.mean()
+    return loss, d.mean(), r.mean(), kl.mean()
+
+
+def test_one_mc_sample_is_bit_for_bit_the_single_sample_loss():
+    mu1, var1, mu2, var2, z1, z2 = small_vje_batch()
+    # Global RNG: eps drawn with randn_like, view 1 first.
+    torch.manual_seed(0)
+    loss, terms = vje_loss(mu1, var1, mu2, var2, z1, z2, nu=2.0, beta=0.7, mc_samples=1)
+    torch.manual_seed(0)
+    eps1, eps2 = torch.randn_like(mu1), torch.randn_like(mu2)
+    ref = single_sample_vje_loss(mu1, var1, mu2, var2, z1, z2, eps1, eps2, 2.0, 0.7)
+    assert torch.equal(loss, ref[0])
+    assert all(torch.equal(terms[k], v) for k, v in zip(("dir", "rad", "kl"), ref[1:]))
+    # Also for a non-contiguous mu, where randn_like and randn of the same
+    # shape draw different numbers: the draw is still randn_like's.
+    mu1_t, mu2_t = mu1.T.contiguous().T, mu2.T.contiguous().T
+    assert not mu1_t.is_contiguous()
+    torch.manual_seed(0)
+    loss = vje_loss(mu1_t, var1, mu2_t, var2, z1, z2, nu=2.0, beta=0.7)[0]
+    torch.manual_seed(0)
+    eps1, eps2 = torch.randn_like(mu1_t), torch.randn_like(mu2_t)
+    assert torch.equal(loss, single_sample_vje_loss(mu1_t, var1, mu2_t, var2, z1, z2, eps1, eps2,
+                                                    2.0, 0.7)[0])
+    # A generator: the same formula with its draws.
+    gen = torch.Generator().manual_seed(1)
+    loss = vje_loss(mu1, var1, mu2, var2, z1, z2, nu=2.0, beta=0.7,
+                    generator=torch.Generator().manual_seed(1))[0]
+    eps1, eps2 = torch.randn(2, 8, 16, generator=gen)
+    assert torch.equal(loss, single_sample_vje_loss(mu1, var1, mu2, var2, z1, z2, eps1, eps2,
+                                                    2.0, 0.7)[0])
+
+
+@pytest.mark.parametrize("radial", [True, False])
+def test_mc_samples_average_the_elbo_over_k_draws(radial):
+    mu1, var1, mu2, var2, z1, z2 = small_vje_batch(F64)
+    k, nu, beta = 5, 3.0, 0.7
+    loss, terms = vje_loss(mu1, var1, mu2, var2, z1, z2, nu=nu, beta=beta, radial=radial,
+                           mc_samples=k, generator=torch.Generator().manual_seed(2))
+    # The same noise by hand: view 1's (K, B, D) draw, then view 2's.
+    gen = torch.Generator().manual_seed(2)
+    eps1 = torch.randn(k, 8, 16, dtype=F64, generator=gen)
+    eps2 = torch.randn(k, 8, 16, dtype=F64, generator=gen)
+    per_sample = [single_sample_vje_loss(mu1, var1, mu2, var2, z1, z2, eps1[i], eps2[i], nu,
+                                         beta) for i in range(k)]
+    loss_k, dir_k, rad_k, kl_k = (torch.stack(t) for t in zip(*per_sample))
+    expected = dir_k.mean() + beta * kl_k[0] + (rad_k.mean() if radial else 0.0)
+    errs = [rel_err(loss, expected), rel_err(terms["dir"], dir_k.mean()),
+            rel_err(terms["rad"], rad_k.mean()), rel_err(terms["kl"], kl_k[0])]
+    report(f"vje_loss K={k} vs mean of {k} single-sample losses (radial={radial}), "
+           "float64: max rel err", max(errs))
+    assert max(errs) < 1e-12  # float64, the same sums in another order
+    if radial:  # the mean of the K full losses, as the KL is the same in each
+        assert rel_err(loss, loss_k.mean()) < 1e-12
+    assert set(terms) == {"dir", "rad", "kl"}
+    assert (dir_k - dir_k.mean()).abs().max() > 1e-3  # the K draws do differ
+    with pytest.raises(ValueError, match="mc_samples must be"):
+        vje_loss(mu1, var1, mu2, var2, z1, z2, mc_samples=0)
+
+
+def test_isotropic_variance_equals_its_expansion():
+    # var of shape (B, 1) must act as the same value in each of the D dims.
+    # The reference is a materialized (B, D) copy, so the sums over d really
+    # run over D equal entries; float64, so only the summation order differs.
+    mu1, _, mu2, _, z1, z2 = small_vje_batch(F64)
+    gen = torch.Generator().manual_seed(17)
+    iso1, iso2 = log_uniform((2, 8, 1), 0.1, 2.0, gen)
+    full1, full2 = iso1.repeat(1, 16), iso2.repeat(1, 16)
+    worst = 0.0
+    for nu, center_var, normalized in [(1.0, False, False), (INF, True, True), (3.0, False, True)]:
+        worst = max(worst, rel_err(vje_directional_nll(z1, mu1, iso1, nu, center_var, normalized),
+                                   vje_directional_nll(z1, mu1, full1, nu, center_var, normalized)))
+    worst = max(worst, rel_err(kl_to_standard_normal(mu1, iso1),
+                               kl_to_standard_normal(mu1, full1)))
+    worst = max(worst, rel_err(vje_ood_score(z1, mu1, iso1), vje_ood_score(z1, mu1, full1)))
+    for k in (1, 3):
+        iso_loss, iso_terms = vje_loss(mu1, iso1, mu2, iso2, z1, z2, mc_samples=k,
+                                       generator=torch.Generator().manual_seed(3))
+        full_loss, full_terms = vje_loss(mu1, full1, mu2, full2, z1, z2, mc_samples=k,
+                                         generator=torch.Generator().manual_seed(3))
+        worst = max([worst, rel_err(iso_loss, full_loss)]
+                    + [rel_err(iso_terms[t], full_terms[t]) for t in iso_terms])
+    report("isotropic (B, 1) var vs its (B, D) copy, float64: max rel err", worst)
+    assert worst < 1e-12
+    # KL in closed form: ½ (D·v + ‖mu‖² − D − D·log v).
+    v = iso1[:, 0]
+    closed = 0.5 * (16 * v + (mu1 * mu1).sum(-1) - 16 - 16 * v.log())
+    assert rel_err(kl_to_standard_normal(mu1, iso1), closed) < 1e-12
+    # Only (B, D) and (B, 1) are variances.
+    wrong = iso1.repeat(1, 2)
+    with pytest.raises(ValueError, match=r"var must have shape \(B, D\) = \(8, 16\) or"):
+        vje_directional_nll(z1, mu1, wrong)
+    with pytest.raises(ValueError, match="var must have shape"):
+        kl_to_standard_normal(mu1, wrong)
+    with pytest.raises(ValueError, match="var must have shape"):
+        vje_ood_score(z1, mu1, wrong)
+    with pytest.raises(ValueError, match="var2 must have shape"):
+        vje_loss(mu1, iso1, mu2, wrong, z1, z2)
+    with pytest.raises(ValueError, match="var1 must have shape"):
+        vje_loss(mu1, iso1[:4], mu2, iso2, z1, z2)  # (B, 1) with the wrong B
+
+
+# ----------------------------------------------------------------------------
 # Input checks and docstring examples
 # ----------------------------------------------------------------------------
 def test_bad_inputs_raise_value_errors_naming_the_argument():
