@@ -1,10 +1,11 @@
-"""Weighted k-NN evaluation of a frozen encoder (SPEC.md section 4).
+"""Weighted k-NN evaluation of a frozen encoder, and the feature extraction
+that train.py's monitor and the other evaluation scripts share.
 
 One process (a GPU if there is one, else the CPU):
     python eval_knn.py --checkpoint runs/vje-cifar10-resnet18/checkpoint.pt
 Other feature sources and neighbour counts:
     python eval_knn.py --checkpoint CKPT --feature mu --k 10 20 200
-One node with 8 GPUs (features are gathered across the processes):
+One node with 8 GPUs (each process holds one shard of the memory bank):
     torchrun --standalone --nproc_per_node=8 eval_knn.py --checkpoint CKPT
 Extract once, then try other k and T on the saved features:
     python eval_knn.py --checkpoint CKPT --save-features features_z.pt
@@ -16,21 +17,20 @@ L2-normalized. Each test image takes its k most cosine-similar training
 images, weights each neighbour's vote by exp(similarity / T), and predicts the
 class with the largest total weight (Wu et al., 2018, as in DINO).
 
-train.py's k-NN monitor calls `extract_features` and `knn_accuracy` from here
-with this script's defaults (feature z, k 20, T 0.07, the "train" split as the
-bank, batch 256), so run on a train.py checkpoint it reports the number
-train.py logged for that epoch (on a GPU, pass train.py's --precision, bf16 by
-default there). eval_linear.py and eval_ood.py use
-the helpers below that read a checkpoint's dataset and check a feature source.
+Under torchrun the bank is never gathered: each process keeps the features of
+its own shard of the training images, finds every test image's k nearest
+neighbours in that shard, and the processes merge their k best into the
+global k best (the k nearest of a union are among the k nearest of each part),
+so the result is one process's and no process holds more than its shard.
 
-The metrics go to --output as JSON (default: knn_<feature>.json beside the
-checkpoint).
+train.py's k-NN monitor calls `extract_features` and `knn_accuracy` with this
+script's defaults (feature z, k 20, T 0.07, the "train" split as the bank,
+batch 256, the training precision), so run on a train.py checkpoint it
+reports the number train.py logged for that epoch. The metrics go to
+--output as JSON (default: knn_<feature>.json beside the checkpoint).
 """
 import argparse
-import json
-import math
 import os
-import sys
 import time
 
 import torch
@@ -46,62 +46,111 @@ import utils
 # -----------------------------------------------------------------------------
 # feature extraction
 
-@torch.no_grad()
-def extract_features(model, dataset, batch_size=256, device="cpu", source="z", num_workers=0,
-                     rank=0, world_size=1, amp_dtype=None, progress=False, desc="features", forward=None):
-    """Features of every image of `dataset`, shape (N, D), float32, in dataset order.
+class TensorImages:
+    """Images already in memory as one uint8 tensor (N, 3, H, W) (the batched
+    training path holds its dataset so): the un-augmented, normalized images
+    and their labels, in the order of `index` (all rows by default)."""
 
-    Each process extracts the images rank, rank + W, rank + 2W, ...; the shards
-    are then gathered so every process holds all N rows. The caller puts the
-    network in eval mode; `model` is the bare SSLModel (not the DDP wrapper).
-    `forward`, if given, replaces `model.features(x, source)`: any function
-    from a batch of images (B, 3, H, W) to a (B, D) tensor (eval_ood.py uses it
-    to compute its scores in the same pass).
+    def __init__(self, images, labels, info, index=None):
+        self.images, self.index = images, index
+        self.labels = labels if index is None else labels[index]
+        self.mean = torch.tensor(info["mean"], device=images.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(info["std"], device=images.device).view(1, 3, 1, 1)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def batches(self, rows, batch_size):
+        rows = torch.as_tensor(rows, device=self.images.device)
+        if self.index is not None:
+            rows = self.index[rows]
+        for start in range(0, len(rows), batch_size):
+            yield data.normalize_images(self.images[rows[start:start + batch_size]], self.mean, self.std)
+
+
+def image_batches(images, rows, batch_size, num_workers, device):
+    """Batches of the un-augmented images at `rows`, on `device`, in order."""
+    if isinstance(images, TensorImages):
+        yield from images.batches(rows, batch_size)
+        return
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(images, rows), batch_size=batch_size,
+                                         shuffle=False, num_workers=num_workers, pin_memory=device.type == "cuda")
+    for x, _ in loader:
+        yield x.to(device, non_blocking=True)
+
+
+def labels_of(images):
+    return images.labels.cpu() if isinstance(images, TensorImages) else data.labels_of(images)
+
+
+@torch.no_grad()
+def extract_features(model, images, batch_size=256, device="cpu", source="z", num_workers=0, rank=0, world_size=1,
+                     precision="fp32", progress=False, desc="features", forward=None, gather=True):
+    """Features of the images (a dataset or TensorImages), float32, with their labels.
+
+    Each process extracts the images rank, rank + W, rank + 2W, ... With
+    `gather` the shards are then gathered, so every process returns all N rows
+    in dataset order; without it each returns its own shard (the k-NN bank,
+    which is never gathered). The caller puts the network in eval mode; `model`
+    is the bare SSLModel (not the DDP wrapper). `forward`, if given, replaces
+    `model.features(x, source)`: any function from a batch of images
+    (B, 3, H, W) to a (B, D) tensor (eval_ood.py computes its scores so).
+    Returns (features (N or shard, D) on `device`, labels on the CPU).
     """
     device = torch.device(device)
-    if forward is None:
-        def forward(x):
-            return model.features(x, source)
-    mine = list(range(rank, len(dataset), world_size))
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, mine), batch_size=batch_size,
-                                         shuffle=False, num_workers=num_workers,
-                                         pin_memory=device.type == "cuda")
+    forward = forward or (lambda x: model.features(x, source))
+    rows = list(range(rank, len(images), world_size))
     chunks = []
-    for x, _ in tqdm(loader, desc=desc, disable=not progress, leave=False):
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            chunks.append(forward(x.to(device, non_blocking=True)).float())
+    batches = image_batches(images, rows, batch_size, num_workers, device)
+    for x in tqdm(batches, desc=desc, disable=not progress, leave=False, total=-(-len(rows) // batch_size)):
+        with utils.autocast(precision, device):
+            chunks.append(forward(x).float())
     if not chunks:  # more processes than images: an empty shard of the right width
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            chunks.append(forward(dataset[0][0][None].to(device)).float()[:0])
-    local = torch.cat(chunks)
+        with utils.autocast(precision, device):
+            chunks.append(forward(next(image_batches(images, [0], 1, 0, device))).float()[:0])
+    local, labels = torch.cat(chunks), labels_of(images)
+    if not gather:
+        return local, labels[rank::world_size]
     if world_size == 1:
-        return local
+        return local, labels
     # pad every shard to the same length, gather, and interleave back
-    n_max = math.ceil(len(dataset) / world_size)
+    n_max = -(-len(images) // world_size)
     padded = local.new_zeros(n_max, local.shape[1])
     padded[:len(local)] = local
     parts = [torch.empty_like(padded) for _ in range(world_size)]
     dist.all_gather(parts, padded)
-    out = local.new_empty(len(dataset), local.shape[1])
+    out = local.new_empty(len(images), local.shape[1])
     for r, part in enumerate(parts):
-        n_r = len(range(r, len(dataset), world_size))
-        out[r::world_size] = part[:n_r]
-    return out
+        out[r::world_size] = part[:len(range(r, len(images), world_size))]
+    return out, labels
 
 
 # -----------------------------------------------------------------------------
 # the classifier
 
+def merge_topk(sim, labels, k):
+    """The k largest similarities over all processes, given each process's
+    own k largest (m, k) and their labels: gather (m, W k), keep the top k."""
+    if not utils.distributed():
+        return sim, labels
+    world = dist.get_world_size()
+    sims, labs = [torch.empty_like(sim) for _ in range(world)], [torch.empty_like(labels) for _ in range(world)]
+    dist.all_gather(sims, sim)
+    dist.all_gather(labs, labels)
+    sim, idx = torch.cat(sims, 1).topk(k, dim=1)
+    return sim, torch.cat(labs, 1).gather(1, idx)
+
+
 @torch.no_grad()
-def knn_classify(train_features, train_labels, test_features, num_classes, k=20, temperature=0.07,
-                 chunk=1024):
+def knn_classify(train_features, train_labels, test_features, num_classes, k=20, temperature=0.07, chunk=1024):
     """Weighted k-NN predictions (Wu et al., 2018; as in DINO's eval_knn).
 
     Args:
-        train_features: (N, D) memory bank; normalized here.
+        train_features: (N, D) memory bank, or under torchrun this process's
+            shard of it (every process passes the same test features); normalized here.
         train_labels: (N,) integer labels in [0, num_classes).
         test_features: (M, D); normalized here.
-        k: neighbours (clipped to N); temperature: T in exp(sim / T).
+        k: neighbours (clipped to the bank's size); temperature: T in exp(sim / T).
         chunk: test rows per similarity matrix, to bound memory.
     Returns:
         (M,) predicted labels.
@@ -109,124 +158,34 @@ def knn_classify(train_features, train_labels, test_features, num_classes, k=20,
     bank = F.normalize(train_features.float(), dim=1)
     test = F.normalize(test_features.float(), dim=1).to(bank.device)
     labels = train_labels.to(bank.device).long()
-    k = min(k, len(bank))
+    n_bank = len(bank)
+    if utils.distributed():  # every process must take the same k, so pad a short shard with -inf similarities
+        n = torch.tensor([n_bank], device=bank.device)
+        dist.all_reduce(n)
+        n_bank = int(n)
+    k = min(k, n_bank)
     preds = []
     for start in range(0, len(test), chunk):
-        sim = test[start:start + chunk] @ bank.T                       # (m, N) cosine similarities
-        top_sim, top_idx = sim.topk(k, dim=1)                         # (m, k)
+        sim = test[start:start + chunk] @ bank.T                      # (m, N) cosine similarities
+        if sim.shape[1] < k:
+            sim = torch.cat([sim, sim.new_full((len(sim), k - sim.shape[1]), -float("inf"))], 1)
+        top_sim, top_idx = sim.topk(k, dim=1)                         # (m, k) in this process's bank
+        top_labels = torch.cat([labels, labels.new_zeros(k)])[top_idx]
+        top_sim, top_labels = merge_topk(top_sim, top_labels, k)      # (m, k) over all processes
         weights = (top_sim / temperature).exp()
         votes = torch.zeros(len(sim), num_classes, device=bank.device)
-        votes.scatter_add_(1, labels[top_idx], weights)               # sum of weights per class
+        votes.scatter_add_(1, top_labels, weights)                    # sum of weights per class
         preds.append(votes.argmax(dim=1))
     return torch.cat(preds)
 
 
 def knn_accuracy(train_features, train_labels, test_features, test_labels, num_classes, k=20, temperature=0.07):
-    """Top-1 accuracy in percent of the weighted k-NN classifier."""
-    pred = knn_classify(train_features, train_labels, test_features, num_classes, k, temperature)
+    """Top-1 accuracy in percent of the weighted k-NN classifier; unlabelled
+    bank images (label -1, STL-10's extra images) are left out of the bank."""
+    keep = train_labels >= 0
+    pred = knn_classify(train_features[keep.to(train_features.device)], train_labels[keep], test_features,
+                        num_classes, k, temperature)
     return 100.0 * (pred.cpu() == test_labels.cpu()).float().mean().item()
-
-
-# -----------------------------------------------------------------------------
-# what the three eval scripts share: the checkpoint's data, feature sources,
-# precision, one-line argument errors
-
-def add_common_flags(p, script):
-    """The dataset flags of train.py (each defaulting to the checkpoint's value)
-    and the run flags every eval script has; argument errors become one line."""
-    p.add_argument("--checkpoint", required=True, help="the checkpoint.pt written by train.py")
-    p.add_argument("--dataset", default=None, choices=data.DATASETS,
-                   help="dataset to evaluate on; default: the one the checkpoint was trained on")
-    p.add_argument("--data-path", default=None,
-                   help="download folder (cifar10/cifar100/stl10) or a tree with train/ and test/ (imagenet/folder); "
-                        "default: the checkpoint's")
-    p.add_argument("--image-size", type=int, default=None,
-                   help="image size in px; default: the checkpoint's. Keep it unless you know the encoder copes")
-    p.add_argument("--classes", default=None,
-                   help="comma-separated class names: evaluate on these classes only, labels re-indexed in this "
-                        "order; 'all' for every class. Default: the classes the checkpoint was trained on "
-                        "(train.py --classes), else all")
-    p.add_argument("--num-workers", type=int, default=4,
-                   help="data-loading processes per process; on a 2-core CPU 0 or 2 are the sensible values")
-    p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"),
-                   help="auto takes a GPU when one is visible")
-    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
-                   help="autocast precision of the frozen network; bf16 is faster on recent GPUs. train.py "
-                        "evaluates at its training precision (bf16 on such GPUs): pass the same to match it exactly")
-    # mistakes in the flags: one line, no usage dump
-    p.error = lambda message: sys.exit(f"error: {message} (see python {script} --help)")
-
-
-def class_list(value):
-    """Class names from a flag or a checkpoint: 'bird,cat' or ['bird', 'cat'] ->
-    ['bird', 'cat']; None, '' and 'all' -> None (every class)."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        if value.strip().lower() in ("", "all"):
-            return None
-        value = value.split(",")
-    names = [str(c).strip() for c in value if str(c).strip()]
-    return names or None
-
-
-def same_path(a, b):
-    return a is not None and b is not None and os.path.realpath(a) == os.path.realpath(b)
-
-
-def resolve_data(args, train_args):
-    """Fills --dataset, --data-path, --image-size and --classes from the
-    checkpoint where they were left unset (the classes only when the dataset is
-    the checkpoint's own) and returns data.dataset_info for them, its
-    num_classes counting the selected classes only."""
-    own = args.dataset in (None, train_args["dataset"]) and \
-        (args.data_path is None or same_path(args.data_path, train_args["data_path"]))
-    args.dataset = args.dataset or train_args["dataset"]
-    args.data_path = args.data_path or train_args["data_path"]
-    args.image_size = args.image_size or train_args["image_size"]
-    args.classes = class_list(args.classes if args.classes is not None else
-                              train_args.get("classes") if own else None)
-    info = data.dataset_info(args.dataset, args.data_path, args.image_size)
-    if args.classes:
-        info["num_classes"] = len(args.classes)
-    return info
-
-
-def build_split(args, split, transform):
-    """One split of the resolved dataset, restricted to --classes if given."""
-    dataset = data.build_dataset(args.dataset, args.data_path, split, transform)
-    return data.select_classes(dataset, args.classes) if args.classes else dataset
-
-
-def check_feature(net, feature):
-    """Stops with one line if `net` cannot give this feature source."""
-    if feature == "mu" and net.method != "vje":
-        raise SystemExit(f"error: --feature mu is VJE's posterior mean; this checkpoint is {net.method}. "
-                         f"Use --feature z" + (" or ema" if net.teacher is not None else ""))
-    if feature == "ema" and net.teacher is None:
-        hint = " (VJE has one only when trained with --target ema)" if net.method == "vje" else ""
-        raise SystemExit(f"error: --feature ema needs a target encoder; this {net.method} checkpoint has none{hint}. "
-                         f"Use --feature z")
-
-
-def autocast_dtype(precision, device):
-    """The autocast dtype of --precision on `device` (None for fp32)."""
-    if precision == "fp16" and device.type != "cuda":
-        raise SystemExit("error: --precision fp16 needs a CUDA GPU; on the CPU use fp32 or bf16")
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
-def checkpoint_meta(path, ckpt, train_args):
-    """What a result was computed from, for the JSON files."""
-    return dict(checkpoint=os.path.abspath(path), method=train_args["method"], arch=train_args["arch"],
-                checkpoint_epoch=ckpt.get("epoch"))
-
-
-def write_json(results, path):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(results, f, indent=2)
-        f.write("\n")
 
 
 # -----------------------------------------------------------------------------
@@ -235,16 +194,16 @@ def write_json(results, path):
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="Weighted k-NN accuracy of the frozen encoder of a train.py checkpoint.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_common_flags(p, "eval_knn.py")
-    p.add_argument("--batch-size", type=int, default=256,
+    utils.add_eval_flags(p, "eval_knn.py")
+    p.add_argument("--batch-size", type=utils.number(int, 1, 1 << 20), default=256,
                    help="images per forward pass and process; 256 as in train.py's monitor, whose number this "
                         "reproduces (other values change only the last float digits, and the speed)")
     p.add_argument("--feature", default=None, choices=("z", "mu", "ema"),
                    help="z: the encoder output (the protocol's feature, and the default); mu: VJE's posterior mean; "
                         "ema: the target encoder of BYOL, VSSL or VJE with --target ema")
-    p.add_argument("--k", type=int, nargs="+", default=[20, 200],
+    p.add_argument("--k", type=utils.number(int, 1, 1 << 20), nargs="+", default=[20, 200],
                    help="neighbour counts, one result each; 20 is the headline number, 200 the other common one")
-    p.add_argument("--temperature", type=float, default=0.07,
+    p.add_argument("--temperature", type=utils.number(float, 0, 100, low_open=True), default=0.07,
                    help="T in the vote weight exp(similarity / T); 0.07 is the usual value, and train.py's")
     p.add_argument("--save-features", default=None,
                    help="also save the extracted features and labels to this .pt file, for --load-features")
@@ -253,10 +212,6 @@ def get_args(argv=None):
     p.add_argument("--output", default=None, help="JSON file for the metrics; default: knn_<feature>.json beside "
                                                   "the checkpoint")
     args = p.parse_args(argv)
-    if any(k < 1 for k in args.k):
-        p.error("--k values must be at least 1")
-    if not args.temperature > 0:
-        p.error("--temperature must be positive")
     if args.save_features and args.load_features:
         p.error("--save-features and --load-features exclude each other")
     return args
@@ -265,15 +220,11 @@ def get_args(argv=None):
 def load_saved_features(path, feature):
     """Features written by --save-features; stops with one line on a bad file
     or when --feature asks for another source than the one saved."""
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: --load-features '{path}' not found; write it first with --save-features")
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=False)
-        saved["train"], saved["train_labels"], saved["test"], saved["test_labels"], saved["meta"]
-    except Exception as e:  # truncated, not a torch file, or not ours: all mean the same to the user
-        raise SystemExit(f"error: --load-features '{path}' is not a feature file of eval_knn.py ({type(e).__name__})")
+    saved = utils.load_checkpoint(path, what="--load-features file")
+    if not all(k in saved for k in ("train", "train_labels", "test", "test_labels", "meta")):
+        utils.fail(f"--load-features '{path}' is not a feature file of eval_knn.py")
     if feature is not None and feature != saved["meta"]["feature"]:
-        raise SystemExit(f"error: '{path}' holds feature {saved['meta']['feature']}, not {feature}")
+        utils.fail(f"'{path}' holds feature {saved['meta']['feature']}, not {feature}")
     return saved
 
 
@@ -281,51 +232,53 @@ def main(argv=None):
     args = get_args(argv)
     rank, _, world_size, device = utils.setup_distributed(args.device)
     master = rank == 0
-    amp_dtype = autocast_dtype(args.precision, device)
 
     # ---- features: from the network, or from --load-features ------------------------
     if args.load_features:
         saved = load_saved_features(args.load_features, args.feature)
-        train_f, train_y, test_f, test_y = saved["train"], saved["train_labels"], saved["test"], saved["test_labels"]
+        bank_f, bank_y, test_f, test_y = saved["train"], saved["train_labels"], saved["test"], saved["test_labels"]
+        if world_size > 1:  # each process keeps its shard of the bank
+            bank_f, bank_y = bank_f[rank::world_size], bank_y[rank::world_size]
         meta = saved["meta"]
         args.feature = meta["feature"]
     else:
         args.feature = args.feature or "z"
         net, train_args, ckpt = model_lib.load_model(args.checkpoint)
-        check_feature(net, args.feature)
-        info = resolve_data(args, train_args)
+        model_lib.check_feature(net, args.feature)
+        args.precision = utils.eval_precision(args.precision, train_args, device)
+        info = data.resolve_eval_data(args, train_args)
         net.to(device).eval()
         tf = data.eval_transform(info)
-        train_set = build_split(args, "train", tf)
-        test_set = build_split(args, "test", tf)
+        bank_set, test_set = data.build_split(args, "train", tf), data.build_split(args, "test", tf)
         if master:
             print(f"{train_args['method']} {train_args['arch']} (epoch {ckpt.get('epoch')}) on {args.dataset}: "
-                  f"{len(train_set)} bank and {len(test_set)} test images, feature {args.feature}, "
-                  f"{world_size} process(es) on {device.type}")
+                  f"{len(bank_set)} bank and {len(test_set)} test images, feature {args.feature}, "
+                  f"{world_size} process(es) on {device.type}, {args.precision}")
         kw = dict(batch_size=args.batch_size, device=device, source=args.feature, num_workers=args.num_workers,
-                  rank=rank, world_size=world_size, amp_dtype=amp_dtype, progress=master)
+                  rank=rank, world_size=world_size, precision=args.precision, progress=master)
         t0 = time.time()
-        train_f = extract_features(net, train_set, desc="bank features", **kw).cpu()
-        test_f = extract_features(net, test_set, desc="test features", **kw).cpu()
-        train_y, test_y = data.labels_of(train_set), data.labels_of(test_set)
-        meta = dict(checkpoint_meta(args.checkpoint, ckpt, train_args), dataset=args.dataset,
+        # the bank stays sharded (unless it is saved, which needs all of it on rank 0)
+        bank_f, bank_y = extract_features(net, bank_set, desc="bank features", gather=bool(args.save_features), **kw)
+        test_f, test_y = extract_features(net, test_set, desc="test features", **kw)
+        meta = dict(model_lib.checkpoint_meta(args.checkpoint, ckpt, train_args), dataset=args.dataset,
                     data_path=os.path.abspath(args.data_path), classes=args.classes, num_classes=info["num_classes"],
                     feature=args.feature, precision=args.precision, extract_seconds=round(time.time() - t0, 1))
-        if args.save_features and master:
-            os.makedirs(os.path.dirname(os.path.abspath(args.save_features)), exist_ok=True)
-            utils.save_checkpoint(dict(train=train_f, train_labels=train_y, test=test_f, test_labels=test_y,
-                                       meta=meta), args.save_features)
-            print(f"saved features to {args.save_features}")
-    if not master:
-        utils.cleanup_distributed()
-        return None
+        if args.save_features:
+            if master:
+                utils.save_checkpoint(dict(train=bank_f.cpu(), train_labels=bank_y, test=test_f.cpu(),
+                                           test_labels=test_y, meta=meta), args.save_features)
+                print(f"saved features to {args.save_features}")
+            bank_f, bank_y = bank_f[rank::world_size], bank_y[rank::world_size]
 
-    # ---- the classifier ----------------------------------------------------------------
-    keep = train_y >= 0  # STL-10's unlabeled images carry -1
-    results = dict(meta, temperature=args.temperature, num_bank=int(keep.sum()), num_test=len(test_y))
+    # ---- the classifier (every process: each holds a shard of the bank) -----------------
+    n_bank = utils.all_reduce_sum(torch.tensor([float((bank_y >= 0).sum())], device=bank_f.device))
+    results = dict(meta, temperature=args.temperature, num_bank=int(n_bank.item()), num_test=len(test_y))
     for k in args.k:
-        results[f"top1_k{k}"] = knn_accuracy(train_f[keep], train_y[keep], test_f, test_y, meta["num_classes"],
-                                             k, args.temperature)
+        results[f"top1_k{k}"] = knn_accuracy(bank_f, bank_y, test_f, test_y, meta["num_classes"], k,
+                                             args.temperature)
+    utils.cleanup_distributed()
+    if not master:
+        return None
 
     # ---- summary -----------------------------------------------------------------------
     output = args.output or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
@@ -336,9 +289,8 @@ def main(argv=None):
           + (f", classes {','.join(results['classes'])}" if results.get("classes") else ""))
     for k in args.k:
         print(f"  k = {k:<5d} top-1 {results[f'top1_k{k}']:6.2f} %")
-    write_json(results, output)
+    utils.write_json(results, output)
     print(f"wrote {output}")
-    utils.cleanup_distributed()
     return results
 
 

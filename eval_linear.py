@@ -1,4 +1,4 @@
-"""Linear probe on the frozen encoder of a train.py checkpoint (SPEC.md section 4).
+"""Linear probe on the frozen encoder of a train.py checkpoint (offline linear protocol).
 
 One process (a GPU if there is one, else the CPU):
     python eval_linear.py --checkpoint runs/vje-cifar10-resnet18/checkpoint.pt
@@ -34,7 +34,6 @@ import time
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -53,40 +52,35 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description="Linear probe on the frozen encoder of a train.py checkpoint: "
                                             "top-1 and top-5 accuracy on the test split.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    eval_knn.add_common_flags(p, "eval_linear.py")
-    p.add_argument("--batch-size", type=int, default=256,
+    utils.add_eval_flags(p, "eval_linear.py")
+    p.add_argument("--batch-size", type=utils.number(int, 1, 1 << 20), default=256,
                    help="global batch size of the probe's SGD, split over the processes; the learning rate "
                         "scales with it")
     p.add_argument("--feature", default="z", choices=("z", "mu", "ema"),
                    help="what the linear layer reads: z, the encoder output (the protocol's); mu: VJE's posterior "
                         "mean; ema: the target encoder")
-    p.add_argument("--epochs", type=int, default=100, help="passes over the labelled training split")
-    p.add_argument("--lr", type=float, default=0.1,
+    p.add_argument("--epochs", type=utils.number(int, 1, 100_000), default=100, help="passes over the labelled training split")
+    p.add_argument("--lr", type=utils.number(float, 0, 100, low_open=True), default=0.1,
                    help="learning rate for a global batch of 256, scaled linearly with --batch-size. 0.1 without "
                         "weight decay is the usual SGD probe on raw ResNet features (solo-learn's offline recipe); "
                         "DINO's 0.001 suits its layer-normed ViT tokens, and raw ResNet features want more. Sweep "
                         "it (0.01 to 1) for a number to publish")
-    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    p.add_argument("--weight-decay", type=float, default=0.0,
+    p.add_argument("--momentum", type=utils.number(float, 0, 1), default=0.9, help="SGD momentum")
+    p.add_argument("--weight-decay", type=utils.number(float, 0, 1), default=0.0,
                    help="L2 on the linear layer; 0 is the usual choice, the frozen features are the regularizer")
-    p.add_argument("--eval-every", type=int, default=1,
+    p.add_argument("--eval-every", type=utils.number(int, 0, 100_000), default=1,
                    help="measure test top-1/top-5 every N epochs (cheap: the test features are extracted once); "
                         "0 measures the last epoch only. The last epoch is always measured and is the number "
                         "reported (not the best one)")
-    p.add_argument("--seed", type=int, default=0, help="seeds the layer's initialization, crops and order")
+    p.add_argument("--seed", type=utils.number(int, 0, 2 ** 31 - 1), default=0, help="seeds the layer's initialization, crops and order")
     p.add_argument("--output-dir", default=None,
                    help="for args.json, log.jsonl and checkpoint.pt; default: linear_<feature>/ beside the checkpoint")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint.pt")
-    p.add_argument("--max-steps", type=int, default=None,
+    p.add_argument("--max-steps", type=utils.number(int, 1, 1 << 40), default=None,
                    help="stop after this many steps in all (smoke tests); the checkpoint holds the last whole epoch")
     p.add_argument("--output", default=None,
                    help="JSON file for the final metrics; default: linear_<feature>.json beside the checkpoint")
-    args = p.parse_args(argv)
-    if args.epochs < 1:
-        p.error("--epochs must be at least 1")
-    if not args.lr > 0:
-        p.error("--lr must be positive")
-    return args
+    return p.parse_args(argv)
 
 
 def topk_accuracy(logits, labels, ks=(1, 5)):
@@ -105,74 +99,116 @@ def evaluate(linear, test_features, test_labels, device, chunk=4096):
     return topk_accuracy(logits, test_labels)
 
 
+def build_probe(dim, num_classes, device, world_size):
+    """The linear layer (weights N(0, 0.01), bias 0) and its DDP wrapper."""
+    linear = nn.Linear(dim, num_classes)
+    nn.init.normal_(linear.weight, std=0.01)
+    nn.init.zeros_(linear.bias)
+    linear.to(device)
+    if world_size == 1:
+        return linear, linear
+    return linear, nn.parallel.DistributedDataParallel(linear, device_ids=[device] if device.type == "cuda" else None)
+
+
+def train_one_epoch(net, ddp_linear, loader, optimizer, lr_schedule, step, args, device, master, desc):
+    """One epoch of SGD on the frozen features. Returns (sums of loss, correct,
+    count as a device tensor, the global step, True if --max-steps stopped it)."""
+    totals = torch.zeros(3, device=device)  # loss sum, correct, count
+    bar = tqdm(loader, desc=desc, disable=not master, leave=False)
+    for x, y in bar:
+        if args.max_steps is not None and step >= args.max_steps:
+            return totals, step, True
+        for g in optimizer.param_groups:
+            g["lr"] = float(lr_schedule[step])  # a Python float: the checkpoint holds plain values only
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with torch.no_grad(), utils.autocast(args.precision, device):
+            features = net.features(x, args.feature)
+        logits = ddp_linear(features.float())
+        loss = F.cross_entropy(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        step += 1
+        totals += torch.stack([loss.detach().float() * len(y), (logits.argmax(1) == y).sum().float(),
+                               torch.full((), float(len(y)), device=device)])
+        if master and step % 10 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr_schedule[step - 1]:.4g}")
+    return totals, step, False
+
+
+def build_probe_data(args, info, net, device, rank, world_size, master):
+    """The labelled training split (RandomResizedCrop + flip views), its
+    loader over this process's shard, and the test features (un-augmented,
+    extracted once: they never change) with their labels."""
+    if args.batch_size % world_size:
+        utils.fail(f"--batch-size {args.batch_size} is not divisible by {world_size} processes")
+    train_set = data.build_split(args, "train", data.probe_train_transform(info))
+    test_set = data.build_split(args, "test", data.eval_transform(info))
+    if args.batch_size > len(train_set):
+        utils.fail(f"--batch-size {args.batch_size} is larger than the training split ({len(train_set)} images); "
+                   f"lower it")
+    loader = data.train_loader(train_set, args.batch_size // world_size, args.num_workers, args.seed, rank,
+                               world_size, device.type)
+    test_f, test_y = eval_knn.extract_features(net, test_set, args.batch_size // world_size, device, args.feature,
+                                               args.num_workers, rank, world_size, args.precision, master,
+                                               "test features")
+    if master:
+        print(f"{args.dataset}: {len(train_set)} train / {len(test_set)} test images, {info['num_classes']} classes, "
+              f"{world_size} process(es) on {device.type}, {len(loader)} steps/epoch")
+    return train_set, loader, test_f, test_y
+
+
+def report(args, ckpt, train_args, encoder, done, step, num_train, num_test, top1, top5):
+    """Prints the final top-1 / top-5 and writes them to --output."""
+    results = dict(model_lib.checkpoint_meta(args.checkpoint, ckpt, train_args), dataset=args.dataset,
+                   data_path=os.path.abspath(args.data_path), classes=args.classes, feature=args.feature,
+                   epochs=done, epochs_planned=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                   weight_decay=args.weight_decay, num_train=num_train, num_test=num_test,
+                   steps=step, top1=top1, top5=top5, output_dir=os.path.abspath(args.output_dir))
+    print(f"\nlinear probe (offline), {encoder['method']} {encoder['arch']} epoch {encoder['epoch']}, "
+          f"feature {args.feature}, {done}/{args.epochs} epochs")
+    print(f"  {args.dataset} test, {num_test} images: top-1 {top1:.2f} %, top-5 {top5:.2f} %")
+    utils.write_json(results, args.output)
+    print(f"wrote {args.output}")
+    return results
+
+
 def main(argv=None):
     args = get_args(argv)
     rank, _, world_size, device = utils.setup_distributed(args.device)
     master = rank == 0
     utils.seed_all(args.seed + rank)
-    amp_dtype = eval_knn.autocast_dtype(args.precision, device)
     ckpt_dir = os.path.dirname(os.path.abspath(args.checkpoint))
     args.output_dir = args.output_dir or os.path.join(ckpt_dir, f"linear_{args.feature}")
     args.output = args.output or os.path.join(ckpt_dir, f"linear_{args.feature}.json")
 
     # ---- frozen network ------------------------------------------------------------
     net, train_args, ckpt = model_lib.load_model(args.checkpoint)
-    eval_knn.check_feature(net, args.feature)
-    net.to(device).eval()
-    for p in net.parameters():
-        p.requires_grad_(False)
+    model_lib.check_feature(net, args.feature)
+    args.precision = utils.eval_precision(args.precision, train_args, device)
+    net.to(device).eval().requires_grad_(False)
     encoder = dict(method=train_args["method"], arch=train_args["arch"], epoch=ckpt.get("epoch"))
-
-    # ---- data ----------------------------------------------------------------------
-    info = eval_knn.resolve_data(args, train_args)
-    if args.batch_size % world_size:
-        raise SystemExit(f"error: --batch-size {args.batch_size} is not divisible by {world_size} processes")
-    train_set = eval_knn.build_split(args, "train", data.probe_train_transform(info))
-    test_set = eval_knn.build_split(args, "test", data.eval_transform(info))
-    if args.batch_size > len(train_set):
-        raise SystemExit(f"error: --batch-size {args.batch_size} is larger than the training split "
-                         f"({len(train_set)} images); lower it")
-    loader = data.train_loader(train_set, args.batch_size // world_size, args.num_workers, args.seed, rank,
-                               world_size, device.type)
-    steps_per_epoch = len(loader)
-    test_f = eval_knn.extract_features(net, test_set, args.batch_size // world_size, device, args.feature,
-                                       args.num_workers, rank, world_size, amp_dtype, master, "test features")
-    test_y = data.labels_of(test_set)
+    info = data.resolve_eval_data(args, train_args)
+    train_set, loader, test_f, test_y = build_probe_data(args, info, net, device, rank, world_size, master)
 
     # ---- the linear layer, optimizer and schedule ----------------------------------
-    linear = nn.Linear(net.dim, info["num_classes"])
-    nn.init.normal_(linear.weight, std=0.01)
-    nn.init.zeros_(linear.bias)
-    linear.to(device)
-    ddp_linear = linear
-    if world_size > 1:
-        ddp_linear = nn.parallel.DistributedDataParallel(linear, device_ids=[device] if device.type == "cuda" else None)
+    linear, ddp_linear = build_probe(net.dim, info["num_classes"], device, world_size)
     optimizer = torch.optim.SGD(linear.parameters(), lr=0.0, momentum=args.momentum, weight_decay=args.weight_decay)
-    total_steps = args.epochs * steps_per_epoch
+    total_steps = args.epochs * len(loader)
     base_lr = args.lr * args.batch_size / 256
     lr_schedule = base_lr * 0.5 * (1 + np.cos(np.pi * np.arange(total_steps) / total_steps))
 
-    # ---- resume --------------------------------------------------------------------
+    # ---- output folder and resume ----------------------------------------------------
     os.makedirs(args.output_dir, exist_ok=True)
     ckpt_path = os.path.join(args.output_dir, "checkpoint.pt")
-    log_path = os.path.join(args.output_dir, "log.jsonl")
     start_epoch, step = 0, 0
     if args.resume:
-        state = utils.load_checkpoint(ckpt_path)
-        old = state.get("args", {})
-        changed = [f"--{k.replace('_', '-')} ({old.get(k)} -> {getattr(args, k)})"
-                   for k in RECIPE_FLAGS if k in old and old[k] != getattr(args, k)]
-        if changed:
-            raise SystemExit(f"error: --resume with changed flags: {', '.join(changed)}; "
-                             f"use the original flags or a new --output-dir")
+        state = utils.resume_training_state(ckpt_path, args, RECIPE_FLAGS, rank, world_size, linear=linear,
+                                            optimizer=optimizer)
         if state.get("encoder") != encoder:
-            raise SystemExit(f"error: {ckpt_path} probes {state.get('encoder')}, but --checkpoint is now {encoder}; "
-                             f"use a new --output-dir")
-        linear.load_state_dict(state["linear"])
-        optimizer.load_state_dict(state["optimizer"])
+            utils.fail(f"{ckpt_path} probes {state.get('encoder')}, but --checkpoint is now {encoder}; "
+                       f"use a new --output-dir")
         start_epoch, step = state["epoch"], state["step"]
-        if len(state["rng"]) == world_size:  # exact continuation needs the same process count
-            utils.set_rng_state(state["rng"][rank])
         if master:
             print(f"resumed from {ckpt_path} at epoch {start_epoch}")
     if master:
@@ -180,18 +216,7 @@ def main(argv=None):
         with open(os.path.join(args.output_dir, "args.json"), "w") as f:
             json.dump(vars(args), f, indent=2, sort_keys=True)
         print(f"linear probe on {encoder['method']} {encoder['arch']} (epoch {encoder['epoch']}), feature "
-              f"{args.feature}: {args.dataset} {len(train_set)} train / {len(test_set)} test images, "
-              f"{info['num_classes']} classes, lr {base_lr:.4g}, {world_size} process(es) on {device.type}, "
-              f"{steps_per_epoch} steps/epoch")
-
-    def save(epoch):
-        states = [utils.rng_state()]
-        if world_size > 1:
-            states = [None] * world_size
-            dist.all_gather_object(states, utils.rng_state())
-        if master:
-            utils.save_checkpoint(dict(linear=linear.state_dict(), optimizer=optimizer.state_dict(), epoch=epoch,
-                                       step=step, args=vars(args), encoder=encoder, rng=states), ckpt_path)
+              f"{args.feature}, lr {base_lr:.4g}")
 
     # ---- training loop -----------------------------------------------------------------
     top1 = top5 = evaluated_at = None
@@ -200,68 +225,33 @@ def main(argv=None):
         loader.sampler.set_epoch(epoch)
         linear.train()
         t0 = time.time()
-        loss_sum = torch.zeros(3, device=device)  # loss sum, correct, count
-        stopped = False
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not master, leave=False)
-        for x, y in bar:
-            if args.max_steps is not None and step >= args.max_steps:
-                stopped = True
-                break
-            for g in optimizer.param_groups:
-                g["lr"] = lr_schedule[step]
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype or torch.float32,
-                                                 enabled=amp_dtype is not None):
-                f = net.features(x, args.feature)
-            logits = ddp_linear(f.float())
-            loss = F.cross_entropy(logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            loss_sum += torch.stack([loss.detach().float() * len(y), (logits.argmax(1) == y).sum().float(),
-                                     torch.tensor(float(len(y)), device=device)])
-            if master and step % 10 == 0:
-                bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr_schedule[step - 1]:.4g}")
+        totals, step, stopped = train_one_epoch(net, ddp_linear, loader, optimizer, lr_schedule, step, args, device,
+                                                master, f"epoch {epoch + 1}/{args.epochs}")
         if stopped:  # the partial epoch is not saved: --resume repeats it from the last checkpoint
             break
-
-        # ---- end of epoch: evaluate, checkpoint, log ------------------------------------
         done = epoch + 1
-        loss_sum = utils.all_reduce_sum(loss_sum)
-        entry = dict(epoch=done, step=step, lr=float(lr_schedule[step - 1]),
-                     train_loss=loss_sum[0].item() / loss_sum[2].item(),
-                     train_acc=100.0 * loss_sum[1].item() / loss_sum[2].item())
+        loss_sum, correct, count = utils.all_reduce_sum(totals).tolist()
+        entry = dict(epoch=done, step=step, lr=float(lr_schedule[step - 1]), train_loss=loss_sum / count,
+                     train_acc=100.0 * correct / count)
         if (args.eval_every > 0 and done % args.eval_every == 0) or done == args.epochs:
             top1, top5 = evaluate(linear, test_f, test_y, device)
             evaluated_at = step
             entry.update(test_top1=top1, test_top5=top5)
         entry["epoch_time"] = time.time() - t0
-        save(done)
+        utils.save_training_state(ckpt_path, master, world_size, linear=linear, optimizer=optimizer, epoch=done,
+                                  step=step, args=vars(args), encoder=encoder)
         if master:
-            with open(log_path, "a") as f:
+            with open(os.path.join(args.output_dir, "log.jsonl"), "a") as f:
                 f.write(json.dumps(entry) + "\n")
             print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items()))
 
     # ---- final metrics ---------------------------------------------------------------------
     if evaluated_at != step:  # resumed after the last epoch, or stopped by --max-steps
         top1, top5 = evaluate(linear, test_f, test_y, device)
-    if not master:
-        utils.cleanup_distributed()
-        return None
-    results = dict(eval_knn.checkpoint_meta(args.checkpoint, ckpt, train_args), dataset=args.dataset,
-                   data_path=os.path.abspath(args.data_path), classes=args.classes, feature=args.feature,
-                   epochs=done, epochs_planned=args.epochs, lr=args.lr, batch_size=args.batch_size,
-                   weight_decay=args.weight_decay, num_train=len(train_set), num_test=len(test_set),
-                   steps=step, top1=top1, top5=top5, output_dir=os.path.abspath(args.output_dir))
-    print(f"\nlinear probe (offline), {encoder['method']} {encoder['arch']} epoch {encoder['epoch']}, "
-          f"feature {args.feature}, {done}/{args.epochs} epochs")
-    print(f"  {args.dataset} test, {len(test_set)} images: top-1 {top1:.2f} %, top-5 {top5:.2f} %")
-    eval_knn.write_json(results, args.output)
-    print(f"wrote {args.output}")
     utils.cleanup_distributed()
-    return results
-
+    if not master:
+        return None
+    return report(args, ckpt, train_args, encoder, done, step, len(train_set), len(test_y), top1, top5)
 
 if __name__ == "__main__":
     main()

@@ -1,4 +1,4 @@
-"""Out-of-distribution detection with a frozen train.py checkpoint (SPEC.md section 4).
+"""Out-of-distribution detection with a frozen train.py checkpoint.
 
 Another dataset as OOD (one process; a GPU if there is one, else the CPU):
     python eval_ood.py --checkpoint runs/vje-cifar10-resnet18/checkpoint.pt --ood-dataset cifar100
@@ -176,25 +176,31 @@ def kth_neighbour_distance(bank, queries, k, chunk=1024):
     return torch.cat(out)
 
 
-def score_columns(net, feature, scores, nu):
-    """A function from a batch of images to the columns eval_ood needs, in one
-    forward pass: the k-NN feature (D columns, if "knn" is asked for), then the
-    vje and vje-dir scores (one column each, if asked for)."""
+def score_forward(net, feature, scores, nu):
+    """A function from a batch of images to every per-image quantity eval_ood
+    needs, computed in one forward pass and stacked as columns, and the
+    column range of each by name: "knn" (the feature, D columns), "vje" and
+    "vje-dir" (one column each), for the scores asked for."""
+    layout, width = {}, 0
+    for name in scores:
+        size = net.dim if name == "knn" else 1
+        layout[name] = slice(width, width + size)
+        width += size
+
     def forward(x):
         z = net.encoder(x)
         mu, var = net.head(z) if net.method == "vje" else (None, None)
-        cols = []
+        columns = {}
         if "knn" in scores:
-            cols.append({"z": z, "mu": mu}[feature] if feature != "ema" else net.features(x, "ema"))
-        if "vje" in scores or "vje-dir" in scores:
-            # Eq. 39 at s = mu, one un-augmented view; the scores are taken in
-            # float32 (losses.py casts), whatever the autocast precision
-            if "vje" in scores:
-                cols.append(losses.vje_ood_score(z, mu, var, nu, radial=True)[:, None])
-            if "vje-dir" in scores:
-                cols.append(losses.vje_ood_score(z, mu, var, nu, radial=False)[:, None])
-        return torch.cat([c.float() for c in cols], dim=1)
-    return forward
+            columns["knn"] = net.features(x, "ema") if feature == "ema" else {"z": z, "mu": mu}[feature]
+        # Eq. 39 at s = mu, one un-augmented view; taken in float32 (losses.py
+        # casts), whatever the autocast precision
+        if "vje" in scores:
+            columns["vje"] = losses.vje_ood_score(z, mu, var, nu, radial=True)[:, None]
+        if "vje-dir" in scores:
+            columns["vje-dir"] = losses.vje_ood_score(z, mu, var, nu, radial=False)[:, None]
+        return torch.cat([columns[name].float() for name in layout], dim=1)
+    return forward, layout
 
 
 def ood_transform(id_info, name, root):
@@ -218,8 +224,8 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description="Out-of-distribution detection scores (VJE Eq. 39, its directional "
                                             "part, k-th nearest-neighbour distance) of a train.py checkpoint.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    eval_knn.add_common_flags(p, "eval_ood.py")
-    p.add_argument("--batch-size", type=int, default=256,
+    utils.add_eval_flags(p, "eval_ood.py")
+    p.add_argument("--batch-size", type=utils.number(int, 1, 1 << 20), default=256,
                    help="images per forward pass and process; it only changes speed and memory")
     p.add_argument("--ood-dataset", default=None, choices=data.DATASETS,
                    help="the OOD data (its test split); default: --dataset, which then needs --ood-classes or "
@@ -232,7 +238,7 @@ def get_args(argv=None):
                         "OOD dataset is the in-distribution one, the classes not in --classes")
     p.add_argument("--scores", nargs="+", default=None, choices=SCORES,
                    help="scores to evaluate; default: vje vje-dir knn for a VJE checkpoint, knn otherwise")
-    p.add_argument("--ood-k", type=int, default=50,
+    p.add_argument("--ood-k", type=utils.number(int, 1, 1 << 20), default=50,
                    help="k of the knn score. Sun et al. found 50 best on CIFAR-10 (50,000 training images) and "
                         "use 1000 on ImageNet: scale it with the size of the training set")
     p.add_argument("--feature", default="z", choices=("z", "mu", "ema"),
@@ -241,33 +247,26 @@ def get_args(argv=None):
     p.add_argument("--output", default=None,
                    help="JSON file for the metrics; default: ood_<ood dataset>[_<ood classes>].json beside the "
                         "checkpoint")
-    args = p.parse_args(argv)
-    if args.ood_k < 1:
-        p.error("--ood-k must be at least 1")
-    return args
+    return p.parse_args(argv)
 
 
-def main(argv=None):
-    args = get_args(argv)
-    rank, _, world_size, device = utils.setup_distributed(args.device)
-    master = rank == 0
-    amp_dtype = eval_knn.autocast_dtype(args.precision, device)
-
-    # ---- network -------------------------------------------------------------------
-    net, train_args, ckpt = model_lib.load_model(args.checkpoint)
+def choose_scores(args, net):
+    """--scores, checked against the checkpoint: VJE's scores need VJE."""
     is_vje = net.method == "vje"
     scores = list(dict.fromkeys(args.scores or (SCORES if is_vje else ("knn",))))
     vje_scores = [s for s in scores if s.startswith("vje")]
     if vje_scores and not is_vje:
-        raise SystemExit(f"error: --scores {' '.join(vje_scores)} read VJE's posterior (Eq. 39); this checkpoint is "
-                         f"{net.method}. Use --scores knn")
+        utils.fail(f"--scores {' '.join(vje_scores)} read VJE's posterior (Eq. 39); this checkpoint is "
+                   f"{net.method}. Use --scores knn")
     if "knn" in scores:
-        eval_knn.check_feature(net, args.feature)
-    nu = float(train_args.get("nu", 1.0))
-    net.to(device).eval()
+        model_lib.check_feature(net, args.feature)
+    return scores
 
-    # ---- data: in-distribution test (and train, the knn bank), OOD test --------------
-    info = eval_knn.resolve_data(args, train_args)
+
+def build_sets(args, info, scores):
+    """The in-distribution test set, the OOD test set and the knn bank (the
+    in-distribution training images, or None). OOD is another dataset, or
+    the classes of the same one that --classes leaves out."""
     tf = data.eval_transform(info)
     raw_test = data.build_dataset(args.dataset, args.data_path, "test", tf)
     id_test = data.select_classes(raw_test, args.classes) if args.classes else raw_test
@@ -276,75 +275,97 @@ def main(argv=None):
         # the same tree, or the same download folder for two torchvision datasets
         downloads = ("cifar10", "cifar100", "stl10")
         if args.ood_dataset != args.dataset and not (args.ood_dataset in downloads and args.dataset in downloads):
-            raise SystemExit(f"error: --ood-dataset {args.ood_dataset} needs --ood-data-path (the in-distribution "
-                             f"data is {args.dataset} at '{args.data_path}')")
+            utils.fail(f"--ood-dataset {args.ood_dataset} needs --ood-data-path (the in-distribution data is "
+                       f"{args.dataset} at '{args.data_path}')")
         args.ood_data_path = args.data_path
-    same_source = args.ood_dataset == args.dataset and eval_knn.same_path(args.ood_data_path, args.data_path)
-    args.ood_classes = eval_knn.class_list(args.ood_classes)
+    same_source = args.ood_dataset == args.dataset and data.same_path(args.ood_data_path, args.data_path)
+    args.ood_classes = data.class_list(args.ood_classes)
     if same_source:
         id_classes = args.classes or list(raw_test.classes)
         if args.ood_classes is None:
             args.ood_classes = [c for c in raw_test.classes if c not in id_classes]
             if not args.ood_classes:
-                raise SystemExit("error: the OOD set would be the in-distribution test set itself; pass "
-                                 "--ood-dataset/--ood-data-path, or --ood-classes with --classes")
+                utils.fail("the OOD set would be the in-distribution test set itself; pass --ood-dataset/"
+                           "--ood-data-path, or --ood-classes with --classes")
         both = [c for c in args.ood_classes if c in id_classes]
         if both:
-            raise SystemExit(f"error: class(es) {', '.join(both)} are both in-distribution and OOD; "
-                             f"set --classes to the in-distribution classes")
+            utils.fail(f"class(es) {', '.join(both)} are both in-distribution and OOD; set --classes to the "
+                       f"in-distribution classes")
         ood_raw = raw_test
     else:
         ood_raw = data.build_dataset(args.ood_dataset, args.ood_data_path, "test",
                                      ood_transform(info, args.ood_dataset, args.ood_data_path))
     ood_test = data.select_classes(ood_raw, args.ood_classes) if args.ood_classes else ood_raw
-    bank_set = eval_knn.build_split(args, "train", tf) if "knn" in scores else None
-    if bank_set is not None and args.ood_k > len(bank_set):
-        raise SystemExit(f"error: --ood-k {args.ood_k} is more than the {len(bank_set)} training images; lower it")
-    if master:
-        print(f"{train_args['method']} {train_args['arch']} (epoch {ckpt.get('epoch')}): "
-              f"in-distribution {args.dataset} test ({len(id_test)} images), OOD {args.ood_dataset} test "
-              f"({len(ood_test)} images), scores {' '.join(scores)}, {world_size} process(es) on {device.type}")
+    bank = data.build_split(args, "train", tf) if "knn" in scores else None
+    if bank is not None and args.ood_k > len(bank):
+        utils.fail(f"--ood-k {args.ood_k} is more than the {len(bank)} training images; lower it")
+    return id_test, ood_test, bank
 
-    # ---- features and scores, one pass per set -----------------------------------------
+
+def compute_scores(net, sets, scores, nu, args, device, rank, world_size, master):
+    """{"id": {score: (n,) tensor}, "ood": {...}}: one forward pass per set."""
+    id_test, ood_test, bank_set = sets
     kw = dict(batch_size=args.batch_size, device=device, num_workers=args.num_workers, rank=rank,
-              world_size=world_size, amp_dtype=amp_dtype, progress=master)
-    forward = score_columns(net, args.feature, scores, nu)
-    t0 = time.time()
-    columns = {"id": eval_knn.extract_features(net, id_test, desc="in-distribution", forward=forward, **kw).cpu(),
-               "ood": eval_knn.extract_features(net, ood_test, desc="OOD", forward=forward, **kw).cpu()}
-    values = {part: {} for part in columns}
+              world_size=world_size, precision=args.precision, progress=master)
+    forward, layout = score_forward(net, args.feature, scores, nu)
+    columns = {part: eval_knn.extract_features(net, images, desc=part, forward=forward, **kw)[0].cpu()
+               for part, images in (("id", id_test), ("ood", ood_test))}
+    values = {part: {name: cols[:, layout[name]].squeeze(1) for name in scores if name != "knn"}
+              for part, cols in columns.items()}
     if "knn" in scores:
-        bank = eval_knn.extract_features(net, bank_set, source=args.feature, desc="knn bank", **kw).cpu()
+        bank = eval_knn.extract_features(net, bank_set, source=args.feature, desc="knn bank", **kw)[0].cpu()
         for part, cols in columns.items():
-            values[part]["knn"] = kth_neighbour_distance(bank, cols[:, :net.dim], args.ood_k)
-    for part, cols in columns.items():
-        for i, name in enumerate(vje_scores):
-            values[part][name] = cols[:, cols.shape[1] - len(vje_scores) + i]
+            values[part]["knn"] = kth_neighbour_distance(bank, cols[:, layout["knn"]], args.ood_k)
+    return values
+
+
+def main(argv=None):
+    args = get_args(argv)
+    rank, _, world_size, device = utils.setup_distributed(args.device)
+    master = rank == 0
+    net, train_args, ckpt = model_lib.load_model(args.checkpoint)
+    scores = choose_scores(args, net)
+    nu = float(train_args.get("nu", 1.0))
+    args.precision = utils.eval_precision(args.precision, train_args, device)
+    net.to(device).eval()
+    info = data.resolve_eval_data(args, train_args)
+    sets = build_sets(args, info, scores)
+    if master:
+        print(f"{train_args['method']} {train_args['arch']} (epoch {ckpt.get('epoch')}): in-distribution "
+              f"{args.dataset} test ({len(sets[0])} images), OOD {args.ood_dataset} test ({len(sets[1])} images), "
+              f"scores {' '.join(scores)}, {world_size} process(es) on {device.type}")
+    t0 = time.time()
+    values = compute_scores(net, sets, scores, nu, args, device, rank, world_size, master)
+    utils.cleanup_distributed()
     if not master:
-        utils.cleanup_distributed()
         return None
 
     # ---- metrics ------------------------------------------------------------------------
-    results = dict(eval_knn.checkpoint_meta(args.checkpoint, ckpt, train_args),
+    results = dict(model_lib.checkpoint_meta(args.checkpoint, ckpt, train_args),
                    in_distribution=dict(dataset=args.dataset, data_path=os.path.abspath(args.data_path),
-                                        split="test", classes=args.classes, num_images=len(id_test)),
+                                        split="test", classes=args.classes, num_images=len(sets[0])),
                    ood=dict(dataset=args.ood_dataset, data_path=os.path.abspath(args.ood_data_path), split="test",
-                            classes=args.ood_classes, num_images=len(ood_test)),
-                   nu=nu, ood_k=args.ood_k if "knn" in scores else None, feature=args.feature if "knn" in scores
-                   else None, precision=args.precision, seconds=round(time.time() - t0, 1), scores={})
+                            classes=args.ood_classes, num_images=len(sets[1])),
+                   nu=nu, ood_k=args.ood_k if "knn" in scores else None,
+                   feature=args.feature if "knn" in scores else None, precision=args.precision,
+                   seconds=round(time.time() - t0, 1), scores={})
     for name in scores:
         s_id, s_ood = values["id"][name].numpy(), values["ood"][name].numpy()
         bad = int((~np.isfinite(s_id)).sum() + (~np.isfinite(s_ood)).sum())
         if bad:
-            raise SystemExit(f"error: the {name} score is not finite for {bad} images; is the checkpoint diverged?")
+            utils.fail(f"the {name} score is not finite for {bad} images; is the checkpoint diverged?")
         results["scores"][name] = dict(ood_metrics(s_id, s_ood), mean_id=float(s_id.mean()),
                                        mean_ood=float(s_ood.mean()))
-
-    # ---- summary ------------------------------------------------------------------------
+    print_table(results, args, nu)
     suffix = f"_{'-'.join(args.ood_classes)}" if args.ood_classes else ""
     output = args.output or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
                                          f"ood_{args.ood_dataset}{suffix}.json")
+    utils.write_json(results, output)
+    print(f"wrote {output}")
+    return results
 
+
+def print_table(results, args, nu):
     def describe(d):
         return f"{d['dataset']} test, {d['num_images']} images" + \
             (f", classes {','.join(d['classes'])}" if d["classes"] else "")
@@ -357,10 +378,6 @@ def main(argv=None):
     for name, m in results["scores"].items():
         label = f"knn (k={args.ood_k}, {args.feature})" if name == "knn" else f"{name} (nu={nu:g})"
         print(f"  {label:<22s} {m['auroc']:7.2f} {m['aupr']:7.2f} {m['fpr95']:7.2f}")
-    eval_knn.write_json(results, output)
-    print(f"wrote {output}")
-    utils.cleanup_distributed()
-    return results
 
 
 if __name__ == "__main__":

@@ -7,11 +7,11 @@ a network back from a checkpoint.
 
 One class, `SSLModel`, holds everything a method trains: the encoder, the
 method's heads, an EMA teacher where the method has one, and an online linear
-probe on detached encoder features (Sec. 4 of SPEC.md). Its forward returns
+probe on detached encoder features. Its forward returns
 the training loss, so that one DistributedDataParallel wrapper and one
 backward cover all of it; the probe's gradient never reaches the encoder.
 
-Methods (SPEC.md sections 1-3):
+Methods (the README's "Methods and recipes" gives the papers and equations):
   vje      encoder -> inference network g -> (mu, var); no projector.
            Target: the other view's raw embedding, detached (stop-gradient)
            or produced by an EMA copy of the encoder (--target ema).
@@ -30,6 +30,7 @@ import torch.nn.functional as F
 import torchvision
 
 import losses
+import utils
 
 METHODS = ("vje", "vssl", "byol", "simsiam")
 ARCHS = ("tiny", "resnet18", "resnet50")
@@ -84,7 +85,7 @@ def mlp(in_dim, hidden_dim, out_dim, num_layers=2, last_bn=False):
 
 
 class InferenceNetwork(nn.Module):
-    """VJE's g (SPEC.md 1, Model): raw embedding z (B, D) -> (mu, var), each (B, D).
+    """VJE's inference network g: raw embedding z (B, D) -> (mu, var), each (B, D).
 
     Linear(D,H,no bias) -> LayerNorm -> ReLU -> Linear(H,H,no bias) -> LayerNorm
     -> ReLU, then a mean head Linear(H,D) and a variance head
@@ -156,7 +157,7 @@ class DistBatchNorm(nn.modules.batchnorm._BatchNorm):
         c = x.shape[1]
         dims = [0] + list(range(2, x.dim()))
         xf = x.float()
-        count = xf.new_tensor([xf.numel() / c])
+        count = torch.full((1,), xf.numel() / c, device=xf.device, dtype=xf.dtype)  # no host-to-device copy
         stats = _AllReduceSum.apply(torch.cat([xf.sum(dims), (xf * xf).sum(dims), count]), self.group)
         n = stats[-1]
         mean = stats[:c] / n
@@ -277,66 +278,104 @@ class SSLModel(nn.Module):
     def update_teacher(self, momentum):
         """teacher <- m * teacher + (1 - m) * student, for parameters and float
         buffers (BN running statistics: VJE's EMA teacher runs in eval mode and
-        uses them)."""
+        uses them); integer buffers (BN's batch counts) are copied. One
+        multi-tensor (foreach) op per kind instead of a Python loop per tensor."""
         if self.teacher is None:
             return
         student = self.student_for_teacher()
-        for t, s in zip(self.teacher.parameters(), student.parameters()):
-            t.mul_(momentum).add_(s.detach(), alpha=1.0 - momentum)
+        t_params, s_params = list(self.teacher.parameters()), list(student.parameters())
+        t_float = [t for t in self.teacher.buffers() if t.dtype.is_floating_point]
+        s_float = [s for s in student.buffers() if s.dtype.is_floating_point]
+        torch._foreach_lerp_(t_params + t_float, s_params + s_float, 1.0 - momentum)
         for t, s in zip(self.teacher.buffers(), student.buffers()):
-            if t.dtype.is_floating_point:
-                t.mul_(momentum).add_(s, alpha=1.0 - momentum)
-            else:
+            if not t.dtype.is_floating_point:
                 t.copy_(s)
 
     def train(self, mode=True):
         super().train(mode)
         if self.method == "vje" and self.teacher is not None:
-            self.teacher.eval()  # SPEC: VJE's EMA target is kept in eval mode
+            self.teacher.eval()  # VJE's EMA target is kept in eval mode
         return self
 
     # -- forward ---------------------------------------------------------------
     def forward(self, x1, x2, labels=None):
         b = x1.shape[0]
-        z = self.encoder(torch.cat([x1, x2]))  # both views in one pass
-        loss, logs = getattr(self, f"_loss_{self.method}")(z, torch.cat([x1, x2]), b)
+        x = torch.cat([x1, x2])
+        z = self.encoder(x)  # both views in one pass
+        loss, logs = self.embedding_loss(z, x)
         logs["ssl_loss"] = loss.detach()
-        if self.probe is not None and labels is not None:
-            logits = self.probe(z[:b].detach().float())
-            probe_loss = F.cross_entropy(logits, labels, ignore_index=-1)
-            known = labels >= 0
-            logs["probe_loss"] = probe_loss.detach()
-            logs["probe_correct"] = ((logits.argmax(1) == labels) & known).sum().detach()
-            logs["probe_count"] = known.sum().detach()
-            if known.any():
-                loss = loss + probe_loss
+        if self.probe is not None:
+            loss = loss + self.probe_loss(z[:b], labels, logs)
         return loss, logs
 
-    def _loss_vje(self, z, x, b):
+    def probe_loss(self, z, labels, logs):
+        """Cross-entropy of the online linear probe on detached features, over
+        the labelled images (label -1 = unlabelled, as STL-10's extra images).
+        It is always part of the graph, zero when no image of the batch is
+        labelled, so that every parameter gets a gradient at every step (DDP
+        requires it) and nothing branches on the labels' values."""
+        logits = self.probe(z.detach().float())
+        if labels is None:
+            return 0.0 * logits.sum()
+        known = labels >= 0
+        count = known.sum()
+        nll = F.cross_entropy(logits, labels.clamp_min(0), reduction="none")
+        denominator = count.float()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # DDP averages the processes' gradients: dividing by the global count
+            # over the process count makes that average the gradient of the
+            # global batch's mean, also when one process has fewer labelled images
+            # (or none). A collective, not a host sync.
+            denominator = denominator.detach().clone()
+            dist.all_reduce(denominator)
+            denominator = denominator / dist.get_world_size()
+        loss = (nll * known).sum() / denominator.clamp_min(1e-6)
+        logs["probe_loss"] = loss.detach()
+        logs["probe_correct"] = ((logits.argmax(1) == labels) & known).sum().detach()
+        logs["probe_count"] = count.detach()
+        return loss
+
+    def embedding_loss(self, z, x):
+        """The method's heads and objective on the encoder output of both views.
+
+        z: (2B, D), view 1's embeddings then view 2's; x: (2B, 3, H, W) the
+        views themselves, which an EMA teacher encodes. Returns (loss, logs)
+        with logs holding detached 0-dim terms. bench.py times this alone."""
+        if self.method == "vje":
+            return self.vje_loss(z, x)
+        if self.method == "vssl":
+            return self.vssl_loss(z, x)
+        if self.method == "byol":
+            return self.byol_loss(z, x)
+        return self.simsiam_loss(z)
+
+    def vje_loss(self, z, x):
+        b = z.shape[0] // 2
         mu, var = self.head(z)
         if self.teacher is None:
             t = z.detach()
         else:
             with torch.no_grad():
                 t = self.teacher(x)
-        loss, terms = losses.vje_loss(mu[:b], var[:b], mu[b:], var[b:], t[:b], t[b:],
-                                      nu=self.nu, beta=self.beta, radial=self.radial, center_var=self.center_var)
+        loss, terms = losses.vje_loss(mu[:b], var[:b], mu[b:], var[b:], t[:b], t[b:], nu=self.nu, beta=self.beta,
+                                      radial=self.radial, center_var=self.center_var, validate=False)
         return loss, dict(terms)
 
-    def _loss_byol(self, z, x, b):
+    def byol_loss(self, z, x):
+        b = z.shape[0] // 2
         p = self.predictor(self.projector(z))
         with torch.no_grad():
             t = self.teacher(x)
-        loss = losses.byol_loss(p[:b], t[b:]) + losses.byol_loss(p[b:], t[:b])
-        return loss, {}
+        return losses.byol_loss(p[:b], t[b:]) + losses.byol_loss(p[b:], t[:b]), {}
 
-    def _loss_simsiam(self, z, x, b):
+    def simsiam_loss(self, z):
+        b = z.shape[0] // 2
         h = self.projector(z)
         p = self.predictor(h)
-        loss = 0.5 * (losses.simsiam_loss(p[:b], h[b:]) + losses.simsiam_loss(p[b:], h[:b]))
-        return loss, {}
+        return 0.5 * (losses.simsiam_loss(p[:b], h[b:]) + losses.simsiam_loss(p[b:], h[:b])), {}
 
-    def _loss_vssl(self, z, x, b):
+    def vssl_loss(self, z, x):
+        b = z.shape[0] // 2
         positive = self.vssl_form == "gaussian"
         mu_s, var_s = split_gaussian(self.projector(z), positive)
         mu_q, var_q = split_gaussian(self.predictor(torch.cat([mu_s, var_s], dim=1)), positive)
@@ -345,19 +384,20 @@ class SSLModel(nn.Module):
         # Which view feeds the denoiser (our reading of Eq. 8): the sample is
         # drawn from the student posterior of the view that gives the KL's q,
         # and the denoised distribution is scored against the teacher's other view.
-        sample = losses.vssl_sample(mu_q.float(), var_q.float(), mode=self.vssl_sampling)
+        sample = losses.vssl_sample(mu_q.float(), var_q.float(), mode=self.vssl_sampling, validate=False)
         mu_r = self.denoiser_mu(sample)
         var_r = self.denoiser_var(sample)
         if positive:
             var_r = F.softplus(var_r) + 1e-5
-        views = [(slice(0, b), slice(b, 2 * b)), (slice(b, 2 * b), slice(0, b))]
+        first, second = slice(0, b), slice(b, 2 * b)
+        pairs = [(first, second), (second, first)]  # (student view, teacher view)
         if self.vssl_same_view:  # the paper's double sum also has same-view pairs
-            views += [(slice(0, b), slice(0, b)), (slice(b, 2 * b), slice(b, 2 * b))]
+            pairs += [(first, first), (second, second)]
         total, kl, nll = 0.0, 0.0, 0.0
-        for a, o in views:
-            l, t = losses.vssl_loss(mu_q[a], var_q[a], mu_p[o], var_p[o], mu_r[a], var_r[a],
-                                    form=self.vssl_form)
-            total, kl, nll = total + l, kl + t["kl"], nll + t["nll"]
+        for student, teacher in pairs:
+            pair_loss, terms = losses.vssl_loss(mu_q[student], var_q[student], mu_p[teacher], var_p[teacher],
+                                                mu_r[student], var_r[student], form=self.vssl_form, validate=False)
+            total, kl, nll = total + pair_loss, kl + terms["kl"], nll + terms["nll"]
         return total, {"kl": kl, "nll": nll}
 
     # -- features for evaluation ---------------------------------------------------
@@ -390,21 +430,37 @@ def model_kwargs(args):
                 proj_hidden=args.get("proj_hidden", 4096))
 
 
-def load_model(path, map_location="cpu"):
-    """Builds the network a train.py checkpoint describes and loads its weights.
-    Returns (model, args, checkpoint). Raises SystemExit with one clear line if
-    the file is missing or unreadable."""
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: checkpoint '{path}' not found; pass the checkpoint.pt written by train.py")
+def load_model(path):
+    """Builds the network a train.py checkpoint describes and loads its weights,
+    on the CPU. Returns (model, args, checkpoint). The file is read with
+    utils.load_checkpoint (tensors and plain values only); anything that does
+    not fit stops with one clear line."""
+    ckpt = utils.load_checkpoint(path)
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
         args = ckpt["args"]
         model = SSLModel(**model_kwargs(args))
         model.load_state_dict(ckpt["model"])
-    except (RuntimeError, KeyError, EOFError, OSError, ValueError, TypeError) as e:
+    except (RuntimeError, KeyError, ValueError, TypeError) as e:
         first = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
-        raise SystemExit(f"error: cannot load checkpoint '{path}' (truncated or not from train.py?): {first}")
+        utils.fail(f"checkpoint '{path}' is not a train.py checkpoint this version can build: {first[:200]}")
     return model, args, ckpt
+
+
+def checkpoint_meta(path, ckpt, train_args):
+    """What a result was computed from, for the evaluation scripts' JSON files."""
+    return dict(checkpoint=os.path.abspath(path), method=train_args["method"], arch=train_args["arch"],
+                checkpoint_epoch=ckpt.get("epoch"))
+
+
+def check_feature(net, feature):
+    """Stops with one line if `net` cannot give this --feature source."""
+    if feature == "mu" and net.method != "vje":
+        utils.fail(f"--feature mu is VJE's posterior mean; this checkpoint is {net.method}. "
+                   f"Use --feature z" + (" or ema" if net.teacher is not None else ""))
+    if feature == "ema" and net.teacher is None:
+        hint = " (VJE has one only when trained with --target ema)" if net.method == "vje" else ""
+        utils.fail(f"--feature ema needs a target encoder; this {net.method} checkpoint has none{hint}. "
+                   f"Use --feature z")
 
 
 def count_parameters(module):

@@ -7,8 +7,9 @@ One node with 8 GPUs:
 Two nodes with 8 GPUs each (run on both, --node_rank 0 on the first, 1 on the second):
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=HOST --master_port=29500 \
         train.py --method vje --dataset imagenet --data-path /data/imagenet --arch resnet50
-A check that learning happens, on the CPU in about 20 minutes:
-    python train.py --method vje --dataset folder --data-path ../shared/data/cifar10-subset --arch tiny --epochs 30
+A check that learning happens, on the CPU in about half an hour (the README
+says how to build cifar10-subset):
+    python train.py --method vje --dataset folder --data-path cifar10-subset --arch tiny --epochs 30
 
 Everything a run writes goes to --output-dir: args.json (the resolved
 arguments), log.jsonl (one JSON line per epoch) and checkpoint.pt (after every
@@ -21,6 +22,7 @@ import os
 import signal
 import sys
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -31,8 +33,8 @@ import eval_knn
 import model as model_lib
 import utils
 
-# Each method's recipe (SPEC.md sections 1-3). --lr is the rate for a batch of
-# 256; the rate used is lr * batch_size / 256.
+# Each method's recipe (the README's "Methods and recipes"). --lr is the rate
+# for a batch of 256; the rate used is lr * batch_size / 256.
 RECIPES = {
     "vje": dict(optimizer="sgd", lr=0.05, weight_decay=5e-4, ema_momentum=0.996, epochs=200),
     "vssl": dict(optimizer="lars", lr=1.0, weight_decay=1e-5, ema_momentum=0.99, epochs=1000),
@@ -40,39 +42,45 @@ RECIPES = {
     "simsiam": dict(optimizer="sgd", lr=0.05, weight_decay=5e-4, ema_momentum=0.0, epochs=800),
 }
 # flags that define what is being trained: --resume refuses to change them
-RECIPE_FLAGS = ("method", "dataset", "classes", "aug", "arch", "batch_size", "lr", "weight_decay", "warmup_epochs", "nu", "beta",
-                "target", "radial", "center_var", "vssl_form", "vssl_sampling", "vssl_same_view", "seed",
+RECIPE_FLAGS = ("method", "dataset", "classes", "aug", "arch", "batch_size", "lr", "weight_decay", "warmup_epochs", "nu",
+                "beta", "target", "radial", "center_var", "vssl_form", "vssl_sampling", "vssl_same_view", "seed",
                 "ema_momentum", "image_size", "proj_hidden")
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="Self-supervised pre-training (VJE, VSSL, BYOL, SimSiam). "
-                                            "Unset flags take the method's recipe from SPEC.md.",
+    number = utils.number
+    p = argparse.ArgumentParser(description="Self-supervised pre-training (VJE, VSSL, BYOL, SimSiam). Unset flags "
+                                            "take the method's recipe (see the README).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    utils.one_line_errors(p, "train.py")
     p.add_argument("--method", default="vje", help="vje, vssl, byol or simsiam")
     p.add_argument("--dataset", default="cifar10", help="cifar10, cifar100, stl10, imagenet or folder")
     p.add_argument("--data-path", default="./data",
                    help="download folder for cifar10/cifar100/stl10; for imagenet/folder a tree with train/ and test/ (or val/)")
     p.add_argument("--arch", default="resnet18", help="resnet18, resnet50, or tiny (the 0.4 M-parameter CPU network)")
-    p.add_argument("--image-size", type=int, default=None, help="override the dataset's image size (px)")
+    p.add_argument("--image-size", type=number(int, 8, 1024), default=None, help="override the dataset's image size (px)")
     p.add_argument("--classes", default=None,
                    help="train (and evaluate) on these classes only, comma-separated names, e.g. the six animal "
                         "classes of CIFAR-10 for an out-of-distribution study: bird,cat,deer,dog,frog,horse")
-    p.add_argument("--epochs", type=int, default=None, help="default: the recipe's (VJE 200, BYOL/VSSL 1000, SimSiam 800)")
-    p.add_argument("--warmup-epochs", type=int, default=10, help="linear learning-rate warm-up before the cosine decay")
-    p.add_argument("--batch-size", type=int, default=256, help="global batch size, split over the processes")
-    p.add_argument("--lr", type=float, default=None,
+    p.add_argument("--epochs", type=number(int, 1, 100_000), default=None,
+                   help="default: the recipe's (VJE 200, BYOL/VSSL 1000, SimSiam 800)")
+    p.add_argument("--warmup-epochs", type=number(int, 0, 100_000), default=10,
+                   help="linear learning-rate warm-up before the cosine decay")
+    p.add_argument("--batch-size", type=number(int, 2, 1 << 20), default=256,
+                   help="global batch size, split over the processes")
+    p.add_argument("--lr", type=number(float, 0, 100, low_open=True), default=None,
                    help="learning rate for a batch of 256, scaled linearly with --batch-size "
                         "(default: VJE/SimSiam 0.05 with SGD, BYOL/VSSL 1.0 with LARS)")
-    p.add_argument("--weight-decay", type=float, default=None,
+    p.add_argument("--weight-decay", type=number(float, 0, 1), default=None,
                    help="on weights only, never on norm layers and biases (default: 5e-4 SGD, 1e-5 LARS)")
-    p.add_argument("--ema-momentum", type=float, default=None,
+    p.add_argument("--ema-momentum", type=number(float, 0, 1), default=None,
                    help="teacher momentum at the start, raised to 1 on a cosine (default: VJE 0.996, BYOL/VSSL 0.99)")
-    p.add_argument("--probe-lr", type=float, default=0.1, help="online linear probe's SGD rate (batch 256)")
+    p.add_argument("--probe-lr", type=number(float, 0, 100, low_open=True), default=0.1,
+                   help="online linear probe's SGD rate (batch 256)")
     p.add_argument("--output-dir", default=None, help="default: runs/<method>-<dataset>-<arch>")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint.pt")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1),
+    p.add_argument("--seed", type=number(int, 0, 2 ** 31 - 1), default=0)
+    p.add_argument("--num-workers", type=number(int, 0, 256), default=min(4, os.cpu_count() or 1),
                    help="data-loading processes per training process; on a 2-core CPU 0 or 2 are the sensible values")
     p.add_argument("--aug", default="auto", choices=("auto", "batched", "pil"),
                    help="how the two views are made: 'batched' on the training device from the whole dataset held "
@@ -82,13 +90,47 @@ def get_args(argv=None):
                    help="autocast precision; default bf16 on GPUs that support it, fp32 on the CPU. "
                         "fp16 uses a GradScaler. Losses are computed in float32 in every case.")
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
-    p.add_argument("--eval-every", type=int, default=5,
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the forward + loss and the batched augmentation (first steps are slow)")
+    p.add_argument("--log-every", type=number(int, 1, 1 << 20), default=50,
+                   help="steps between the only host syncs of an epoch: the finite-loss check, the stop flag "
+                        "(Ctrl-C, SIGTERM) and the progress bar")
+    p.add_argument("--eval-every", type=number(int, 0, 100_000), default=5,
                    help="run the k-NN monitor every N epochs (and at initialization); 0 turns it off")
-    p.add_argument("--knn-k", type=int, default=20)
-    p.add_argument("--knn-temperature", type=float, default=0.07)
+    p.add_argument("--knn-k", type=number(int, 1, 100_000), default=20)
+    p.add_argument("--knn-temperature", type=number(float, 0, 100, low_open=True), default=0.07)
+    p.add_argument("--max-steps", type=number(int, 1, 1 << 40), default=None,
+                   help="stop after this many steps in all, saving a checkpoint that --resume continues from")
+    add_method_flags(p)
+    args = p.parse_args(argv)
+    if args.method not in RECIPES:
+        p.error(f"unknown method '{args.method}'; choose one of {', '.join(RECIPES)}")
+    if args.dataset not in data.DATASETS:
+        p.error(f"unknown dataset '{args.dataset}'; choose one of {', '.join(data.DATASETS)}")
+    if args.arch not in model_lib.ARCHS:
+        p.error(f"unknown architecture '{args.arch}'; choose one of {', '.join(model_lib.ARCHS)}")
+    if args.vssl_form == "cosine" and args.vssl_sampling == "standard" and args.method == "vssl":
+        p.error("--vssl-sampling standard takes sqrt(var) and needs positive variances, which only "
+                "--vssl-form gaussian has; the cosine form's variance vectors are unconstrained")
+    recipe = RECIPES[args.method]
+    for key in ("lr", "weight_decay", "ema_momentum", "epochs"):
+        if getattr(args, key) is None:
+            setattr(args, key, recipe[key])
+    args.optimizer = recipe["optimizer"]
+    if args.output_dir is None:
+        args.output_dir = os.path.join("runs", f"{args.method}-{args.dataset}-{args.arch}")
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        p.error(f"--output-dir '{args.output_dir}' is a file; name a folder")
+    return args
+
+
+def add_method_flags(p):
+    """The flags of one method only (VJE, VSSL, BYOL/VSSL heads)."""
+    number = utils.number
     # VJE
-    p.add_argument("--nu", type=float, default=1.0, help="VJE: Student-t degrees of freedom; 'inf' for Gaussian")
-    p.add_argument("--beta", type=float, default=1.0, help="VJE: weight of the KL to the prior")
+    p.add_argument("--nu", type=number(float, 0, 1e6, low_open=True, allow_inf=True), default=1.0,
+                   help="VJE: Student-t degrees of freedom; 'inf' for Gaussian")
+    p.add_argument("--beta", type=number(float, 0, 1e6), default=1.0, help="VJE: weight of the KL to the prior")
     p.add_argument("--target", default="stopgrad", choices=("stopgrad", "ema"),
                    help="VJE: the other view's embedding detached (paper's CIFAR run) or from an EMA encoder")
     p.add_argument("--no-radial", dest="radial", action="store_false",
@@ -101,28 +143,8 @@ def get_args(argv=None):
     p.add_argument("--vssl-sampling", default="paper", choices=("paper", "standard"),
                    help="VSSL: paper's z = mu + var*|eps|, or the textbook mu + sqrt(var)*eps")
     p.add_argument("--vssl-same-view", action="store_true", help="VSSL: add the same-view pairs of Eq. 8's double sum")
-    p.add_argument("--proj-hidden", type=int, default=4096, help="hidden width of BYOL/VSSL projector and predictor")
-    p.add_argument("--max-steps", type=int, default=None,
-                   help="stop after this many steps in all, saving a checkpoint that --resume continues from")
-    # mistakes in the flags: one line, no usage dump
-    p.error = lambda message: sys.exit(f"error: {message} (see python train.py --help)")
-    args = p.parse_args(argv)
-    if args.method not in RECIPES:
-        p.error(f"unknown method '{args.method}'; choose one of {', '.join(RECIPES)}")
-    if args.dataset not in data.DATASETS:
-        p.error(f"unknown dataset '{args.dataset}'; choose one of {', '.join(data.DATASETS)}")
-    if args.arch not in model_lib.ARCHS:
-        p.error(f"unknown architecture '{args.arch}'; choose one of {', '.join(model_lib.ARCHS)}")
-    recipe = RECIPES[args.method]
-    for key in ("lr", "weight_decay", "ema_momentum", "epochs"):
-        if getattr(args, key) is None:
-            setattr(args, key, recipe[key])
-    args.optimizer = recipe["optimizer"]
-    if args.output_dir is None:
-        args.output_dir = os.path.join("runs", f"{args.method}-{args.dataset}-{args.arch}")
-    if args.batch_size < 2:
-        p.error("--batch-size must be at least 2 (each loss compares samples within a batch)")
-    return args
+    p.add_argument("--proj-hidden", type=number(int, 1, 1 << 16), default=4096,
+                   help="hidden width of BYOL/VSSL projector and predictor")
 
 
 # -----------------------------------------------------------------------------
@@ -132,7 +154,8 @@ class LARS(torch.optim.Optimizer):
     """SGD with momentum whose update of each weight tensor is rescaled by the
     trust ratio eta * ||w|| / ||g + wd * w|| (You et al., 2017), as in BYOL and
     solo-learn. Groups with lars=False (norm layers, biases) take plain SGD
-    steps, without the ratio and without weight decay."""
+    steps, without the ratio and without weight decay. Multi-tensor (foreach)
+    ops: one kernel per op for all tensors of a group, no Python loop over them."""
 
     def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, eta=0.02):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars=True))
@@ -140,22 +163,25 @@ class LARS(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                d = p.grad
-                if group["lars"]:
-                    d = d.add(p, alpha=group["weight_decay"])
-                    w_norm, d_norm = p.norm(), d.norm()
-                    trust = torch.where((w_norm > 0) & (d_norm > 0), group["eta"] * w_norm / d_norm,
-                                        torch.ones_like(w_norm))
-                    d = d * trust
-                buf = self.state[p].get("momentum_buffer")
-                if buf is None:
-                    buf = self.state[p]["momentum_buffer"] = d.clone()
-                else:
-                    buf.mul_(group["momentum"]).add_(d)
-                p.add_(buf, alpha=-group["lr"])
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            updates = [p.grad for p in params]
+            if group["lars"]:
+                updates = torch._foreach_add([p.grad for p in params], params, alpha=group["weight_decay"])
+                w_norms = torch._foreach_norm(params)
+                d_norms = torch._foreach_norm(updates)
+                trust = [torch.where((w > 0) & (d > 0), group["eta"] * w / d, torch.ones_like(w))
+                         for w, d in zip(w_norms, d_norms)]
+                torch._foreach_mul_(updates, trust)
+            if any("momentum_buffer" not in self.state[p] for p in params):  # first step: buffer = update
+                for p, d in zip(params, updates):
+                    self.state[p]["momentum_buffer"] = d.clone()
+            else:
+                buffers = [self.state[p]["momentum_buffer"] for p in params]
+                torch._foreach_mul_(buffers, group["momentum"])
+                torch._foreach_add_(buffers, updates)
+            torch._foreach_add_(params, [self.state[p]["momentum_buffer"] for p in params], alpha=-group["lr"])
 
 
 def build_optimizer(model, args):
@@ -178,6 +204,7 @@ def build_optimizer(model, args):
 def cosine_schedule(base, final, total_steps, warmup_steps=0, warmup_start=0.0):
     """Per-step values: linear warm-up from warmup_start to base, then a cosine
     from base to final (as DINO computes its schedules, up front)."""
+    warmup_steps = min(warmup_steps, total_steps)
     warm = np.linspace(warmup_start, base, warmup_steps, endpoint=False)
     steps = np.arange(total_steps - warmup_steps)
     cos = final + 0.5 * (base - final) * (1 + np.cos(np.pi * steps / max(1, len(steps))))
@@ -192,15 +219,61 @@ def ema_momentum_schedule(base, total_steps):
 
 
 # -----------------------------------------------------------------------------
-# one step
+# data
 
-def train_step(ddp_model, model, batch, optimizer, probe_optimizer, scaler, amp_dtype, ema_momentum):
+def build_data(args, info, rank, world_size, device, master):
+    """The training loader (batched on the device, or PIL in loader processes)
+    and the k-NN monitor's (bank, test) image sources, or None."""
+    def split(name, transform):
+        ds = data.build_dataset(args.dataset, args.data_path, name, transform)
+        return data.select_classes(ds, args.classes) if args.classes else ds
+
+    requested = args.aug
+    if args.aug == "auto":  # batched where the dataset fits in memory as one tensor (bench.py measures both)
+        args.aug = "batched" if args.dataset != "imagenet" and args.image_size <= 96 else "pil"
+    train_set = split("pretrain", None)
+    if args.aug == "batched" and not data.uniform_size(train_set):
+        if requested == "batched":
+            utils.fail(f"the images of '{args.data_path}' differ in size; the batched augmentation needs one "
+                       f"size: pass --aug pil")
+        args.aug = "pil"
+        if master:
+            print(f"note: the images of '{args.data_path}' differ in size; using --aug pil")
+    if args.batch_size > len(train_set):
+        utils.fail(f"--batch-size {args.batch_size} is larger than the dataset ({len(train_set)} images); lower it")
+    per_rank_batch = args.batch_size // world_size
+    monitor = None
+    tf = data.eval_transform(info)
+    if args.aug == "batched":  # decoded once, augmented on the device a batch at a time
+        images, labels = data.images_as_tensor(train_set, args.num_workers, progress=master)
+        images = images.to(device)
+        loader = data.BatchedTwoViews(images, labels, args.method, info, per_rank_batch, args.seed, rank, world_size)
+        if args.eval_every > 0:  # the monitor reads the same device tensor; the test split is decoded once too
+            known = (labels >= 0).nonzero().squeeze(1)  # set-up, not a training step
+            bank = eval_knn.TensorImages(images, labels.to(device), info, known.to(device))
+            try:
+                test_images, test_labels = data.images_as_tensor(split("test", None), args.num_workers, master)
+                monitor = (bank, eval_knn.TensorImages(test_images.to(device), test_labels.to(device), info))
+            except data.MixedSizes:  # a test split of several sizes is read through the eval transform
+                monitor = (bank, split("test", tf))
+    else:
+        train_set.transform = data.two_view_transform(args.method, info)
+        loader = data.train_loader(train_set, per_rank_batch, args.num_workers, args.seed, rank, world_size,
+                                   device.type)
+        if args.eval_every > 0:
+            monitor = (split("train", tf), split("test", tf))
+    return loader, monitor
+
+
+# -----------------------------------------------------------------------------
+# one step, one epoch
+
+def train_step(ddp_model, model, batch, optimizer, probe_optimizer, scaler, precision, ema_momentum):
     """Forward under autocast, backward, both optimizer steps, then the teacher's
-    EMA update. Returns (loss, logs) before the update; the caller checks that
-    the loss is finite."""
+    EMA update. Returns (loss, logs) as tensors, before the update: nothing here
+    reads a value back to the host, so a GPU never waits on the CPU."""
     (x1, x2), y = batch
-    device_type = x1.device.type
-    with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+    with utils.autocast(precision, x1.device):
         loss, logs = ddp_model(x1, x2, y)
     optimizer.zero_grad(set_to_none=True)
     if probe_optimizer is not None:
@@ -214,265 +287,284 @@ def train_step(ddp_model, model, batch, optimizer, probe_optimizer, scaler, amp_
     return loss, logs
 
 
+class Stopper:
+    """Why a run stops early, in one place: Ctrl-C or SIGTERM (pre-emption)
+    only set a flag here; --max-steps is a step count. The loop asks at every
+    --log-every boundary, where the flag travels in the same all-reduce as the
+    loss check, so every process stops at the same step."""
+
+    def __init__(self, max_steps):
+        self.signal, self.max_steps = 0, max_steps
+        self.previous = {s: signal.signal(s, self.request) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def restore(self):
+        """Gives Ctrl-C and SIGTERM back to whoever handled them before (main() run from other code)."""
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def request(self, signum, frame):
+        self.signal = signum
+
+    def reason(self, any_signal, step):
+        if any_signal:
+            return f"signal {signal.Signals(self.signal).name}" if self.signal else "a signal to another process"
+        if self.max_steps is not None and step >= self.max_steps:
+            return "--max-steps"
+        return None
+
+
+def train_one_epoch(run, epoch, step, first_step):
+    """Steps `first_step`.. of one epoch. Returns (sums of the logged terms over
+    this process's steps, steps done, the global step, why it stopped or None).
+
+    Host syncs: only at --log-every boundaries and the epoch's last step, where
+    one all-reduce carries the window's losses (each must be finite), the
+    running loss for the progress bar and the stop flag."""
+    args, device = run.args, run.device
+    data.set_epoch(run.loader, epoch, skip_steps=first_step)  # part-way into an epoch after a stop
+    run.model.train()
+    sums, count = {}, 0
+    window = torch.zeros(args.log_every, device=device)  # this window's losses, read at its end
+    window_start = step
+    bar = tqdm(run.loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not run.master, leave=False,
+               initial=first_step, total=first_step + len(run.loader))
+    for it, ((x1, x2), y) in enumerate(bar, start=first_step):
+        for g in run.optimizer.param_groups:
+            g["lr"] = float(run.lr_schedule[step])  # a Python float: the checkpoint holds plain values only
+        if run.probe_optimizer is not None:
+            for g in run.probe_optimizer.param_groups:
+                g["lr"] = float(run.probe_lr_schedule[step])
+        batch = ((run.to_device(x1), run.to_device(x2)), y.to(device, non_blocking=True))
+        loss, logs = train_step(run.ddp_model, run.model, batch, run.optimizer, run.probe_optimizer, run.scaler,
+                                args.precision, float(run.momentum_schedule[step]))
+        # accumulate on the device; nothing is read back until the boundary
+        window[step - window_start] = loss.detach().float()
+        for k, v in logs.items():
+            sums[k] = sums.get(k, 0.0) + v.detach().float()
+        count += 1
+        step += 1
+        last = it + 1 == run.steps_per_epoch
+        if step - window_start < args.log_every and not last and step != args.max_steps:
+            continue
+        # ---- boundary: the one host sync of the window ----------------------------
+        n = step - window_start
+        check = utils.all_reduce_sum(torch.cat([window[:n], (sums["ssl_loss"] / count).view(1),
+                                                torch.full((1,), float(run.stopper.signal), device=device)]))
+        values = check.tolist()
+        bad = [i for i, v in enumerate(values[:n]) if not math.isfinite(v)]
+        if bad:
+            utils.fail(f"non-finite loss ({values[bad[0]] / run.world_size}) at epoch {epoch + 1}, step "
+                       f"{window_start + bad[0]}; {run.ckpt_path} still holds the last good state (epoch {epoch}). "
+                       f"Try a lower --lr or --precision fp32, then --resume.")
+        window_start = step
+        if run.master:
+            bar.set_postfix(loss=f"{values[n] / run.world_size:.4f}", lr=f"{run.lr_schedule[step - 1]:.4f}")
+        why = run.stopper.reason(values[n + 1] > 0, step)
+        if why is not None:
+            bar.close()
+            return sums, count, step, why
+    bar.close()
+    return sums, count, step, None
+
+
 @torch.no_grad()
-def knn_monitor(model, train_set, test_set, num_classes, args, device, rank, world_size, amp_dtype):
+def knn_monitor(model, bank, test, num_classes, args, device, rank, world_size):
     """k-NN accuracy (and the online probe's test accuracy) on un-augmented
-    images, with the network in eval mode."""
+    images, with the network in eval mode. `bank` and `test` are datasets or,
+    on the batched path, eval_knn.TensorImages already on the device."""
     was_training = model.training
     model.eval()
-    kw = dict(batch_size=max(256, args.batch_size // world_size), device=device, source="z",
-              num_workers=args.num_workers, rank=rank, world_size=world_size, amp_dtype=amp_dtype)
-    train_f = eval_knn.extract_features(model, train_set, desc="k-NN bank", progress=rank == 0, **kw)
-    test_f = eval_knn.extract_features(model, test_set, desc="k-NN test", progress=rank == 0, **kw)
-    train_y, test_y = data.labels_of(train_set), data.labels_of(test_set)
-    keep = train_y >= 0
-    out = dict(knn_acc=eval_knn.knn_accuracy(train_f[keep], train_y[keep], test_f, test_y, num_classes,
-                                             args.knn_k, args.knn_temperature))
+    kw = dict(batch_size=max(256, args.batch_size // world_size), device=device, num_workers=args.num_workers,
+              rank=rank, world_size=world_size, precision=args.precision, progress=rank == 0)
+    bank_f, bank_y = eval_knn.extract_features(model, bank, desc="k-NN bank", gather=False, **kw)
+    test_f, test_y = eval_knn.extract_features(model, test, desc="k-NN test", **kw)
+    out = dict(knn_acc=eval_knn.knn_accuracy(bank_f, bank_y, test_f, test_y, num_classes, args.knn_k,
+                                             args.knn_temperature))
     if model.probe is not None:
-        pred = model.probe(test_f.to(device)).argmax(1).cpu()
-        out["probe_acc"] = 100.0 * (pred == test_y).float().mean().item()
+        pred = model.probe(test_f.to(device)).argmax(1)
+        out["probe_acc"] = 100.0 * (pred == test_y.to(device)).float().mean().item()
     model.train(was_training)
     return out
 
 
 # -----------------------------------------------------------------------------
 
+def build_networks(args, device, world_size):
+    """The model, its DDP (and torch.compile) wrapper, and the two optimizers."""
+    model = model_lib.SSLModel(**model_lib.model_kwargs(vars(args))).to(device)
+    if device.type == "cuda":  # NHWC convolutions use the tensor cores best
+        model = model.to(memory_format=torch.channels_last)
+    ddp_model = model
+    if world_size > 1:
+        model, ddp_model = model_lib.wrap_ddp(model, device)
+    if args.compile:
+        ddp_model = torch.compile(ddp_model)
+    optimizer = build_optimizer(model, args)
+    probe_optimizer = None
+    if model.probe is not None:
+        probe_optimizer = torch.optim.SGD(model.probe.parameters(), lr=0.0, momentum=0.9, weight_decay=0.0)
+    return model, ddp_model, optimizer, probe_optimizer
+
+
+def build_schedules(args, steps_per_epoch):
+    """Per-step learning rates (method and probe) and teacher momenta, up front."""
+    total_steps = args.epochs * steps_per_epoch
+    scale = args.batch_size / 256
+    return (cosine_schedule(args.lr * scale, 0.0, total_steps, args.warmup_epochs * steps_per_epoch),
+            cosine_schedule(args.probe_lr * scale, 0.0, total_steps),
+            ema_momentum_schedule(args.ema_momentum, total_steps))
+
+
+def make_output_dir(path):
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        utils.fail(f"cannot create --output-dir '{path}' ({e.strerror})")
+    if not os.access(path, os.W_OK):
+        utils.fail(f"--output-dir '{path}' is not writable")
+
+
+def resume_or_start(run, log_path, rank):
+    """With --resume, loads the checkpoint into the model, optimizers and
+    scaler and trims the log to it; writes args.json either way. Returns
+    (whole epochs done, global step, steps done of the next epoch)."""
+    args = run.args
+    start = (0, 0, 0)
+    if args.resume:
+        ckpt = utils.resume_training_state(run.ckpt_path, args, RECIPE_FLAGS, rank, run.world_size, model=run.model,
+                                           optimizer=run.optimizer, probe_optimizer=run.probe_optimizer,
+                                           scaler=run.scaler)
+        start = ckpt["epoch"], ckpt["step"], ckpt["epoch_step"]
+        if run.master:
+            print(f"resumed from {run.ckpt_path} at epoch {start[0]}" +
+                  (f" + {start[2]} steps" if start[2] else "") + f" (step {start[1]})")
+            trim_log(log_path, start[0], ckpt.get("log_entry"))
+    if run.master:
+        print(json.dumps(vars(args), indent=2, sort_keys=True))
+        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=2, sort_keys=True)
+    return start
+
+
 def main(argv=None):
     args = get_args(argv)
     rank, local_rank, world_size, device = utils.setup_distributed(args.device)
     master = rank == 0
     utils.seed_all(args.seed + rank)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    args.precision = utils.resolve_precision(args.precision, device)
+    if args.batch_size % world_size or args.batch_size // world_size < 2:
+        utils.fail(f"--batch-size {args.batch_size} must split into at least 2 images on each of {world_size} "
+                   f"processes")
 
-    # precision: bf16 where supported, else fp32 on the CPU; fp16 needs a GradScaler
-    if args.precision is None:
-        args.precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    if args.precision == "fp16" and device.type != "cuda":
-        raise SystemExit("error: --precision fp16 needs a CUDA GPU; on the CPU use --precision bf16 or fp32")
-    if args.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise SystemExit("error: this GPU has no bfloat16 support; use --precision fp16 or fp32")
-    amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
-    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
+    # ---- data (downloaded by the first process of each node) -----------------------
+    with utils.node_leader_first(local_rank):
+        info = data.dataset_info(args.dataset, args.data_path, args.image_size)
+        args.image_size, args.num_classes = info["image_size"], info["num_classes"]
+        if args.classes:
+            args.num_classes = len(data.class_list(args.classes))
+        loader, monitor = build_data(args, info, rank, world_size, device, master)
+    if args.compile and isinstance(loader, data.BatchedTwoViews):
+        loader.compile()
 
-    # ---- data -------------------------------------------------------------------
-    info = data.dataset_info(args.dataset, args.data_path, args.image_size)
-    args.image_size, args.num_classes = info["image_size"], info["num_classes"]
-    if args.aug == "auto":  # batched where the dataset fits in memory as one tensor (bench.py measures both)
-        args.aug = "batched" if args.dataset != "imagenet" and args.image_size <= 96 else "pil"
-    if args.batch_size % world_size:
-        raise SystemExit(f"error: --batch-size {args.batch_size} is not divisible by {world_size} processes")
-    per_rank_batch = args.batch_size // world_size
-    if per_rank_batch < 2:
-        raise SystemExit(f"error: --batch-size {args.batch_size} leaves {per_rank_batch} image per process; "
-                         f"use at least 2 per process")
-    def dataset(split, transform):
-        ds = data.build_dataset(args.dataset, args.data_path, split, transform)
-        return data.select_classes(ds, args.classes) if args.classes else ds
+    # ---- networks, optimizers, schedules; what train_one_epoch reads, in one place ---
+    model, ddp_model, optimizer, probe_optimizer = build_networks(args, device, world_size)
+    layout = torch.channels_last if device.type == "cuda" else torch.preserve_format
+    run = SimpleNamespace(args=args, device=device, master=master, world_size=world_size, loader=loader,
+                          steps_per_epoch=len(loader), model=model, ddp_model=ddp_model, optimizer=optimizer,
+                          probe_optimizer=probe_optimizer, scaler=utils.grad_scaler(args.precision, device),
+                          stopper=Stopper(args.max_steps),
+                          to_device=lambda x: x.to(device, non_blocking=True, memory_format=layout))
+    run.lr_schedule, run.probe_lr_schedule, run.momentum_schedule = build_schedules(args, run.steps_per_epoch)
 
-    if args.classes:
-        args.num_classes = len(data.select_classes(data.build_dataset(args.dataset, args.data_path, "test", None),
-                                                   args.classes).classes)
-    train_set = dataset("pretrain", data.two_view_transform(args.method, info) if args.aug == "pil" else None)
-    if args.batch_size > len(train_set):
-        raise SystemExit(f"error: --batch-size {args.batch_size} is larger than the dataset "
-                         f"({len(train_set)} images); lower it")
-    if args.aug == "batched":  # decoded once, augmented on the device a batch at a time
-        images, labels = data.images_as_tensor(train_set, args.num_workers, progress=master)
-        loader = data.BatchedTwoViews(images.to(device), labels, args.method, info, per_rank_batch, args.seed,
-                                      rank, world_size)
-    else:
-        loader = data.train_loader(train_set, per_rank_batch, args.num_workers, args.seed, rank, world_size,
-                                   device.type)
-    steps_per_epoch = len(loader)
-    eval_sets = None
-    if args.eval_every > 0:
-        tf = data.eval_transform(info)
-        eval_sets = (dataset("train", tf), dataset("test", tf))
-
-    # ---- networks ----------------------------------------------------------------
-    model = model_lib.SSLModel(**model_lib.model_kwargs(vars(args))).to(device)
-    ddp_model = model
-    if world_size > 1:
-        model, ddp_model = model_lib.wrap_ddp(model, device)
-
-    # ---- optimizers and schedules -----------------------------------------------
-    optimizer = build_optimizer(model, args)
-    probe_optimizer = None
-    if model.probe is not None:
-        probe_optimizer = torch.optim.SGD(model.probe.parameters(), lr=0.0, momentum=0.9, weight_decay=0.0)
-    total_steps = args.epochs * steps_per_epoch
-    scale = args.batch_size / 256
-    lr_schedule = cosine_schedule(args.lr * scale, 0.0, total_steps, args.warmup_epochs * steps_per_epoch)
-    probe_lr_schedule = cosine_schedule(args.probe_lr * scale, 0.0, total_steps)
-    momentum_schedule = ema_momentum_schedule(args.ema_momentum, total_steps)
-
-    # ---- resume -------------------------------------------------------------------
-    os.makedirs(args.output_dir, exist_ok=True)
-    ckpt_path = os.path.join(args.output_dir, "checkpoint.pt")
+    # ---- output folder and resume -------------------------------------------------
+    make_output_dir(args.output_dir)
+    run.ckpt_path = ckpt_path = os.path.join(args.output_dir, "checkpoint.pt")
     log_path = os.path.join(args.output_dir, "log.jsonl")
-    start_epoch, step, epoch_step = 0, 0, 0
-    if args.resume:
-        if not os.path.isfile(ckpt_path):
-            raise SystemExit(f"error: --resume but '{ckpt_path}' does not exist; check --output-dir, "
-                             f"or leave out --resume to start a new run")
-        ckpt = utils.load_checkpoint(ckpt_path)
-        old = ckpt.get("args", {})
-        changed = [f"--{k.replace('_', '-')} ({old.get(k)} -> {getattr(args, k)})"
-                   for k in RECIPE_FLAGS if k in old and old[k] != getattr(args, k)]
-        if changed:
-            raise SystemExit(f"error: --resume with changed recipe flags: {', '.join(changed)}; "
-                             f"use the original flags or a new --output-dir")
-        try:
-            model.load_state_dict(ckpt["model"])
-        except RuntimeError as e:
-            raise SystemExit(f"error: checkpoint '{ckpt_path}' does not fit this model: {str(e).splitlines()[0]}")
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if probe_optimizer is not None and ckpt.get("probe_optimizer"):
-            probe_optimizer.load_state_dict(ckpt["probe_optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, step, epoch_step = ckpt["epoch"], ckpt["step"], ckpt.get("epoch_step", 0)
-        states = ckpt["rng"]
-        if len(states) == world_size:  # exact continuation needs the same process count
-            utils.set_rng_state(states[rank])
-        if master:
-            print(f"resumed from {ckpt_path} at epoch {start_epoch}" +
-                  (f" + {epoch_step} steps" if epoch_step else "") + f" (step {step})")
-            # epochs logged after this checkpoint was written are done again: drop their lines
-            if os.path.isfile(log_path):
-                with open(log_path) as f:
-                    kept = [l for l in f if l.strip() and json.loads(l)["epoch"] <= start_epoch]
-                with open(log_path + ".tmp", "w") as f:
-                    f.writelines(kept)
-                os.replace(log_path + ".tmp", log_path)
+    start_epoch, step, epoch_step = resume_or_start(run, log_path, rank)
     if master:
-        print(json.dumps(vars(args), indent=2, sort_keys=True))
-        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=2, sort_keys=True)
-        print(f"{args.method} on {args.dataset} ({len(train_set)} images, {info['image_size']} px), {args.arch}, "
-              f"{world_size} process(es) on {device.type}, {args.precision}, {args.aug} augmentation, "
-              f"{steps_per_epoch} steps/epoch")
+        print(f"{args.method} on {args.dataset} ({info['image_size']} px), {args.arch}, {world_size} process(es) "
+              f"on {device.type}, {args.precision}, {args.aug} augmentation, {run.steps_per_epoch} steps/epoch")
 
-    def log(entry):
-        if master:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(entry) + "\n")
-
-    def save(epoch, epoch_step=0):
+    def save(epoch, epoch_step=0, log_entry=None):
         """Checkpoint after `epoch` whole epochs and `epoch_step` steps of the next."""
-        states = [utils.rng_state()]
-        if world_size > 1:
-            states = [None] * world_size
-            torch.distributed.all_gather_object(states, utils.rng_state())
-        if master:
-            utils.save_checkpoint(dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
-                                       probe_optimizer=probe_optimizer.state_dict() if probe_optimizer else None,
-                                       scaler=scaler.state_dict(), epoch=epoch, epoch_step=epoch_step,
-                                       step=step, args=vars(args), rng=states), ckpt_path)
+        utils.save_training_state(ckpt_path, master, world_size, model=model, optimizer=optimizer,
+                                  probe_optimizer=probe_optimizer, scaler=run.scaler, epoch=epoch,
+                                  epoch_step=epoch_step, step=step, args=vars(args), log_entry=log_entry)
 
-    # Ctrl-C and SIGTERM (pre-emption) only raise a flag: the loop saves a
-    # checkpoint at the next step boundary and exits, and --resume continues.
-    stop = {"signal": 0}
+    def evaluate():
+        return knn_monitor(model, *monitor, args.num_classes, args, device, rank, world_size)
 
-    def request_stop(signum, frame):
-        stop["signal"] = signum
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
-
-    if start_epoch == 0 and epoch_step == 0 and eval_sets is not None:
-        metrics = knn_monitor(model, *eval_sets, args.num_classes, args, device, rank, world_size, amp_dtype)
-        log(dict(epoch=0, step=0, knn_acc=metrics["knn_acc"]))
-        if master:
-            print(f"epoch 0 (initialization): k-NN {metrics['knn_acc']:.2f}%")
+    if start_epoch == 0 and epoch_step == 0 and monitor is not None:  # the random network's k-NN, as a baseline
+        entry = dict(epoch=0, step=0, knn_acc=evaluate()["knn_acc"])
+        append_log(log_path, entry, master)
 
     # ---- training loop --------------------------------------------------------------
     for epoch in range(start_epoch, args.epochs):
-        data.set_epoch(loader, epoch, skip_steps=epoch_step)  # part-way into an epoch after a stop
-        model.train()
-        sums, count, train_time = {}, 0, 0.0
         t_epoch = time.time()
-        t_step = time.time()
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not master, leave=False,
-                   initial=epoch_step, total=steps_per_epoch)
-        interrupted = False
-        for it, ((x1, x2), y) in enumerate(bar, start=epoch_step):
-            for g in optimizer.param_groups:
-                g["lr"] = lr_schedule[step]
-            if probe_optimizer is not None:
-                for g in probe_optimizer.param_groups:
-                    g["lr"] = probe_lr_schedule[step]
-            batch = ((x1.to(device, non_blocking=True), x2.to(device, non_blocking=True)),
-                     y.to(device, non_blocking=True))
-            loss, logs = train_step(ddp_model, model, batch, optimizer, probe_optimizer, scaler, amp_dtype,
-                                    momentum_schedule[step])
-            if os.environ.get("VSSL_FAULT") == f"nan-at-step-{step}":  # fault injection for the tests
-                loss = loss * float("nan")
-            # one all-reduce gives every process the same loss and stop request,
-            # so all of them stop together
-            check = utils.all_reduce_sum(torch.stack([loss.detach().float(), loss.new_tensor(float(stop["signal"]))]))
-            mean_loss = check[0].item() / world_size
-            if not math.isfinite(mean_loss):
-                raise SystemExit(f"error: non-finite loss ({mean_loss}) at epoch {epoch + 1}, step {step}; "
-                                 f"{ckpt_path} still holds the last good state (epoch {epoch}). "
-                                 f"Try a lower --lr or --precision fp32, then --resume.")
-            for k, v in logs.items():
-                sums[k] = sums.get(k, 0.0) + v.detach().float()
-            count += 1
-            step += 1
-            now = time.time()
-            train_time += now - t_step
-            if master and it % 10 == 0:
-                # the method's loss, running mean over this epoch on this process (as
-                # log.jsonl's "loss"; the backward also carries the probe's loss)
-                bar.set_postfix(loss=f"{(sums['ssl_loss'] / count).item():.4f}", lr=f"{lr_schedule[step - 1]:.4f}")
-            t_step = time.time()
-            if check[1].item() > 0 or (args.max_steps is not None and step >= args.max_steps):
-                interrupted = True
-                epoch_step = it + 1
-                break
-        bar.close()
-        if interrupted and epoch_step < steps_per_epoch:
-            save(epoch, epoch_step)
+        sums, count, step, why = train_one_epoch(run, epoch, step, epoch_step)
+        train_time, done, epoch_step = time.time() - t_epoch, epoch_step + count, 0
+        if why is not None and done < run.steps_per_epoch:  # stopped part-way: save where it stopped
+            save(epoch, done)
             if master:
-                why = f"signal {signal.Signals(stop['signal']).name}" if stop["signal"] else "--max-steps"
                 print(f"stopped by {why} at epoch {epoch + 1}, step {step}; checkpoint saved to {ckpt_path}; "
                       f"continue with --resume")
             break
-        epoch_step = 0
 
-        # ---- end of epoch: reduce metrics, evaluate, log, checkpoint -------------------
-        keys = sorted(sums)
-        if keys:
-            vec = utils.all_reduce_sum(torch.stack([sums[k] for k in keys]).to(device))
-            sums = dict(zip(keys, vec.tolist()))
-        n_steps = utils.all_reduce_sum(torch.tensor([float(count)], device=device)).item()
-        entry = dict(epoch=epoch + 1, step=step, lr=float(lr_schedule[step - 1]))
-        for k in keys:
-            if k not in ("probe_correct", "probe_count"):
-                entry[k] = sums[k] / n_steps
-        entry["loss"] = entry.pop("ssl_loss")
-        if sums.get("probe_count"):
-            entry["probe_train_acc"] = 100.0 * sums["probe_correct"] / sums["probe_count"]
-        entry["images_per_s"] = count * args.batch_size / max(train_time, 1e-9)
-        if eval_sets is not None and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
-            entry.update(knn_monitor(model, *eval_sets, args.num_classes, args, device, rank, world_size,
-                                     amp_dtype))
+        # ---- end of epoch: reduce metrics, evaluate, checkpoint, log -------------------
+        entry = dict(epoch=epoch + 1, step=step, lr=float(run.lr_schedule[step - 1]),
+                     **epoch_means(sums, count, device), images_per_s=count * args.batch_size / max(train_time, 1e-9))
+        if monitor is not None and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
+            entry.update(evaluate())
         entry["epoch_time"] = time.time() - t_epoch
-        log(entry)  # the log line first: a resume drops lines newer than its checkpoint
-        save(epoch + 1)
-        if master:
-            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items()))
-        if interrupted:
-            if master and stop["signal"]:
-                print(f"stopped by signal {signal.Signals(stop['signal']).name} after epoch {epoch + 1}; "
-                      f"continue with --resume")
+        save(epoch + 1, log_entry=entry)  # the checkpoint first: a failed write leaves both files as they were
+        append_log(log_path, entry, master)
+        if why is not None:
+            if master:
+                print(f"stopped by {why} after epoch {epoch + 1}; continue with --resume")
             break
     utils.cleanup_distributed()
-    if stop["signal"]:  # stopped from outside: say so in the exit status (128 + signal, as a shell does)
-        sys.exit(128 + stop["signal"])
+    run.stopper.restore()
+    if run.stopper.signal:  # stopped from outside: say so in the exit status (128 + signal, as a shell does)
+        sys.exit(128 + run.stopper.signal)
     return model
+
+
+def epoch_means(sums, count, device):
+    """The epoch's per-step means over all processes (one all-reduce, one sync):
+    loss (the method's), each loss term, and the online probe's training accuracy."""
+    keys = sorted(sums)
+    totals = utils.all_reduce_sum(torch.stack([sums[k] for k in keys] + [torch.full((), float(count), device=device)]))
+    values = dict(zip(keys + ["steps"], totals.tolist()))
+    steps = values.pop("steps")
+    out = {"loss": values.pop("ssl_loss") / steps}
+    correct, labelled = values.pop("probe_correct", 0.0), values.pop("probe_count", 0.0)
+    out.update({k: v / steps for k, v in values.items()})
+    if labelled:
+        out["probe_train_acc"] = 100.0 * correct / labelled
+    return out
+
+
+def append_log(path, entry, master):
+    """One JSON line per epoch in log.jsonl, and the same on the console (rank 0)."""
+    if master:
+        with open(path, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items()))
+
+
+def trim_log(path, epoch, entry):
+    """On resume: drop log lines of epochs after the checkpoint (they are done
+    again), and restore the checkpoint's own line if a stop between writing the
+    checkpoint and the log lost it."""
+    lines = []
+    if os.path.isfile(path):
+        with open(path) as f:
+            lines = [line for line in f if line.strip() and json.loads(line)["epoch"] <= epoch]
+    if entry is not None and (not lines or json.loads(lines[-1])["epoch"] < epoch):
+        lines.append(json.dumps(entry) + "\n")
+    with open(path + ".tmp", "w") as f:
+        f.writelines(lines)
+    os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,31 @@
-"""Distributed set-up and checkpoint I/O, shared by train.py and the eval scripts.
-Nothing else belongs here."""
-import io
+"""What every script shares, and nothing else: torchrun set-up, the autocast
+precision, checkpoints (atomic writes, loads that cannot run code, resume),
+and range checks for numeric flags.
+
+An older checkpoint of this project (numpy arrays in its RNG state) is refused
+by the safe loader; convert it once with
+    python utils.py upgrade-checkpoint runs/vje-cifar10-resnet18/checkpoint.pt
+"""
+import argparse
+import contextlib
+import json
+import math
 import os
 import random
-import signal
+import sys
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+
+def fail(message):
+    """Stops the program with one line on stderr and exit code 1 (no traceback)."""
+    raise SystemExit(f"error: {message}")
+
+
+# -----------------------------------------------------------------------------
+# torchrun
 
 def setup_distributed(device_flag="auto"):
     """Reads torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE) and starts the
@@ -16,16 +33,19 @@ def setup_distributed(device_flag="auto"):
     single process. Returns (rank, local_rank, world_size, device)."""
     use_cuda = torch.cuda.is_available() if device_flag == "auto" else device_flag == "cuda"
     if device_flag == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda but no CUDA device is visible; use --device cpu")
+        fail("--device cuda but no CUDA device is visible; use --device cpu")
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     if use_cuda:
         if local_rank >= torch.cuda.device_count():
-            raise SystemExit(f"error: process {local_rank} has no GPU: {torch.cuda.device_count()} visible; "
-                             f"run torchrun with --nproc_per_node at most {torch.cuda.device_count()}")
+            fail(f"process {local_rank} has no GPU: {torch.cuda.device_count()} visible; "
+                 f"run torchrun with --nproc_per_node at most {torch.cuda.device_count()}")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     else:
         device = torch.device("cpu")
         # share the cores between the processes of this node, unless the user (or
@@ -45,16 +65,79 @@ def cleanup_distributed():
         dist.destroy_process_group()
 
 
+def distributed():
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def all_reduce_sum(t):
     """Sums a tensor over processes in place (no-op for one process)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if distributed():
         dist.all_reduce(t)
     return t
 
 
+@contextlib.contextmanager
+def node_leader_first(local_rank):
+    """Runs the block on the first process of each node before the others, so
+    that a download is written once per node; the others wait at a barrier
+    and then read what it wrote. Every process calls barrier() exactly once."""
+    if distributed() and local_rank != 0:
+        dist.barrier()
+    yield
+    if distributed() and local_rank == 0:
+        dist.barrier()
+
+
+# -----------------------------------------------------------------------------
+# precision
+
+AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_precision(precision, device):
+    """--precision, checked against the device: None picks bf16 on GPUs that
+    support it, else fp32; fp16 (which needs a GradScaler) only on CUDA."""
+    if precision is None:
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        fail("--precision fp16 needs a CUDA GPU; on the CPU use --precision bf16 or fp32")
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        fail("this GPU has no bfloat16 support; use --precision fp16 or fp32")
+    return precision
+
+
+def autocast(precision, device):
+    """The autocast context of every forward pass: bf16 or fp16 autocast, or
+    nothing for fp32. The losses compute in float32 inside it."""
+    dtype = AMP_DTYPES[precision]
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+def grad_scaler(precision, device):
+    """A GradScaler that is active for fp16 only (a pass-through otherwise)."""
+    return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+
+def eval_precision(precision, train_args, device):
+    """The evaluation scripts' --precision: by default the one the checkpoint
+    was trained with (so that train.py's logged k-NN number is reproduced),
+    fp32 where this device cannot run it (fp16 off CUDA)."""
+    if precision is None:
+        precision = train_args.get("precision", "fp32")
+        if (precision == "fp16" and device.type != "cuda") or \
+                (precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported()):
+            precision = "fp32"
+    return resolve_precision(precision, device)
+
+
+# -----------------------------------------------------------------------------
+# random state, as plain values and tensors (a safe load accepts nothing else)
+
 def rng_state():
     """Every random generator the training loop draws from."""
-    return dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return dict(python=random.getstate(), numpy=[kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+                torch=torch.get_rng_state(),
                 cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
 
 
@@ -67,44 +150,200 @@ def seed_all(seed):
 
 def set_rng_state(state):
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-_saves = 0
-
+# -----------------------------------------------------------------------------
+# checkpoints
 
 def save_checkpoint(obj, path):
     """Writes atomically: to a temporary file in the same folder, flushed to
-    disk, then renamed over `path`. A crash mid-write leaves the previous
-    checkpoint as it was.
-
-    For the tests, VSSL_FAULT=kill-during-save-N kills the process with
-    SIGKILL half-way through writing its N-th checkpoint."""
-    global _saves
-    _saves += 1
+    disk, then renamed over `path`. A crash mid-write leaves the previous file
+    as it was; a failed write (disk full, no permission) removes the temporary
+    file, leaves the previous one as it was, and stops with one line."""
     tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        if os.environ.get("VSSL_FAULT") == f"kill-during-save-{_saves}":
-            buf = io.BytesIO()
-            torch.save(obj, buf)
-            f.write(buf.getvalue()[:len(buf.getvalue()) // 2])
-            f.flush()
-            os.kill(os.getpid(), signal.SIGKILL)
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path):
-    """Loads a checkpoint on the CPU, or stops with one clear line."""
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: checkpoint '{path}' not found")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # truncated zip, pickle errors, wrong file type: all mean the same to the user
-        raise SystemExit(f"error: checkpoint '{path}' is unreadable (truncated or not a train.py checkpoint): "
-                         f"{type(e).__name__}")
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        fail(f"could not write '{path}' ({e.strerror or type(e).__name__}); the previous file there is unchanged")
+
+
+NUMPY_GLOBALS = {"numpy.dtype", "numpy.ndarray", "numpy.core.multiarray._reconstruct",
+                 "numpy._core.multiarray._reconstruct"}
+
+
+def load_checkpoint(path, what="checkpoint"):
+    """Loads a file written by save_checkpoint on the CPU with weights_only=True:
+    tensors and plain Python values only, so a crafted file cannot run code.
+    Anything else stops with one line that names the file."""
+    if not os.path.isfile(path):
+        fail(f"{what} '{path}' not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, refused globals, not a torch file: say which, in one line
+        try:
+            unsafe = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+        except Exception:
+            unsafe = set()
+        if unsafe and unsafe <= NUMPY_GLOBALS:
+            fail(f"{what} '{path}' was written by an older version of this project (numpy arrays in its random "
+                 f"state); convert it once with: python utils.py upgrade-checkpoint {path}")
+        if unsafe:
+            fail(f"{what} '{path}' holds Python objects other than tensors and plain values "
+                 f"({', '.join(sorted(unsafe)[:3])}); refused, since loading them could run code")
+        fail(f"{what} '{path}' is unreadable (truncated, empty or not a checkpoint of this project: "
+             f"{type(e).__name__})")
+
+
+def upgrade_checkpoint(path):
+    """Rewrites an older checkpoint whose RNG state holds numpy arrays in the
+    current form. Allows numpy arrays and dtypes besides tensors, nothing else."""
+    unsafe = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    if not unsafe <= NUMPY_GLOBALS:
+        fail(f"'{path}' holds {', '.join(sorted(unsafe - NUMPY_GLOBALS))}, not only numpy arrays: not converted")
+    core = getattr(np, "_core", None) or np.core  # numpy 2 renamed numpy.core
+    allowed = [np.ndarray, np.dtype, np.dtype("uint32").__class__, core.multiarray._reconstruct]
+    with torch.serialization.safe_globals(allowed):
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    for state in ckpt.get("rng") or []:
+        if isinstance(state.get("numpy"), tuple):
+            kind, keys, pos, has_gauss, cached = state["numpy"]
+            state["numpy"] = [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached]
+    save_checkpoint(ckpt, path)
+    print(f"upgraded {path}")
+
+
+def write_json(results, path):
+    """A result file (the evaluation scripts' metrics), written atomically."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    try:
+        with open(f"{path}.tmp", "w") as f:
+            json.dump(results, f, indent=2)
+            f.write("\n")
+        os.replace(f"{path}.tmp", path)
+    except OSError as e:
+        fail(f"could not write '{path}' ({e.strerror or type(e).__name__})")
+
+
+def gather_rng_states(world_size):
+    """Every process's rng_state(), in rank order (a collective under DDP)."""
+    if world_size == 1:
+        return [rng_state()]
+    states = [None] * world_size
+    dist.all_gather_object(states, rng_state())
+    return states
+
+
+def save_training_state(path, master, world_size, **entries):
+    """The checkpoint of train.py and eval_linear.py: `entries` (modules and
+    optimizers by their state_dict(), other values as they are) plus every
+    process's RNG state. Every process must call it; rank 0 writes."""
+    state = {k: v.state_dict() if hasattr(v, "state_dict") else v for k, v in entries.items()}
+    state["rng"] = gather_rng_states(world_size)
+    if master:
+        save_checkpoint(state, path)
+
+
+def resume_training_state(path, args, recipe_flags, rank, world_size, **objects):
+    """Loads a save_training_state checkpoint for --resume: refuses changed
+    recipe flags, loads the state dict of each of `objects` (skipping those
+    saved as None), restores this process's RNG state when the process count
+    is the one that saved it (exact continuation), and returns the checkpoint."""
+    if not os.path.isfile(path):
+        fail(f"--resume but '{path}' does not exist; check --output-dir, or leave out --resume to start a new run")
+    ckpt = load_checkpoint(path)
+    old = ckpt.get("args", {})
+    changed = [f"--{k.replace('_', '-')} ({old.get(k)} -> {getattr(args, k)})"
+               for k in recipe_flags if k in old and old[k] != getattr(args, k)]
+    if changed:
+        fail(f"--resume with changed recipe flags: {', '.join(changed)}; use the original flags or a new --output-dir")
+    for name, obj in objects.items():
+        if ckpt.get(name) is None or obj is None:
+            continue
+        try:
+            obj.load_state_dict(ckpt[name])
+        except (RuntimeError, KeyError, ValueError) as e:
+            fail(f"checkpoint '{path}' does not fit this run ({name}: {str(e).strip().splitlines()[0][:200]})")
+    if len(ckpt.get("rng", [])) == world_size:
+        set_rng_state(ckpt["rng"][rank])
+    return ckpt
+
+
+# -----------------------------------------------------------------------------
+# numeric flags: argparse types that check the range where the flag is parsed
+
+def number(kind=float, low=None, high=None, low_open=False, allow_inf=False):
+    """An argparse `type` for a number in [low, high] ((low, high] with
+    low_open); NaN is refused, and infinity unless `allow_inf`. A bad value
+    becomes argparse's one-line error naming the flag and the allowed range."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'a whole number' if kind is int else 'a number'}, "
+                                             f"got '{text}'") from None
+        if kind is float and (math.isnan(value) or (math.isinf(value) and not (allow_inf and value > 0))):
+            raise argparse.ArgumentTypeError(f"'{text}' is not allowed: {describe()}")
+        too_low = low is not None and (value <= low if low_open else value < low)
+        too_high = high is not None and value > high and not (allow_inf and math.isinf(value))
+        if too_low or too_high:
+            raise argparse.ArgumentTypeError(f"{text} is out of range: {describe()}")
+        return value
+
+    def describe():
+        lo = "" if low is None else f"{'>' if low_open else '>='} {low:g}"
+        hi = "" if high is None else f"<= {high:g}"
+        rng = " and ".join(s for s in (lo, hi) if s)
+        return f"{'a whole number' if kind is int else 'a number'} {rng}" + (" or inf" if allow_inf else "")
+    parse.__name__ = "int" if kind is int else "float"
+    return parse
+
+
+def add_eval_flags(p, script):
+    """The flags every evaluation script has: the checkpoint, its dataset (each
+    defaulting to what the checkpoint was trained on), and how to run."""
+    one_line_errors(p, script)
+    p.add_argument("--checkpoint", required=True, help="the checkpoint.pt written by train.py")
+    p.add_argument("--dataset", default=None,
+                   help="cifar10, cifar100, stl10, imagenet or folder; default: the one the checkpoint was trained on")
+    p.add_argument("--data-path", default=None,
+                   help="download folder (cifar10/cifar100/stl10) or a tree with train/ and test/ (imagenet/folder); "
+                        "default: the checkpoint's")
+    p.add_argument("--image-size", type=number(int, 8, 1024), default=None,
+                   help="image size in px; default: the checkpoint's. Keep it unless you know the encoder copes")
+    p.add_argument("--classes", default=None,
+                   help="comma-separated class names: evaluate on these classes only, labels re-indexed in this "
+                        "order; 'all' for every class. Default: the classes the checkpoint was trained on "
+                        "(train.py --classes), else all")
+    p.add_argument("--num-workers", type=number(int, 0, 256), default=min(4, os.cpu_count() or 1),
+                   help="data-loading processes per process; on a 2-core CPU 0 or 2 are the sensible values")
+    p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"),
+                   help="auto takes a GPU when one is visible")
+    p.add_argument("--precision", default=None, choices=("fp32", "bf16", "fp16"),
+                   help="autocast precision of the frozen network; default: the checkpoint's training precision "
+                        "(fp32 where this device cannot run it), so that train.py's logged numbers are reproduced")
+
+
+def one_line_errors(parser, script):
+    """Argument mistakes give one `error:` line (exit 2) instead of the usage dump."""
+    def error(message):
+        sys.stderr.write(f"error: {message} (see python {script} --help)\n")
+        sys.exit(2)
+    parser.error = error
+    return parser
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3 or sys.argv[1] != "upgrade-checkpoint":
+        sys.exit("usage: python utils.py upgrade-checkpoint PATH")
+    upgrade_checkpoint(sys.argv[2])

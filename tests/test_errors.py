@@ -181,12 +181,50 @@ def test_eval_knn_feature_mu_on_byol_and_missing_checkpoint(tmp_path):
 # -----------------------------------------------------------------------------
 # faults during training
 
+# Faults are injected from outside: a driver patches one function, then runs
+# the script's main() as `python train.py` would.
+DRIVER = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+import model, train, utils
+fault, at = sys.argv[1], int(sys.argv[2])
+calls = [0]
+if fault == "nan-loss":  # the at-th forward pass (counted from 1) returns a NaN loss
+    forward = model.SSLModel.forward
+    def nan_forward(self, *a, **k):
+        calls[0] += 1
+        loss, logs = forward(self, *a, **k)
+        return (loss * float("nan") if calls[0] == at else loss), logs
+    model.SSLModel.forward = nan_forward
+elif fault in ("kill-during-save", "disk-full"):  # the at-th checkpoint write fails half-way
+    save = utils.torch.save
+    def failing_save(obj, f, *a, **k):
+        calls[0] += 1
+        if calls[0] != at:
+            return save(obj, f, *a, **k)
+        f.write(b"half a checkpoint")
+        f.flush()
+        if fault == "kill-during-save":
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise OSError(28, "No space left on device")
+    utils.torch.save = failing_save
+train.main(sys.argv[3:])
+"""
+
+
+def run_with_fault(tmp_path, fault, at, *args):
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER.format(root=ROOT))
+    return subprocess.run([sys.executable, str(driver), fault, str(at), *map(str, args)], capture_output=True,
+                          text=True, timeout=300, cwd=ROOT)
+
+
 def test_non_finite_loss_keeps_last_good_checkpoint(tmp_path):
     data_dir = make_image_folder(tmp_path / "data")
     out = str(tmp_path / "run")
     assert run("train.py", *flags(data_dir, out)).returncode == 0  # epoch 1: 3 steps
     before = digest(out)
-    r = run("train.py", *flags(data_dir, out, epochs=2), "--resume", env={"VSSL_FAULT": "nan-at-step-4"})
+    r = run_with_fault(tmp_path, "nan-loss", 2, *flags(data_dir, out, epochs=2), "--resume")  # the 2nd step of epoch 2
     line = assert_clean_error(r, "non-finite loss", "epoch 2, step 4", "--precision fp32", "lower --lr")
     after = digest(out)
     # args.json is rewritten at every start (it records this run's --epochs 2); the state is not touched
@@ -199,15 +237,34 @@ def test_sigkill_during_checkpoint_write_then_resume(tmp_path):
     loadable, and --resume finishes the run with every epoch logged once."""
     data_dir = make_image_folder(tmp_path / "data")
     out = str(tmp_path / "run")
-    r = run("train.py", *flags(data_dir, out, epochs=3), env={"VSSL_FAULT": "kill-during-save-2"})
+    r = run_with_fault(tmp_path, "kill-during-save", 2, *flags(data_dir, out, epochs=3))
     assert r.returncode == -signal.SIGKILL
-    assert torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)["epoch"] == 1
+    assert torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)["epoch"] == 1
     assert os.path.exists(os.path.join(out, "checkpoint.pt.tmp"))  # the half-written file
     r = run("train.py", *flags(data_dir, out, epochs=3), "--resume")
     assert r.returncode == 0, r.stderr[-2000:]
-    ckpt = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)
+    ckpt = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
     assert (ckpt["epoch"], ckpt["step"]) == (3, 9)
     assert [json.loads(l)["epoch"] for l in open(os.path.join(out, "log.jsonl"))] == [1, 2, 3]
+
+
+def test_failed_checkpoint_write_leaves_checkpoint_and_log_intact(tmp_path):
+    """A disk that fills up while the 2nd checkpoint is written: one line, the
+    temporary file removed, and the 1st checkpoint and the log as they were
+    (the epoch's log line is written only after its checkpoint)."""
+    data_dir = make_image_folder(tmp_path / "data")
+    out = str(tmp_path / "run")
+    assert run("train.py", *flags(data_dir, out)).returncode == 0
+    before = digest(out)
+    r = run_with_fault(tmp_path, "disk-full", 1, *flags(data_dir, out, epochs=2), "--resume")
+    assert_clean_error(r, "could not write", "No space left on device", "previous file there is unchanged")
+    after = digest(out)
+    assert not os.path.exists(os.path.join(out, "checkpoint.pt.tmp"))
+    assert {k: after[k] for k in ("checkpoint.pt", "log.jsonl")} == \
+        {k: before[k] for k in ("checkpoint.pt", "log.jsonl")}
+    r = run("train.py", *flags(data_dir, out, epochs=2), "--resume")  # and the run goes on from there
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert [json.loads(l)["epoch"] for l in open(os.path.join(out, "log.jsonl"))] == [1, 2]
 
 
 def wait_for(predicate, timeout=120):
@@ -229,10 +286,10 @@ def test_sigkill_mid_epoch_then_resume(tmp_path):
     time.sleep(0.5)  # inside epoch 2 now
     p.kill()
     p.wait()
-    assert torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)["epoch"] >= 1
+    assert torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)["epoch"] >= 1
     r = run("train.py", *flags(data_dir, out, epochs=3), "--resume")
     assert r.returncode == 0, r.stderr[-2000:]
-    ckpt = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)
+    ckpt = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
     assert (ckpt["epoch"], ckpt["step"]) == (3, 36)
     assert [json.loads(l)["epoch"] for l in open(log)] == [1, 2, 3]
 
@@ -240,15 +297,16 @@ def test_sigkill_mid_epoch_then_resume(tmp_path):
 def test_sigterm_saves_at_next_step_and_resume_continues(tmp_path):
     data_dir = make_image_folder(tmp_path / "data", train_per_class=32)  # 12 steps an epoch
     out = str(tmp_path / "run")
-    p = subprocess.Popen([sys.executable, TRAIN, *map(str, flags(data_dir, out, epochs=2))], cwd=ROOT,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # the stop flag is read at --log-every boundaries: every step here
+    p = subprocess.Popen([sys.executable, TRAIN, *map(str, flags(data_dir, out, epochs=2)), "--log-every", "1"],
+                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     log = os.path.join(out, "log.jsonl")
     wait_for(lambda: os.path.exists(log))  # epoch 1 done, epoch 2 under way
     p.send_signal(signal.SIGTERM)
     stdout, stderr = p.communicate(timeout=120)
     assert p.returncode == 128 + signal.SIGTERM, stderr[-2000:]
     assert "Traceback" not in stderr
-    ckpt = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)
+    ckpt = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
     assert "stopped by signal SIGTERM" in stdout
     if ckpt["epoch"] == 1:  # stopped inside epoch 2, at a step boundary
         assert 0 < ckpt["epoch_step"] < 12 and ckpt["step"] == 12 + ckpt["epoch_step"]
@@ -257,5 +315,5 @@ def test_sigterm_saves_at_next_step_and_resume_continues(tmp_path):
         assert (ckpt["epoch"], ckpt["epoch_step"], ckpt["step"]) == (2, 0, 24)
     r = run("train.py", *flags(data_dir, out, epochs=2), "--resume")
     assert r.returncode == 0, r.stderr[-2000:]
-    ckpt = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)
+    ckpt = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
     assert (ckpt["epoch"], ckpt["epoch_step"], ckpt["step"]) == (2, 0, 24)

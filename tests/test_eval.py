@@ -300,10 +300,10 @@ def test_eval_linear_end_to_end_and_exact_resume(vje_ckpt, tmp_path):
 
     b_flags = [*flags, "--output-dir", str(tmp_path / "b"), "--output", str(tmp_path / "b.json")]
     eval_linear.main([*b_flags, "--max-steps", "3"])
-    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["epoch"] == 1
+    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["epoch"] == 1
     b = eval_linear.main([*b_flags, "--resume"])
-    wa = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)["linear"]
-    wb = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["linear"]
+    wa = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)["linear"]
+    wb = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["linear"]
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert (b["top1"], b["top5"]) == (a["top1"], a["top5"])
     with pytest.raises(SystemExit, match="^error: --resume with changed flags: --lr"):

@@ -181,7 +181,7 @@ def test_training_writes_log_args_and_checkpoint(image_folder, tmp_path):
     assert 0 <= lines[-1]["knn_acc"] <= 100
     saved = json.load(open(os.path.join(out, "args.json")))
     assert saved["method"] == "vje" and saved["image_size"] == 16 and saved["num_classes"] == 3
-    ckpt = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)
+    ckpt = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
     assert ckpt["epoch"] == 2 and ckpt["step"] == 2 * (24 // 8)
     assert set(ckpt) >= {"model", "optimizer", "probe_optimizer", "scaler", "epoch", "step", "args", "rng"}
     assert set(ckpt["rng"][0]) == {"python", "numpy", "torch", "cuda"}
@@ -199,11 +199,11 @@ def test_resume_is_exact(aug, image_folder, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     r = run_train(*common_flags(image_folder, b, workers=2), *flags, "--max-steps", 3)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert torch.load(os.path.join(b, "checkpoint.pt"), weights_only=False)["epoch"] == 1
+    assert torch.load(os.path.join(b, "checkpoint.pt"), weights_only=True)["epoch"] == 1
     r = run_train(*common_flags(image_folder, b, workers=2), *flags, "--resume")
     assert r.returncode == 0, r.stderr[-2000:]
-    pa = torch.load(os.path.join(a, "checkpoint.pt"), weights_only=False)["model"]
-    pb = torch.load(os.path.join(b, "checkpoint.pt"), weights_only=False)["model"]
+    pa = torch.load(os.path.join(a, "checkpoint.pt"), weights_only=True)["model"]
+    pb = torch.load(os.path.join(b, "checkpoint.pt"), weights_only=True)["model"]
     diff = max((pa[k].float() - pb[k].float()).abs().max().item() for k in pa)
     assert diff <= 1e-6, diff
 
@@ -234,7 +234,7 @@ def one_step(net, batch, method, distributed):
         g["lr"] = 0.1
     probe_opt = torch.optim.SGD(net.probe.parameters(), lr=0.1, momentum=0.9)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    train.train_step(wrapped, net, batch, opt, probe_opt, scaler, None, 0.99)
+    train.train_step(wrapped, net, batch, opt, probe_opt, scaler, "fp32", 0.99)
     return {k: v.detach().clone() for k, v in net.state_dict().items()}
 
 
@@ -327,8 +327,8 @@ def test_torchrun_matches_one_process_on_the_batched_path(image_folder, tmp_path
            os.path.join(ROOT, "train.py"), *map(str, common_flags(image_folder, two)), *map(str, flags)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
-    pa = torch.load(os.path.join(one, "checkpoint.pt"), weights_only=False)["model"]
-    pb = torch.load(os.path.join(two, "checkpoint.pt"), weights_only=False)["model"]
+    pa = torch.load(os.path.join(one, "checkpoint.pt"), weights_only=True)["model"]
+    pb = torch.load(os.path.join(two, "checkpoint.pt"), weights_only=True)["model"]
     assert pa.keys() == pb.keys()
     for k in pa:
         if pa[k].dtype.is_floating_point:

@@ -1,0 +1,143 @@
+"""GPU readiness, shown by what the CPU can check: the forward pass compiles
+to one graph (no graph break), a training step reads nothing back to the host
+except at --log-every boundaries, and DDP trains on when a process's batch
+has no labelled image."""
+import os
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from conftest import make_image_folder
+from test_train import METHODS, free_port, one_step, small_model
+
+import model as model_lib
+import train
+
+
+# -----------------------------------------------------------------------------
+# one graph per forward pass
+
+FORWARD_CONFIGS = [("vje", {}), ("vje", {"target": "ema"}), ("vssl", {"vssl_form": "cosine"}),
+                   ("vssl", {"vssl_form": "gaussian", "vssl_sampling": "standard"}), ("byol", {}), ("simsiam", {})]
+
+
+@pytest.mark.parametrize("method,kw", FORWARD_CONFIGS, ids=[f"{m}-{'-'.join(map(str, kw.values())) or 'default'}"
+                                                           for m, kw in FORWARD_CONFIGS])
+def test_forward_compiles_to_one_graph(method, kw):
+    """SSLModel.forward (encoder, heads, loss, teacher, probe) traced whole:
+    torch.compile(fullgraph=True) raises on any graph break (a host sync such
+    as bool(tensor) or .item(), a branch on a tensor value, an untraceable
+    call). explain's count is checked too, though in torch 2.14 it misses
+    some breaks that fullgraph catches."""
+    torch._dynamo.reset()
+    net = small_model(method, **kw).train()
+    x1, x2, y = torch.randn(6, 3, 16, 16), torch.randn(6, 3, 16, 16), torch.tensor([0, 1, 2, -1, 1, 2])
+    assert torch._dynamo.explain(net)(x1, x2, y).graph_break_count == 0
+    torch._dynamo.reset()
+    loss, logs = torch.compile(net, fullgraph=True, backend="eager")(x1, x2, y)
+    assert torch.isfinite(loss) and "ssl_loss" in logs
+
+
+# -----------------------------------------------------------------------------
+# no host sync inside a step
+
+class SyncCounter:
+    """Counts the calls that make the host wait for the device: .item(),
+    bool(tensor), .tolist(), nonzero and torch.tensor(..., device=...)."""
+
+    def __init__(self, monkeypatch):
+        self.calls = []
+        for owner, name in ((torch.Tensor, "item"), (torch.Tensor, "__bool__"), (torch.Tensor, "tolist"),
+                            (torch.Tensor, "nonzero"), (torch, "nonzero")):
+            monkeypatch.setattr(owner, name, self.wrap(getattr(owner, name), name))
+        tensor = torch.tensor
+
+        def counted_tensor(*args, **kwargs):
+            if kwargs.get("device") is not None:
+                self.calls.append("torch.tensor(device=)")
+            return tensor(*args, **kwargs)
+        monkeypatch.setattr(torch, "tensor", counted_tensor)
+
+    def wrap(self, fn, name):
+        def counted(*args, **kwargs):
+            self.calls.append(name)
+            return fn(*args, **kwargs)
+        return counted
+
+
+@pytest.mark.parametrize("aug", ["batched", "pil"])
+@pytest.mark.parametrize("method", METHODS)
+def test_no_host_sync_between_log_boundaries(method, aug, tmp_path, monkeypatch):
+    """7 steps of train.main with --log-every 3: the syncs counted from one
+    step's start to the next (data, forward, backward, optimizer, EMA) are
+    zero except after steps 3 and 6, the boundaries (the 7th step ends the
+    epoch). The PIL path's loader runs in worker processes, whose CPU-side
+    .item() calls are not device syncs and are not counted."""
+    data_dir = make_image_folder(tmp_path / "data", train_per_class=19)  # 57 images: 7 steps of 8
+    counter = SyncCounter(monkeypatch)
+    at_step_start = []
+    step = train.train_step
+
+    def counted_step(*args, **kwargs):
+        at_step_start.append(len(counter.calls))
+        return step(*args, **kwargs)
+    monkeypatch.setattr(train, "train_step", counted_step)
+    train.main(["--method", method, "--dataset", "folder", "--data-path", data_dir, "--arch", "tiny",
+                "--batch-size", "8", "--epochs", "1", "--warmup-epochs", "1", "--proj-hidden", "64",
+                "--eval-every", "0", "--log-every", "3", "--aug", aug, "--num-workers", "2" if aug == "pil" else "0",
+                "--device", "cpu", "--output-dir", str(tmp_path / "run")])
+    assert len(at_step_start) == 7
+    per_step = [b - a for a, b in zip(at_step_start, at_step_start[1:])]
+    boundaries = {2, 5}  # after the 3rd and the 6th step
+    assert all(n == 0 for i, n in enumerate(per_step) if i not in boundaries), (per_step, counter.calls)
+    assert all(per_step[i] > 0 for i in boundaries), per_step  # the counter sees the boundary's sync
+
+
+# -----------------------------------------------------------------------------
+# DDP with a process whose batch has no labelled image
+
+def test_probe_gets_a_zero_gradient_on_an_unlabelled_batch():
+    net = small_model("byol").train()
+    x1, x2 = torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16)
+    loss, logs = net(x1, x2, torch.full((4,), -1))
+    loss.backward()
+    assert torch.isfinite(loss) and logs["probe_count"] == 0 and logs["probe_loss"] == 0
+    for p in net.probe.parameters():
+        assert p.grad is not None and torch.equal(p.grad, torch.zeros_like(p))
+
+
+def unlabelled_worker(rank, world, port, init, batch, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    net = small_model("byol")
+    net.load_state_dict(init)
+    (x1, x2), y = batch
+    shard = slice(rank * len(y) // world, (rank + 1) * len(y) // world)
+    state = one_step(net, ((x1[shard], x2[shard]), y[shard]), "byol", distributed=True)
+    torch.save(state, os.path.join(out, f"rank{rank}.pt"))
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_step_with_an_unlabelled_process_equals_one_process(tmp_path):
+    """Rank 1's half of the batch has no label (STL-10's unlabelled images,
+    a small per-process batch): every parameter still gets a gradient on both
+    processes, so DDP does not stop, and the step equals one process's step on
+    the whole batch (the probe's mean over the 3 labelled images of rank 0)."""
+    torch.manual_seed(1)
+    init = small_model("byol").state_dict()
+    batch = ((torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16)), torch.tensor([0, 1, -1, 2, -1, -1, -1, -1]))
+    single = small_model("byol")
+    single.load_state_dict(init)
+    torch.set_num_threads(1)
+    ref = one_step(single.train(), batch, "byol", distributed=False)
+    mp.spawn(unlabelled_worker, args=(2, free_port(), init, batch, str(tmp_path)), nprocs=2)
+    r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert any(not torch.equal(ref[k], init[k]) for k in ref if k.startswith("probe."))  # the probe moved
+    for k in ref:
+        assert torch.equal(r0[k], r1[k]), f"ranks disagree on {k}"
+        if ref[k].dtype.is_floating_point:
+            assert (r0[k] - ref[k]).abs().max().item() <= 1e-5, k
+        else:
+            assert torch.equal(r0[k], ref[k]), k
