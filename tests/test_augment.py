@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision.transforms as T
-from PIL import Image
+from PIL import Image, ImageFile
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
@@ -132,6 +132,62 @@ def test_colour_jitter_applies_each_samples_ops_in_its_order():
     out = data.color_jitter(x, factors, order, apply)
     assert (out - torch.stack(expected)).abs().max() <= 1e-4
     assert torch.equal(out[2], x[2])
+
+
+def per_sample_jitter(x, factors, order, apply):
+    """The colour jitter one image at a time: its ops in its order, with the
+    single-op functions."""
+    out = []
+    for i in range(len(x)):
+        img = x[i:i + 1]
+        if apply[i]:
+            for j in order[i].tolist():
+                img = data.JITTER_OPS[j](img, factors[i:i + 1, j])
+        out.append(img)
+    return torch.cat(out)
+
+
+def test_batched_colour_jitter_equals_a_per_sample_loop():
+    """The whole-batch passes (blends slot by slot around one hue pass) against
+    each image's ops applied in its own order by the single-op functions, on
+    64 samples (every op in every slot, brightness and contrast up to 2 so that
+    the clamps act). The blends differ from the single ops only in rounding (a
+    fused multiply-add), the rest is the same arithmetic: 1e-6."""
+    g = torch.Generator().manual_seed(11)
+    x = images(n=64, seed=1)
+    factors = torch.stack([torch.rand(64, generator=g) * 2, torch.rand(64, generator=g) * 2,
+                           torch.rand(64, generator=g) * 2, torch.rand(64, generator=g) - 0.5], 1)
+    order = torch.rand(64, 4, generator=g).argsort(1)
+    apply = torch.rand(64, generator=g) < 0.8
+    out = data.color_jitter(x, factors, order, apply)
+    assert (out - per_sample_jitter(x, factors, order, apply)).abs().max() <= 1e-6
+    assert torch.equal(out[~apply], x[~apply])  # untouched samples are exactly themselves
+
+
+@pytest.mark.parametrize("method", ["vje", "byol"])
+def test_render_view_equals_a_per_sample_loop(method):
+    """A whole view (crop, jitter, grayscale, blur with p 0.5, solarize) made for
+    the batch at once against the same single-op functions applied to one
+    image at a time, only where its draws say so: 1e-6 (see above)."""
+    recipe = dict(data.view_recipes(method, 32)[1], blur_p=0.5)
+    g = torch.Generator().manual_seed(6)
+    u8 = torch.randint(0, 256, (32, 3, 32, 32), dtype=torch.uint8, generator=g)
+    p = data.draw_view_params(32, recipe, 32, 32, g, "cpu")
+    assert p["blur"].any() and not p["blur"].all() and p["solarize"].any() and p["gray"].any()
+    out = data.render_view(u8, p, recipe, 32, data.CIFAR_MEAN, data.CIFAR_STD)
+    for i in range(32):
+        one = {k: v[i:i + 1] for k, v in p.items()}
+        img = data.resized_crop(u8[i:i + 1].float() / 255, one["top"], one["left"], one["height"], one["width"],
+                                32, one["flip"])
+        img = per_sample_jitter(img, one["factors"], one["order"], one["jitter"])
+        if one["gray"]:
+            img = data.grayscale(img).expand_as(img)
+        if one["blur"]:
+            img = data.gaussian_blur(img, one["sigma"], recipe["blur_kernel"])
+        if one["solarize"]:
+            img = data.solarize(img)
+        img = F.normalize(img, data.CIFAR_MEAN, data.CIFAR_STD)
+        assert (out[i:i + 1] - img).abs().max() <= 1e-6, i
 
 
 def test_render_view_equals_the_ops_in_the_pil_paths_order():
@@ -264,10 +320,36 @@ def test_images_as_tensor_decodes_a_folder_and_reads_cifar_arrays(tmp_path):
 
 
 def test_images_of_different_sizes_give_one_line(tmp_path):
+    """MixedSizes (a ValueError), one line naming the folder, for train.py to
+    fall back on the PIL path or stop."""
     root = make_image_folder(tmp_path / "d", classes=2, train_per_class=2, size=8)
     Image.new("RGB", (9, 8)).save(tmp_path / "d" / "train" / "class0" / "odd.png")
-    with pytest.raises(SystemExit, match="differ in size.*--aug pil"):
+    with pytest.raises(data.MixedSizes, match="differ in size") as e:
         data.images_as_tensor(data.build_dataset("folder", root, "pretrain", None), progress=False)
+    assert isinstance(e.value, ValueError) and str(tmp_path / "d" / "train") in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_uniform_size_reads_the_image_headers_only(tmp_path, monkeypatch):
+    """uniform_size tells mixed sizes apart before any decoding: with PIL's
+    pixel decoding made to fail it still answers, for a whole folder and for
+    the classes of a ClassSubset; arrays (CIFAR) have one size."""
+    root = make_image_folder(tmp_path / "d", classes=3, train_per_class=2, size=8)
+
+    def no_decoding(self):
+        raise AssertionError("uniform_size decoded pixels")
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
+    assert data.uniform_size(data.build_dataset("folder", root, "pretrain", None))
+    Image.new("RGB", (9, 8)).save(tmp_path / "d" / "train" / "class0" / "odd.png")
+    ds = data.build_dataset("folder", root, "pretrain", None)
+    assert not data.uniform_size(ds)
+    assert data.uniform_size(data.select_classes(ds, "class1,class2"))
+    assert not data.uniform_size(data.select_classes(ds, "class0"))
+
+    class FakeCifar:
+        data = np.zeros((4, 8, 8, 3), dtype=np.uint8)
+        targets = [0, 1, 0, 1]
+    assert data.uniform_size(FakeCifar())
 
 
 def loader(n=40, batch=4, rank=0, world=1, seed=7, method="vje"):
@@ -314,3 +396,76 @@ def test_skipping_steps_resumes_the_same_epoch_and_epochs_differ():
     assert [y.tolist() for _, y in other] != [y.tolist() for _, y in batches]
     (v1, v2), _ = batches[0]
     assert v1.shape == (4, 3, 8, 8) and v1.dtype == torch.float32 and not torch.equal(v1, v2)
+
+
+def test_a_step_draws_view_1_then_view_2_from_one_seeded_generator():
+    """The loader's one torch.rand per step gives the views that
+    draw_view_params + render_view give for view 1 and then view 2 from a
+    generator seeded with step_seed (the CPU generator's stream is the same
+    drawn in one call or several)."""
+    ld = loader(n=16, batch=8)
+    ld.set_epoch(4)
+    (v1, v2), y = next(iter(ld))
+    g = torch.Generator().manual_seed(data.step_seed(7, 4, 0))
+    for view, recipe in zip((v1, v2), ld.recipes):
+        p = data.draw_view_params(8, recipe, 8, 8, g, "cpu")
+        assert torch.equal(view, data.render_view(ld.images[y], p, recipe, 8, data.CIFAR_MEAN, data.CIFAR_STD))
+
+
+METHODS = ["vje", "vssl", "byol", "simsiam"]
+
+
+def loader_32px(method):
+    x = torch.randint(0, 256, (32, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    info = dict(image_size=32, mean=data.CIFAR_MEAN, std=data.CIFAR_STD)
+    return data.BatchedTwoViews(x, torch.arange(32), method, info, 8, seed=3, rank=1, world_size=2)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_both_views_of_a_batch_are_one_graph(method):
+    """torch._dynamo traces what a step does after its one torch.rand (the
+    drawn parameters and the rendering of both views, for this rank's slice of
+    the global batch) without a graph break: no shape that depends on the
+    draws, no host sync, no Python branch on a tensor. The draw itself stays
+    outside: dynamo breaks the graph at any op given a torch.Generator."""
+    ld = loader_32px(method)
+    u = torch.rand(2, data.UNIFORMS_PER_SAMPLE * 16, generator=torch.Generator().manual_seed(0))
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(ld.make_views)(ld.images[:8], u, ld.recipes, ld.size, ld.mean, ld.std,
+                                                     slice(8, 16))
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_making_views_never_waits_for_the_device(method, monkeypatch):
+    """While the loader makes batches, nothing reads a tensor's value on the
+    host (nonzero, item, tolist, bool, int, float) or copies a constant from
+    the host (torch.tensor / torch.as_tensor of Python numbers onto a device):
+    on a GPU each would stall the step until the device catches up."""
+    ld = loader_32px(method)
+    ld.set_epoch(2)
+    calls = []
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            calls.append(name)
+            return fn(*args, **kwargs)
+        return wrapper
+
+    def counted_if_copied(name, fn):
+        def wrapper(data, *args, **kwargs):
+            if "device" in kwargs and not isinstance(data, torch.Tensor):
+                calls.append(name)
+            return fn(data, *args, **kwargs)
+        return wrapper
+
+    for name in ("nonzero", "item", "tolist", "__bool__", "__int__", "__float__"):
+        monkeypatch.setattr(torch.Tensor, name, counted(name, getattr(torch.Tensor, name)))
+    monkeypatch.setattr(torch, "nonzero", counted("torch.nonzero", torch.nonzero))
+    monkeypatch.setattr(torch, "tensor", counted_if_copied("torch.tensor", torch.tensor))
+    monkeypatch.setattr(torch, "as_tensor", counted_if_copied("torch.as_tensor", torch.as_tensor))
+    batches = list(ld)
+    monkeypatch.undo()
+    assert calls == []
+    assert len(batches) == 2 and batches[0][0][0].shape == (8, 3, 32, 32)

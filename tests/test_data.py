@@ -1,0 +1,208 @@
+"""data.py's datasets and tools: ImageFolder splits labelled by class name,
+the dataset an evaluation script resolves from a checkpoint, images
+normalized on the device against eval_transform, and the subset builder."""
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import ROOT, make_image_folder
+
+import data
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    torch.set_num_threads(1)
+
+
+# -----------------------------------------------------------------------------
+# ImageFolder splits: the test labels follow train/'s classes by name
+
+def test_a_test_class_that_train_lacks_stops_with_one_line_naming_it(tmp_path):
+    """'aaa' sorts first: labelled on its own, test/ would shift every other
+    class's label by one."""
+    root = make_image_folder(tmp_path / "d", classes=3, train_per_class=2, test_per_class=2, size=8)
+    os.makedirs(tmp_path / "d" / "test" / "aaa")
+    Image.new("RGB", (8, 8)).save(tmp_path / "d" / "test" / "aaa" / "0.png")
+    with pytest.raises(SystemExit) as e:
+        data.build_dataset("folder", root, "test", None)
+    msg = str(e.value)
+    assert msg.startswith("error: ") and "\n" not in msg
+    assert "aaa" in msg and "class0" not in msg
+    assert str(tmp_path / "d" / "test") in msg and str(tmp_path / "d" / "train") in msg
+
+
+def test_a_training_class_missing_from_test_keeps_every_label(tmp_path):
+    """Without class0 in test/, class2's images are still label 2 (train/'s
+    index), not 1 (their index among test/'s own folders)."""
+    root = make_image_folder(tmp_path / "d", classes=3, train_per_class=2, test_per_class=2, size=8)
+    shutil.rmtree(tmp_path / "d" / "test" / "class0")
+    test = data.build_dataset("folder", root, "test", None)
+    train = data.build_dataset("folder", root, "train", None)
+    assert test.classes == train.classes == ["class0", "class1", "class2"]
+    assert test.class_to_idx == train.class_to_idx
+    path = str(tmp_path / "d" / "test" / "class2" / "001.png")
+    label = dict(test.samples)[path]
+    assert label == 2 and test[test.imgs.index((path, label))][1] == 2
+    assert data.labels_of(test).tolist() == [1, 1, 2, 2]
+    # restricting to classes goes by name too
+    sub = data.select_classes(test, "class2,class1")
+    assert sub.targets == [1, 1, 0, 0]
+
+
+def test_matching_test_and_train_folders_label_as_before(tmp_path):
+    root = make_image_folder(tmp_path / "d", classes=3, train_per_class=2, test_per_class=2, size=8)
+    test = data.build_dataset("folder", root, "test", None)
+    assert test.classes == ["class0", "class1", "class2"] and test.targets == [0, 0, 1, 1, 2, 2]
+
+
+# -----------------------------------------------------------------------------
+# the dataset of an evaluation script, resolved from the checkpoint's arguments
+
+def eval_args(**kw):
+    args = dict(dataset=None, data_path=None, image_size=None, classes=None)
+    args.update(kw)
+    return argparse.Namespace(**args)
+
+
+def test_class_list_reads_flags_and_checkpoints():
+    assert data.class_list(None) is None
+    assert data.class_list("") is None and data.class_list(" all ") is None and data.class_list("ALL") is None
+    assert data.class_list("bird, cat,") == ["bird", "cat"]
+    assert data.class_list(["bird", " cat "]) == ["bird", "cat"]
+    assert data.class_list([]) is None and data.class_list(" , ") is None
+
+
+def test_same_path_resolves_relative_paths_and_links(tmp_path, monkeypatch):
+    os.makedirs(tmp_path / "d")
+    os.symlink(tmp_path / "d", tmp_path / "link")
+    monkeypatch.chdir(tmp_path)
+    assert data.same_path("d", str(tmp_path / "d")) and data.same_path("link/", "d")
+    assert not data.same_path("d", str(tmp_path)) and not data.same_path(None, "d")
+    assert not data.same_path(None, None)
+
+
+def test_resolve_eval_data_fills_what_was_left_unset(tmp_path):
+    """From the checkpoint: dataset, path, image size, and its classes when the
+    data is the checkpoint's own (num_classes counts them)."""
+    root = make_image_folder(tmp_path / "d", classes=3, train_per_class=2, test_per_class=2, size=16)
+    train_args = dict(dataset="folder", data_path=root, image_size=16, classes="class2,class0")
+    args = eval_args()
+    info = data.resolve_eval_data(args, train_args)
+    assert (args.dataset, args.data_path, args.image_size) == ("folder", root, 16)
+    assert args.classes == ["class2", "class0"]
+    assert info["num_classes"] == 2 and info["image_size"] == 16 and info["name"] == "folder"
+    test = data.build_split(args, "test", None)
+    assert test.classes == ["class2", "class0"] and len(test) == 4 and test.targets == [1, 1, 0, 0]
+    # the same folder by another spelling is still the checkpoint's own
+    args = eval_args(data_path=str(tmp_path / "d" / ".." / "d"))
+    assert data.resolve_eval_data(args, train_args)["num_classes"] == 2
+    # a flag wins; "all" means every class
+    args = eval_args(classes="all")
+    assert data.resolve_eval_data(args, train_args)["num_classes"] == 3 and args.classes is None
+    assert len(data.build_split(args, "train", None)) == 6
+    args = eval_args(image_size=8)
+    assert data.resolve_eval_data(args, train_args)["image_size"] == 8
+
+
+def test_resolve_eval_data_keeps_the_classes_to_the_checkpoints_own_data(tmp_path):
+    """Other data (another folder): the checkpoint's class names are not carried over."""
+    root = make_image_folder(tmp_path / "d", classes=3, train_per_class=2, test_per_class=2, size=16)
+    other = make_image_folder(tmp_path / "other", classes=4, train_per_class=1, test_per_class=1, size=16)
+    train_args = dict(dataset="folder", data_path=root, image_size=16, classes=["class2", "class0"])
+    args = eval_args(data_path=other)
+    info = data.resolve_eval_data(args, train_args)
+    assert args.classes is None and info["num_classes"] == 4
+    assert len(data.build_split(args, "test", None)) == 4
+
+
+# -----------------------------------------------------------------------------
+# images normalized on the device
+
+def test_normalize_images_equals_eval_transform_image_by_image(tmp_path):
+    """(x / 255 - mean) / std of the uint8 images equals eval_transform (whose
+    Resize and CenterCrop leave 16 px folder images as they are, then
+    ToTensor and Normalize) applied to each image: the same float32
+    arithmetic, so 1e-6."""
+    root = make_image_folder(tmp_path / "d", classes=2, train_per_class=1, test_per_class=4, size=16)
+    info = data.dataset_info("folder", root)
+    assert info["image_size"] == 16
+    images, _ = data.images_as_tensor(data.build_dataset("folder", root, "test", None), progress=False)
+    mean, std = torch.tensor(info["mean"]), torch.tensor(info["std"])
+    ours = data.normalize_images(images, mean, std)
+    expected = data.build_dataset("folder", root, "test", data.eval_transform(info))
+    theirs = torch.stack([expected[i][0] for i in range(len(expected))])
+    assert ours.dtype == torch.float32 and ours.shape == (8, 3, 16, 16)
+    assert (ours - theirs).abs().max() <= 1e-6
+    assert (data.normalize_images(images, info["mean"], info["std"]) - theirs).abs().max() <= 1e-6  # tuples too
+
+
+# -----------------------------------------------------------------------------
+# make_subset
+
+def source_tree(root, classes=("cat", "dog"), train=5, test=3):
+    """src/{train,test}/<class>/ with files whose name order is not their
+    creation order, and a file that is no image."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", train), ("test", test)):
+        for c in classes:
+            d = os.path.join(root, split, c)
+            os.makedirs(d)
+            for i in reversed(range(n)):
+                Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)).save(os.path.join(d, f"{i:04d}.jpg"))
+            with open(os.path.join(d, ".DS_Store"), "w") as f:
+                f.write("not an image")
+    return str(root)
+
+
+def test_make_subset_copies_the_first_files_by_name_byte_for_byte(tmp_path):
+    src = source_tree(tmp_path / "src")
+    dst = str(tmp_path / "dst")
+    assert data.make_subset(src, dst, 3, 2) == 10
+    for split, n in (("train", 3), ("test", 2)):
+        for c in ("cat", "dog"):
+            names = sorted(os.listdir(os.path.join(dst, split, c)))
+            assert names == [f"{i:04d}.jpg" for i in range(n)]
+            for name in names:
+                with open(os.path.join(src, split, c, name), "rb") as f:
+                    original = f.read()
+                with open(os.path.join(dst, split, c, name), "rb") as f:
+                    assert f.read() == original
+    assert sorted(os.listdir(dst)) == ["test", "train"]
+
+
+def test_make_subset_refuses_before_copying_anything(tmp_path):
+    src = source_tree(tmp_path / "src", train=5, test=3)
+    with pytest.raises(SystemExit, match=r"test/cat' has 3 images, fewer than the 4 asked for"):
+        data.make_subset(src, str(tmp_path / "dst"), 5, 4)
+    assert not os.path.exists(tmp_path / "dst")  # the train/ copies had not started
+    os.makedirs(tmp_path / "full" / "x")
+    (tmp_path / "full" / "x" / "f").write_text("")
+    with pytest.raises(SystemExit, match="already holds files"):
+        data.make_subset(src, str(tmp_path / "full"), 1, 1)
+    os.makedirs(tmp_path / "empty")
+    assert data.make_subset(src, str(tmp_path / "empty"), 1, 1) == 4  # an empty folder is fine
+    with pytest.raises(SystemExit, match="no train/ folder"):
+        data.make_subset(str(tmp_path / "empty" / "test"), str(tmp_path / "dst2"), 1, 1)
+
+
+def test_make_subset_command_line(tmp_path):
+    """python data.py make-subset SRC DST ...: copies, or one `error:` line and exit code 1."""
+    source_tree(tmp_path / "src")
+    run = lambda *a: subprocess.run([sys.executable, os.path.join(ROOT, "data.py"), *a], capture_output=True,
+                                    text=True, cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    ok = run("make-subset", "src", "dst", "--train-per-class", "2", "--test-per-class", "1")
+    assert ok.returncode == 0, ok.stderr
+    assert "copied 6 images" in ok.stdout and len(os.listdir(tmp_path / "dst" / "train" / "cat")) == 2
+    again = run("make-subset", "src", "dst", "--train-per-class", "2", "--test-per-class", "1")
+    assert again.returncode == 1 and again.stderr.strip().count("\n") == 0
+    assert again.stderr.startswith("error: ") and "already holds files" in again.stderr
+    missing = run("make-subset", "src", "dst3")
+    assert missing.returncode == 1 and missing.stderr.strip().count("\n") == 0 and "--train-per-class" in missing.stderr
