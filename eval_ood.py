@@ -19,6 +19,9 @@ through the network in eval mode. Scores, higher = more OOD:
            under its own posterior N(mu, var) = g(z), at s = mu (no sampling),
            with the checkpoint's nu. VJE checkpoints only.
   vje-dir  its directional part alone. VJE checkpoints only.
+  kappa    -kappa, VI-SimSiam's concentration of the image's power spherical
+           posterior (Nakamura et al., ICCV 2023): kappa is its certainty, so
+           a low kappa (a high -kappa) flags OOD. VI-SimSiam checkpoints only.
   knn      distance from the L2-normalized feature to its k-th nearest
            neighbour among the normalized in-distribution training features
            (Sun et al., "Out-of-Distribution Detection with Deep Nearest
@@ -45,7 +48,9 @@ import model as model_lib
 import losses
 import utils
 
-SCORES = ("vje", "vje-dir", "knn")
+SCORES = ("vje", "vje-dir", "kappa", "knn")
+# the scores evaluated when --scores is not given, by method (knn for the others)
+DEFAULT_SCORES = {"vje": ("vje", "vje-dir", "knn"), "vi-simsiam": ("kappa", "knn")}
 
 
 # -----------------------------------------------------------------------------
@@ -179,8 +184,8 @@ def kth_neighbour_distance(bank, queries, k, chunk=1024):
 def score_forward(net, feature, scores, nu):
     """A function from a batch of images to every per-image quantity eval_ood
     needs, computed in one forward pass and stacked as columns, and the
-    column range of each by name: "knn" (the feature, D columns), "vje" and
-    "vje-dir" (one column each), for the scores asked for."""
+    column range of each by name: "knn" (the feature, D columns), "vje",
+    "vje-dir" and "kappa" (one column each), for the scores asked for."""
     layout, width = {}, 0
     for name in scores:
         size = net.dim if name == "knn" else 1
@@ -199,6 +204,9 @@ def score_forward(net, feature, scores, nu):
             columns["vje"] = losses.vje_ood_score(z, mu, var, nu, radial=True)[:, None]
         if "vje-dir" in scores:
             columns["vje-dir"] = losses.vje_ood_score(z, mu, var, nu, radial=False)[:, None]
+        # VI-SimSiam: kappa is the certainty, so -kappa is higher for OOD
+        if "kappa" in scores:
+            columns["kappa"] = -net.concentration(z=z)[:, None]
         return torch.cat([columns[name].float() for name in layout], dim=1)
     return forward, layout
 
@@ -222,7 +230,8 @@ def ood_transform(id_info, name, root):
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="Out-of-distribution detection scores (VJE Eq. 39, its directional "
-                                            "part, k-th nearest-neighbour distance) of a train.py checkpoint.",
+                                            "part, VI-SimSiam's concentration, k-th nearest-neighbour distance) "
+                                            "of a train.py checkpoint.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     utils.add_eval_flags(p, "eval_ood.py")
     p.add_argument("--batch-size", type=utils.number(int, 1, 1 << 20), default=256,
@@ -237,7 +246,8 @@ def get_args(argv=None):
                    help="comma-separated class names of the OOD dataset to use; default: all of them, or, when the "
                         "OOD dataset is the in-distribution one, the classes not in --classes")
     p.add_argument("--scores", nargs="+", default=None, choices=SCORES,
-                   help="scores to evaluate; default: vje vje-dir knn for a VJE checkpoint, knn otherwise")
+                   help="scores to evaluate; default: vje vje-dir knn for a VJE checkpoint, kappa knn for a "
+                        "VI-SimSiam checkpoint, knn otherwise")
     p.add_argument("--ood-k", type=utils.number(int, 1, 1 << 20), default=50,
                    help="k of the knn score. Sun et al. found 50 best on CIFAR-10 (50,000 training images) and "
                         "use 1000 on ImageNet: scale it with the size of the training set")
@@ -251,13 +261,17 @@ def get_args(argv=None):
 
 
 def choose_scores(args, net):
-    """--scores, checked against the checkpoint: VJE's scores need VJE."""
+    """--scores, checked against the checkpoint: VJE's scores need VJE,
+    kappa needs VI-SimSiam."""
     is_vje = net.method == "vje"
-    scores = list(dict.fromkeys(args.scores or (SCORES if is_vje else ("knn",))))
+    scores = list(dict.fromkeys(args.scores or DEFAULT_SCORES.get(net.method, ("knn",))))
     vje_scores = [s for s in scores if s.startswith("vje")]
     if vje_scores and not is_vje:
         utils.fail(f"--scores {' '.join(vje_scores)} read VJE's posterior (Eq. 39); this checkpoint is "
                    f"{net.method}. Use --scores knn")
+    if "kappa" in scores and net.method != "vi-simsiam":
+        utils.fail(f"--scores kappa reads VI-SimSiam's concentration head; this checkpoint is {net.method}. "
+                   f"Use --scores knn")
     if "knn" in scores:
         model_lib.check_feature(net, args.feature)
     return scores
@@ -377,6 +391,8 @@ def print_table(results, args, nu):
     print(f"  {'score':<22s} {'AUROC':>7s} {'AUPR':>7s} {'FPR95':>7s}")
     for name, m in results["scores"].items():
         label = f"knn (k={args.ood_k}, {args.feature})" if name == "knn" else f"{name} (nu={nu:g})"
+        if name == "kappa":
+            label = "kappa (-kappa)"
         print(f"  {label:<22s} {m['auroc']:7.2f} {m['aupr']:7.2f} {m['fpr95']:7.2f}")
 
 

@@ -15,20 +15,29 @@
   its code (a fork of solo-learn, github.com/convergedmachine/vssl-solo-learn),
   which we could not consult; the comments marked "interpretation" are our
   reading of the paper.
+- VI-SimSiam: H. Nakamura, M. Okada, T. Taniguchi, "Representation
+  Uncertainty in Self-Supervised Learning as Variational Inference", ICCV
+  2023, arXiv:2203.11437. SimSiam as variational inference on the unit
+  sphere, with a power spherical distribution (N. De Cao, W. Aziz, 2020)
+  whose concentration κ is the image's certainty. The comments marked
+  "interpretation" are our reading of the paper.
 - BYOL and SimSiam, the baselines trained with the same loop.
 
 Per-sample terms take (B, D) tensors and return shape (B,); the objectives
-(`vje_loss`, `vssl_loss`, `byol_loss`, `simsiam_loss`) return batch means.
-The VJE functions also take an isotropic posterior variance of shape (B, 1).
+(`vje_loss`, `vssl_loss`, `vi_simsiam_loss`, `byol_loss`, `simsiam_loss`)
+return batch means. The VJE functions also take an isotropic posterior
+variance of shape (B, 1); the power spherical ones a concentration of shape
+(B,) or (B, 1).
 Everything is computed in float32 (float64 if given float64), also for bf16 or
 fp16 inputs from autocast; only element-wise ops and reductions are used, so
-autocast does not lower the precision inside. Equation numbers refer to the
+autocast does not lower the precision inside. (The power spherical terms in κ
+alone take float64 inside, see their section.) Equation numbers refer to the
 papers.
 
 Input checks. Shapes are always checked: they are known on the host, so the
 check is free. Tensor values (variances must be > 0 where a formula takes
-their log) are checked only with `validate=True`, the default for calls by
-hand. That check reads the values on the host: on a GPU it waits for the
+their log, concentrations κ > 0) are checked only with `validate=True`, the
+default for calls by hand. That check reads the values on the host: on a GPU it waits for the
 device, and under torch.compile it breaks the graph. Training loops pass
 `validate=False`, which checks no values and never syncs. A failed check
 raises ValueError naming the argument; so do bad Python numbers (nu, beta),
@@ -676,6 +685,321 @@ def vssl_loss(mu_q, var_q, mu_p, var_p, mu_r, var_r, form="cosine", kl_beta=3.0,
         raise ValueError(f'form must be "cosine" or "gaussian", got {form!r}')
     loss = kl.mean() + nll.mean()
     return loss, {"kl": kl.mean().detach(), "nll": nll.mean().detach()}
+
+
+# ----------------------------------------------------------------------------
+# Power spherical distribution and VI-SimSiam
+# ----------------------------------------------------------------------------
+# N. De Cao, W. Aziz, "The Power Spherical distribution", 2020,
+# arXiv:2006.04437. On the unit sphere S^{D-1} of R^D, with mean
+# direction μ (‖μ‖ = 1) and concentration κ ≥ 0 (κ = 0 is the uniform):
+#
+#     PS(x; μ, κ) = C(κ, D) · (1 + μᵀx)^κ,   α = (D−1)/2 + κ,   β = (D−1)/2,
+#     log C(κ, D) = −[(α+β) log 2 + β log π + log Γ(α) − log Γ(α+β)].
+#
+# Its projection t = μᵀx has (1 + t)/2 ~ Beta(α, β), and given t the rest of
+# x is uniform on the sphere S^{D-2} orthogonal to μ: that gives the closed
+# forms below and a sampler without rejection. Densities are with respect to
+# the surface measure of S^{D-1} (the uniform density is 1 / its area).
+# The terms in κ alone (log C, the entropy, the KL) are taken in float64 and
+# returned in float32 (or float64): log Γ(α) at α ≈ 10⁴, where a trained κ
+# lies at D = 2048, has a float32 spacing of 0.01, and the KL is a small
+# difference of such numbers. They are (B,) vectors: the cost is nil.
+def _check_concentration_shape(name, kappa, batch):
+    """Return kappa as (B,), raising ValueError unless it is (B,) or (B, 1)."""
+    if kappa.shape != (batch,) and kappa.shape != (batch, 1):
+        raise ValueError(f"{name} must have shape (B,) = ({batch},) or (B, 1) = ({batch}, 1), "
+                         f"got {tuple(kappa.shape)}")
+    return kappa.reshape(batch)
+
+
+def _check_sphere_dim(dim):
+    """Return dim as an int, raising ValueError unless it is an integer >= 2."""
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 2:
+        raise ValueError(f"dim must be an integer >= 2 (the sphere S^(dim-1) of R^dim), "
+                         f"got {dim!r}")
+    return dim
+
+
+def _power_spherical_log_norm(kappa, dim):
+    """log C(κ, D) of the power spherical density, elementwise in κ.
+
+    −[(α+β) log 2 + β log π + log Γ(α) − log Γ(α+β)], α = (D−1)/2 + κ,
+    β = (D−1)/2, computed in float64 and returned in kappa's dtype. At κ = 0
+    it is −log of the sphere's area (Legendre's duplication formula), the
+    uniform density.
+    """
+    beta = (dim - 1) / 2
+    alpha = beta + kappa.double()
+    log_norm = -((alpha + beta) * math.log(2) + beta * math.log(math.pi)
+                 + torch.lgamma(alpha) - torch.lgamma(alpha + beta))
+    return log_norm.to(kappa.dtype)
+
+
+def _log_one_plus_cos(mu, x):
+    """log(1 + μ̂ᵀx̂) for the directions of mu and x, (B, D) → (B,).
+
+    For unit vectors 1 + μ̂ᵀx̂ = ½‖μ̂ + x̂‖², which keeps its digits near the
+    antipode x̂ = −μ̂, where 1 + cos would cancel to 0 or below. The floor
+    only keeps log finite for an exact antipode (density 0 there).
+    """
+    half_sq = 0.5 * (_unit(mu) + _unit(x)).pow(2).sum(-1)
+    return half_sq.clamp_min(1e-30).log()
+
+
+def log_sphere_area(dim):
+    """log |S^{D-1}| = log(2 π^{D/2} / Γ(D/2)), the log-area of the unit sphere of R^D.
+
+    Example:
+        >>> round(math.exp(log_sphere_area(3)), 6) == round(4 * math.pi, 6)
+        True
+    """
+    dim = _check_sphere_dim(dim)
+    return math.log(2) + 0.5 * dim * math.log(math.pi) - math.lgamma(0.5 * dim)
+
+
+def power_spherical_log_prob(x, mu, kappa, *, validate=True):
+    """Log-density of the power spherical distribution on S^{D-1}.
+
+    De Cao & Aziz (2020): log PS(x; μ, κ) = log C(κ, D) + κ · log(1 + μᵀx),
+    with log C as in this section's header. Only the directions of x and mu
+    are used (both are normalized here).
+
+    Args:
+        x: (B, D) points; their directions are scored.
+        mu: (B, D) mean directions, any nonzero norm.
+        kappa: (B,) or (B, 1) concentrations κ > 0.
+        validate: check that kappa > 0, a host-device sync (see the module
+            docstring); shapes are checked either way.
+
+    Returns:
+        (B,) log-density with respect to the surface measure of S^{D-1}.
+
+    Example:
+        >>> mu = torch.randn(4, 3)
+        >>> lp = power_spherical_log_prob(mu, mu, torch.full((4,), 2.0))
+        >>> bool((lp > power_spherical_log_prob(-mu, mu, torch.full((4,), 2.0))).all())
+        True
+    """
+    _check_shapes(x=x, mu=mu)
+    dim = _check_sphere_dim(mu.shape[-1])
+    kappa = _check_concentration_shape("kappa", kappa, mu.shape[0])
+    if validate:
+        _check_positive(kappa=kappa)
+    x, mu, kappa = _as_float(x, mu, kappa)
+    return _power_spherical_log_norm(kappa, dim) + kappa * _log_one_plus_cos(mu, x)
+
+
+def power_spherical_sample(mu, kappa, *, generator=None, validate=True):
+    """One reparameterized sample of PS(μ, κ) per row.
+
+    De Cao & Aziz (2020), their sampling algorithm, without rejection:
+    t = 2B − 1 with B ~ Beta(α, β); v uniform on S^{D-2} (a normalized
+    Gaussian); y = (t, sqrt(1 − t²)·v), a sample around e₁; then the
+    Householder reflection H = I − 2uuᵀ, u = (e₁ − μ̂)/‖e₁ − μ̂‖, which maps
+    e₁ to μ̂ (and is the identity when μ̂ = e₁).
+
+    B is drawn as G_a / (G_a + G_b), G_a ~ Gamma(α), G_b ~ Gamma(β), as
+    torch.distributions.Beta draws it too (through its Dirichlet), but with
+    torch._standard_gamma (the op behind torch.distributions.Gamma.rsample),
+    which takes a generator where Beta.rsample does not. Its gradient in α
+    is implicit reparameterization (Figurnov et al., NeurIPS 2018), so the
+    sample is differentiable in mu and kappa. The two Gammas also give
+    1 − t² = 4·G_a·G_b / (G_a + G_b)² without the cancellation of 1 − t² near
+    t = ±1 (large κ). Noise order: the (B, 2) Gammas, then the (B, D−1)
+    Gaussian. With a generator it is the only source; without, the global
+    RNG, which draws the same numbers for the same seed (on the CPU).
+    Passing a generator breaks the graph under torch.compile (torch._dynamo
+    in torch 2.14); without one the sampler traces to one graph.
+
+    For fixed noise the sample jumps where μ̂ crosses e₁ (the reflection is
+    singular there, not the distribution): pathwise gradients hold
+    everywhere else.
+
+    Args:
+        mu: (B, D) mean directions, any nonzero norm; D >= 2.
+        kappa: (B,) or (B, 1) concentrations κ > 0.
+        generator: torch.Generator to draw from; None for the global RNG.
+        validate: check that kappa > 0, a host-device sync (see the module
+            docstring); shapes are checked either way.
+
+    Returns:
+        (B, D) unit vectors, differentiable in mu and kappa.
+
+    Example:
+        >>> x = power_spherical_sample(torch.randn(4, 8), torch.full((4,), 10.0))
+        >>> bool(((x.norm(dim=-1) - 1).abs() < 1e-5).all())
+        True
+    """
+    _check_shapes(mu=mu)
+    batch, dim = mu.shape[0], _check_sphere_dim(mu.shape[-1])
+    kappa = _check_concentration_shape("kappa", kappa, batch)
+    if validate:
+        _check_positive(kappa=kappa)
+    mu, kappa = _as_float(mu, kappa)
+    beta = (dim - 1) / 2
+
+    # (1 + t)/2 = B ~ Beta(α, β), as a ratio of Gammas.
+    concentration = torch.stack([kappa + beta, torch.full_like(kappa, beta)], dim=-1)
+    g_a, g_b = torch._standard_gamma(concentration, generator=generator).unbind(-1)
+    total = g_a + g_b
+    t = (g_a - g_b) / total
+    radius = 2 * (g_a * g_b).sqrt() / total  # sqrt(1 − t²)
+
+    # Uniform direction on S^{D-2}, the sphere orthogonal to e₁.
+    eps = torch.randn((batch, dim - 1), generator=generator, device=mu.device, dtype=mu.dtype)
+    y = torch.cat([t[:, None], radius[:, None] * _unit(eps)], dim=-1)
+
+    # Householder reflection taking e₁ to μ̂; u = 0 (H = I) when μ̂ = e₁.
+    e1 = torch.zeros_like(mu)
+    e1[:, 0] = 1.0
+    u = _unit(e1 - _unit(mu))
+    return y - 2 * u * (u * y).sum(-1, keepdim=True)
+
+
+def power_spherical_entropy(kappa, dim, *, validate=True):
+    """Differential entropy of PS(μ, κ) on S^{D-1}, in nats.
+
+    De Cao & Aziz (2020): H = −log C(κ, D) − κ·(log 2 + ψ(α) − ψ(α+β)), since
+    E[log(1 + μᵀx)] = E[log 2B] = log 2 + ψ(α) − ψ(α+β) for B ~ Beta(α, β)
+    (ψ the digamma). It does not depend on μ. Its largest value, at κ → 0,
+    is the uniform's: log of the sphere's area.
+
+    Args:
+        kappa: tensor of concentrations κ > 0, any shape.
+        dim: D >= 2, the dimension of the space around the sphere.
+        validate: check that kappa > 0, a host-device sync (see the module
+            docstring).
+
+    Returns:
+        Tensor shaped like kappa.
+
+    Example:
+        >>> h = power_spherical_entropy(torch.tensor([1e-6, 1.0, 100.0]), 3)
+        >>> bool(h[0] < math.log(4 * math.pi) + 1e-5) and bool((h.diff() < 0).all())
+        True
+    """
+    dim = _check_sphere_dim(dim)
+    if validate:
+        _check_positive(kappa=kappa)
+    kappa = _as_float(kappa)
+    k64 = kappa.double()
+    beta = (dim - 1) / 2
+    alpha = beta + k64
+    expected_log = math.log(2) + torch.digamma(alpha) - torch.digamma(alpha + beta)
+    return (-_power_spherical_log_norm(k64, dim) - k64 * expected_log).to(kappa.dtype)
+
+
+def power_spherical_kl_to_uniform(kappa, dim, *, validate=True):
+    """KL(PS(μ, κ) ‖ uniform on S^{D-1}), in nats.
+
+    KL = −H + log |S^{D-1}| (the uniform's log-density is −log-area). Written
+    out with Legendre's duplication formula, the constants cancel:
+
+        KL = [log Γ(D−1+κ) − log Γ(D−1)] − [log Γ(β+κ) − log Γ(β)]
+             − κ·[ψ(D−1+κ) − ψ(β+κ)],   β = (D−1)/2,
+
+    which is exactly 0 at κ = 0 instead of a difference of two large logs
+    (about −4900 each at D = 2048). Near κ = 0 the KL is ½κ²[ψ'(β) − ψ'(D−1)]
+    while its terms are O(κ): the absolute error is that of float64 log Γ
+    (about 1e-12 at D = 2048), so rounding can dip below 0 there, and the
+    result is clamped at 0.
+
+    Args:
+        kappa: tensor of concentrations κ > 0, any shape.
+        dim: D >= 2.
+        validate: check that kappa > 0, a host-device sync (see the module
+            docstring).
+
+    Returns:
+        Tensor shaped like kappa, >= 0, increasing in κ.
+
+    Example:
+        >>> power_spherical_kl_to_uniform(torch.tensor([1e-6, 10.0]), 3) >= 0
+        tensor([True, True])
+    """
+    dim = _check_sphere_dim(dim)
+    if validate:
+        _check_positive(kappa=kappa)
+    kappa = _as_float(kappa)
+    k64 = kappa.double()
+    beta = (dim - 1) / 2
+    kl = (torch.lgamma(dim - 1 + k64) - math.lgamma(dim - 1)
+          - (torch.lgamma(beta + k64) - math.lgamma(beta))
+          - k64 * (torch.digamma(dim - 1 + k64) - torch.digamma(beta + k64)))
+    return kl.clamp_min(0.0).to(kappa.dtype)
+
+
+def vi_simsiam_loss(p1, kappa1, p2, kappa2, z1, z2, *, validate=True):
+    """Symmetric VI-SimSiam objective for two views.
+
+    H. Nakamura, M. Okada, T. Taniguchi, "Representation Uncertainty in
+    Self-Supervised Learning as Variational Inference", ICCV 2023,
+    arXiv:2203.11437. SimSiam read as variational inference on the unit
+    sphere: the distribution of view i's latent is a power spherical
+    PS(μ̂_i, κ_i), with mean direction μ̂_i = p_i/‖p_i‖ from the predictor and
+    a concentration κ_i > 0, the image's certainty (low κ = uncertain). It
+    must explain the other view's projection ẑ_j = z_j/‖z_j‖, a stop-gradient
+    target as in SimSiam. Batch mean of
+
+        ½[ℓ(ẑ_2; μ̂_1, κ_1) + ℓ(ẑ_1; μ̂_2, κ_2)],
+        ℓ(ẑ; μ̂, κ) = −log PS(ẑ; μ̂, κ) = −log C(κ, D) − κ·log(1 + μ̂ᵀẑ).
+
+    With κ fixed, each sample's term decreases with cos(p_i, z_j), as
+    SimSiam's −cos does; κ weights each image's pull, and −log C(κ, D), which
+    grows with κ, keeps κ finite unless the views agree exactly.
+
+    Interpretation notes (our reading of the paper; we could not consult its code):
+    - The target is a point: the other view's posterior is taken as a point
+      mass at its detached projection, as SimSiam's stop-gradient target,
+      so the expected log-likelihood is the log-density at ẑ_j and nothing is
+      sampled. The uniformity and KL terms of the paper's general objective
+      are left out, as in its reading of SimSiam (there the predictor and
+      the stop-gradient keep the embeddings from collapsing); the KL of a
+      PS to the uniform prior is power_spherical_kl_to_uniform.
+    - The two directions are averaged (½ each), as SimSiam averages them.
+    - Nothing bounds κ but the data: for fixed μ̂ᵀẑ = c < 1 the loss is
+      smallest at κ ≈ β / log(2/(1 + c)), β = (D−1)/2, about 1.8·10⁴ for
+      c = 0.9 at D = 2048. The pull on μ̂ is κ·ẑ/(1 + μ̂ᵀẑ) where SimSiam's
+      is ẑ, so the step on the direction grows with κ.
+
+    Args:
+        p1, p2: (B, D) predictor outputs of views 1 and 2 (mean directions).
+        kappa1, kappa2: (B,) or (B, 1) concentrations κ > 0 of views 1 and 2.
+        z1, z2: (B, D) projections of views 1 and 2 (detached here).
+        validate: check that kappa1, kappa2 > 0, a host-device sync (see the
+            module docstring); shapes are checked either way. Training passes
+            False.
+
+    Returns:
+        (loss, terms): the scalar loss and a dict of detached 0-dim batch means
+        "nll" (the loss), "cos" (μ̂ᵀẑ, SimSiam's similarity) and "kappa" (each
+        averaged over both views).
+
+    Example:
+        >>> p1, p2, z1, z2 = torch.randn(4, 4, 8).unbind(0)
+        >>> kappa1, kappa2 = torch.rand(2, 4).add(0.1).unbind(0)
+        >>> loss, terms = vi_simsiam_loss(p1, kappa1, p2, kappa2, z1, z2)
+        >>> sorted(terms)
+        ['cos', 'kappa', 'nll']
+    """
+    _check_shapes(p1=p1, p2=p2, z1=z1, z2=z2)
+    _check_sphere_dim(p1.shape[-1])
+    kappa1 = _check_concentration_shape("kappa1", kappa1, p1.shape[0])
+    kappa2 = _check_concentration_shape("kappa2", kappa2, p2.shape[0])
+    if validate:
+        _check_positive(kappa1=kappa1, kappa2=kappa2)
+    p1, kappa1, p2, kappa2 = _as_float(p1, kappa1, p2, kappa2)
+    z1, z2 = _as_float(z1.detach(), z2.detach())
+
+    nll12 = -power_spherical_log_prob(z2, p1, kappa1, validate=False)
+    nll21 = -power_spherical_log_prob(z1, p2, kappa2, validate=False)
+    nll = 0.5 * (nll12 + nll21)
+    loss = nll.mean()
+    cos = 0.5 * (_cosine(p1, z2) + _cosine(p2, z1))
+    kappa = 0.5 * (kappa1 + kappa2)
+    terms = {"nll": loss.detach(), "cos": cos.mean().detach(), "kappa": kappa.mean().detach()}
+    return loss, terms
 
 
 # ----------------------------------------------------------------------------

@@ -19,6 +19,9 @@ Methods (the README's "Methods and recipes" gives the papers and equations):
            teacher = EMA encoder + projector -> prior; denoiser on a sample.
   byol     encoder -> projector -> predictor; EMA teacher encoder + projector.
   simsiam  encoder -> projector -> predictor; target = own projection, detached.
+  vi-simsiam  SimSiam's networks, plus a concentration head on the projection:
+           kappa = softplus(Linear(2048 -> 1)) + 1e-3; power spherical
+           posterior PS(predictor output, kappa), target as SimSiam's.
 """
 import copy
 import os
@@ -32,7 +35,7 @@ import torchvision
 import losses
 import utils
 
-METHODS = ("vje", "vssl", "byol", "simsiam")
+METHODS = ("vje", "vssl", "byol", "simsiam", "vi-simsiam")
 ARCHS = ("tiny", "resnet18", "resnet50")
 
 
@@ -245,9 +248,11 @@ class SSLModel(nn.Module):
         elif method == "byol":
             self.projector = mlp(d, proj_hidden, proj_dim)
             self.predictor = mlp(proj_dim, proj_hidden, proj_dim)
-        elif method == "simsiam":
+        elif method in ("simsiam", "vi-simsiam"):
             self.projector = mlp(d, 2048, 2048, num_layers=3, last_bn=True)
             self.predictor = mlp(2048, 512, 2048)
+            if method == "vi-simsiam":
+                self.kappa_head = nn.Linear(2048, 1)  # the concentration head, see kappa()
         elif method == "vssl":
             # projector -> (mu, var) of size d; predictor reads [mu, var]
             # (Algorithm 1, line 6) and gives the posterior (mu_hat, var_hat).
@@ -347,6 +352,8 @@ class SSLModel(nn.Module):
             return self.vssl_loss(z, x)
         if self.method == "byol":
             return self.byol_loss(z, x)
+        if self.method == "vi-simsiam":
+            return self.vi_simsiam_loss(z)
         return self.simsiam_loss(z)
 
     def vje_loss(self, z, x):
@@ -373,6 +380,27 @@ class SSLModel(nn.Module):
         h = self.projector(z)
         p = self.predictor(h)
         return 0.5 * (losses.simsiam_loss(p[:b], h[b:]) + losses.simsiam_loss(p[b:], h[:b])), {}
+
+    def vi_simsiam_loss(self, z):
+        b = z.shape[0] // 2
+        h = self.projector(z)
+        p = self.predictor(h)
+        kappa = self.kappa(h)
+        loss, terms = losses.vi_simsiam_loss(p[:b], kappa[:b], p[b:], kappa[b:], h[:b], h[b:], validate=False)
+        return loss, dict(terms)
+
+    def kappa(self, h):
+        """VI-SimSiam's concentration kappa > 0, (N,), from projections h (N, 2048).
+
+        softplus(Linear(h)) + 1e-3. Interpretation: the paper gives the power
+        spherical posterior a kappa from an extra head; we read the projection,
+        the predictor's input, with one linear layer. Softplus keeps the
+        gradient alive for small kappa (exp would explode, ReLU would die), and
+        the floor 1e-3 keeps kappa > 0 in float32. The head runs in float32
+        with autocast off: kappa grows to the thousands, where bf16 keeps
+        only two or three digits, and it is one 2048 -> 1 layer."""
+        with torch.autocast(h.device.type, enabled=False):
+            return F.softplus(self.kappa_head(h.float()).squeeze(-1)) + 1e-3
 
     def vssl_loss(self, z, x):
         b = z.shape[0] // 2
@@ -417,6 +445,19 @@ class SSLModel(nn.Module):
             enc = self.teacher if self.method == "vje" else self.teacher[0]
             return enc(x)
         raise ValueError(f"unknown feature source '{source}'; choose z, mu or ema")
+
+    @torch.no_grad()
+    def concentration(self, x=None, z=None):
+        """VI-SimSiam's kappa (N,) for images x (N, 3, H, W), or for their
+        encoder output z (N, D) when the caller has it already. Call it with
+        the network in eval mode, as features(): the projector's BatchNorm
+        then uses its running statistics. High kappa = certain; eval_ood.py's
+        "kappa" score is -kappa."""
+        if self.method != "vi-simsiam":
+            raise ValueError(f"the concentration kappa needs a VI-SimSiam checkpoint, this one is {self.method}")
+        if z is None:
+            z = self.encoder(x)
+        return self.kappa(self.projector(z))
 
 
 def model_kwargs(args):

@@ -1,4 +1,4 @@
-"""Self-supervised pre-training with VJE, VSSL, BYOL or SimSiam.
+"""Self-supervised pre-training with VJE, VSSL, BYOL, SimSiam or VI-SimSiam.
 
 One process (a GPU if there is one, else the CPU):
     python train.py --method vje --dataset cifar10
@@ -40,6 +40,7 @@ RECIPES = {
     "vssl": dict(optimizer="lars", lr=1.0, weight_decay=1e-5, ema_momentum=0.99, epochs=1000),
     "byol": dict(optimizer="lars", lr=1.0, weight_decay=1e-5, ema_momentum=0.99, epochs=1000),
     "simsiam": dict(optimizer="sgd", lr=0.05, weight_decay=5e-4, ema_momentum=0.0, epochs=800),
+    "vi-simsiam": dict(optimizer="sgd", lr=0.05, weight_decay=5e-4, ema_momentum=0.0, epochs=800),  # SimSiam's
 }
 # flags that define what is being trained: --resume refuses to change them
 RECIPE_FLAGS = ("method", "dataset", "classes", "aug", "arch", "batch_size", "lr", "weight_decay", "warmup_epochs", "nu",
@@ -49,11 +50,11 @@ RECIPE_FLAGS = ("method", "dataset", "classes", "aug", "arch", "batch_size", "lr
 
 def get_args(argv=None):
     number = utils.number
-    p = argparse.ArgumentParser(description="Self-supervised pre-training (VJE, VSSL, BYOL, SimSiam). Unset flags "
-                                            "take the method's recipe (see the README).",
+    p = argparse.ArgumentParser(description="Self-supervised pre-training (VJE, VSSL, BYOL, SimSiam, VI-SimSiam). "
+                                            "Unset flags take the method's recipe (see the README).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     utils.one_line_errors(p, "train.py")
-    p.add_argument("--method", default="vje", help="vje, vssl, byol or simsiam")
+    p.add_argument("--method", default="vje", help="vje, vssl, byol, simsiam or vi-simsiam")
     p.add_argument("--dataset", default="cifar10", help="cifar10, cifar100, stl10, imagenet or folder")
     p.add_argument("--data-path", default="./data",
                    help="download folder for cifar10/cifar100/stl10; for imagenet/folder a tree with train/ and test/ (or val/)")
@@ -63,7 +64,7 @@ def get_args(argv=None):
                    help="train (and evaluate) on these classes only, comma-separated names, e.g. the six animal "
                         "classes of CIFAR-10 for an out-of-distribution study: bird,cat,deer,dog,frog,horse")
     p.add_argument("--epochs", type=number(int, 1, 100_000), default=None,
-                   help="default: the recipe's (VJE 200, BYOL/VSSL 1000, SimSiam 800)")
+                   help="default: the recipe's (VJE 200, BYOL/VSSL 1000, SimSiam and VI-SimSiam 800)")
     p.add_argument("--warmup-epochs", type=number(int, 0, 100_000), default=10,
                    help="linear learning-rate warm-up before the cosine decay")
     p.add_argument("--batch-size", type=number(int, 2, 1 << 20), default=256,
@@ -464,7 +465,7 @@ def main(argv=None):
             args.num_classes = len(data.class_list(args.classes))
         loader, monitor = build_data(args, info, rank, world_size, device, master)
     if args.compile and isinstance(loader, data.BatchedTwoViews):
-        loader.compile()
+        loader.make_views = torch.compile(data.two_views)  # both views of a batch as one compiled graph
 
     # ---- networks, optimizers, schedules; what train_one_epoch reads, in one place ---
     model, ddp_model, optimizer, probe_optimizer = build_networks(args, device, world_size)

@@ -19,7 +19,8 @@ import train
 # one graph per forward pass
 
 FORWARD_CONFIGS = [("vje", {}), ("vje", {"target": "ema"}), ("vssl", {"vssl_form": "cosine"}),
-                   ("vssl", {"vssl_form": "gaussian", "vssl_sampling": "standard"}), ("byol", {}), ("simsiam", {})]
+                   ("vssl", {"vssl_form": "gaussian", "vssl_sampling": "standard"}), ("byol", {}), ("simsiam", {}),
+                   ("vi-simsiam", {})]
 
 
 @pytest.mark.parametrize("method,kw", FORWARD_CONFIGS, ids=[f"{m}-{'-'.join(map(str, kw.values())) or 'default'}"
