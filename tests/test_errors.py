@@ -107,7 +107,7 @@ def test_batch_size_too_small_or_too_large(trained, tmp_path):
     f = flags(data_dir, str(tmp_path / "run"))
     i = f.index("--batch-size") + 1
     f[i] = 1
-    assert_clean_error(run("train.py", *f), "--batch-size must be at least 2")
+    assert_clean_error(run("train.py", *f), "argument --batch-size: 1 is out of range", ">= 2")
     f[i] = 1000
     assert_clean_error(run("train.py", *f), "larger than the dataset (24 images)")
 

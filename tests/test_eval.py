@@ -306,7 +306,7 @@ def test_eval_linear_end_to_end_and_exact_resume(vje_ckpt, tmp_path):
     wb = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["linear"]
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert (b["top1"], b["top5"]) == (a["top1"], a["top5"])
-    with pytest.raises(SystemExit, match="^error: --resume with changed flags: --lr"):
+    with pytest.raises(SystemExit, match="^error: --resume with changed recipe flags: --lr"):
         eval_linear.main([*b_flags, "--resume", "--lr", "0.5"])
 
 
