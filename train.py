@@ -447,6 +447,51 @@ def resume_or_start(run, log_path, rank):
     return start
 
 
+def fit(run, monitor, log_path, rank, start_epoch, step, epoch_step):
+    """The epoch loop: train_one_epoch, then reduce the epoch's numbers, run the
+    k-NN monitor, checkpoint and log; a stop part-way through an epoch saves
+    where it stopped, for --resume."""
+    args, master, device, model = run.args, run.master, run.device, run.model
+
+    def save(epoch, epoch_step=0, log_entry=None):
+        """Checkpoint after `epoch` whole epochs and `epoch_step` steps of the next."""
+        utils.save_training_state(run.ckpt_path, master, run.world_size, model=model, optimizer=run.optimizer,
+                                  probe_optimizer=run.probe_optimizer, scaler=run.scaler, epoch=epoch,
+                                  epoch_step=epoch_step, step=step, args=vars(args), log_entry=log_entry)
+
+    def evaluate():
+        return knn_monitor(model, *monitor, args.num_classes, args, device, rank, run.world_size)
+
+    if start_epoch == 0 and epoch_step == 0 and monitor is not None:  # the random network's k-NN, as a baseline
+        entry = dict(epoch=0, step=0, knn_acc=evaluate()["knn_acc"])
+        append_log(log_path, entry, master)
+
+    # ---- training loop --------------------------------------------------------------
+    for epoch in range(start_epoch, args.epochs):
+        t_epoch = time.time()
+        sums, count, step, why = train_one_epoch(run, epoch, step, epoch_step)
+        train_time, done, epoch_step = time.time() - t_epoch, epoch_step + count, 0
+        if why is not None and done < run.steps_per_epoch:  # stopped part-way: save where it stopped
+            save(epoch, done)
+            if master:
+                print(f"stopped by {why} at epoch {epoch + 1}, step {step}; checkpoint saved to {run.ckpt_path}; "
+                      f"continue with --resume")
+            break
+
+        # ---- end of epoch: reduce metrics, evaluate, checkpoint, log -------------------
+        entry = dict(epoch=epoch + 1, step=step, lr=float(run.lr_schedule[step - 1]),
+                     **epoch_means(sums, count, device), images_per_s=count * args.batch_size / max(train_time, 1e-9))
+        if monitor is not None and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
+            entry.update(evaluate())
+        entry["epoch_time"] = time.time() - t_epoch
+        save(epoch + 1, log_entry=entry)  # the checkpoint first: a failed write leaves both files as they were
+        append_log(log_path, entry, master)
+        if why is not None:
+            if master:
+                print(f"stopped by {why} after epoch {epoch + 1}; continue with --resume")
+            break
+
+
 def main(argv=None):
     args = get_args(argv)
     rank, local_rank, world_size, device = utils.setup_distributed(args.device)
@@ -473,58 +518,24 @@ def main(argv=None):
     run = SimpleNamespace(args=args, device=device, master=master, world_size=world_size, loader=loader,
                           steps_per_epoch=len(loader), model=model, ddp_model=ddp_model, optimizer=optimizer,
                           probe_optimizer=probe_optimizer, scaler=utils.grad_scaler(args.precision, device),
-                          stopper=Stopper(args.max_steps),
                           to_device=lambda x: x.to(device, non_blocking=True, memory_format=layout))
     run.lr_schedule, run.probe_lr_schedule, run.momentum_schedule = build_schedules(args, run.steps_per_epoch)
 
     # ---- output folder and resume -------------------------------------------------
     make_output_dir(args.output_dir)
-    run.ckpt_path = ckpt_path = os.path.join(args.output_dir, "checkpoint.pt")
+    run.ckpt_path = os.path.join(args.output_dir, "checkpoint.pt")
     log_path = os.path.join(args.output_dir, "log.jsonl")
     start_epoch, step, epoch_step = resume_or_start(run, log_path, rank)
     if master:
         print(f"{args.method} on {args.dataset} ({info['image_size']} px), {args.arch}, {world_size} process(es) "
               f"on {device.type}, {args.precision}, {args.aug} augmentation, {run.steps_per_epoch} steps/epoch")
 
-    def save(epoch, epoch_step=0, log_entry=None):
-        """Checkpoint after `epoch` whole epochs and `epoch_step` steps of the next."""
-        utils.save_training_state(ckpt_path, master, world_size, model=model, optimizer=optimizer,
-                                  probe_optimizer=probe_optimizer, scaler=run.scaler, epoch=epoch,
-                                  epoch_step=epoch_step, step=step, args=vars(args), log_entry=log_entry)
-
-    def evaluate():
-        return knn_monitor(model, *monitor, args.num_classes, args, device, rank, world_size)
-
-    if start_epoch == 0 and epoch_step == 0 and monitor is not None:  # the random network's k-NN, as a baseline
-        entry = dict(epoch=0, step=0, knn_acc=evaluate()["knn_acc"])
-        append_log(log_path, entry, master)
-
-    # ---- training loop --------------------------------------------------------------
-    for epoch in range(start_epoch, args.epochs):
-        t_epoch = time.time()
-        sums, count, step, why = train_one_epoch(run, epoch, step, epoch_step)
-        train_time, done, epoch_step = time.time() - t_epoch, epoch_step + count, 0
-        if why is not None and done < run.steps_per_epoch:  # stopped part-way: save where it stopped
-            save(epoch, done)
-            if master:
-                print(f"stopped by {why} at epoch {epoch + 1}, step {step}; checkpoint saved to {ckpt_path}; "
-                      f"continue with --resume")
-            break
-
-        # ---- end of epoch: reduce metrics, evaluate, checkpoint, log -------------------
-        entry = dict(epoch=epoch + 1, step=step, lr=float(run.lr_schedule[step - 1]),
-                     **epoch_means(sums, count, device), images_per_s=count * args.batch_size / max(train_time, 1e-9))
-        if monitor is not None and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
-            entry.update(evaluate())
-        entry["epoch_time"] = time.time() - t_epoch
-        save(epoch + 1, log_entry=entry)  # the checkpoint first: a failed write leaves both files as they were
-        append_log(log_path, entry, master)
-        if why is not None:
-            if master:
-                print(f"stopped by {why} after epoch {epoch + 1}; continue with --resume")
-            break
+    run.stopper = Stopper(args.max_steps)
+    try:
+        fit(run, monitor, log_path, rank, start_epoch, step, epoch_step)
+    finally:  # Ctrl-C and SIGTERM go back to their handlers, also after an error line
+        run.stopper.restore()
     utils.cleanup_distributed()
-    run.stopper.restore()
     if run.stopper.signal:  # stopped from outside: say so in the exit status (128 + signal, as a shell does)
         sys.exit(128 + run.stopper.signal)
     return model
@@ -571,6 +582,8 @@ def trim_log(path, epoch, entry):
 if __name__ == "__main__":
     try:
         main()
+    except KeyboardInterrupt:  # Ctrl-C before the training loop took over the signal
+        sys.exit("error: interrupted during set-up; no checkpoint was written")
     except RuntimeError as e:  # raised in a data-loading worker, re-raised here with its traceback as text
         bad_file = data.decode_error(e)
         if bad_file is None:

@@ -1,7 +1,8 @@
-"""bench.py: the statistics helper against hand-computed values, and one end-to-end
+"""bench.py: the statistics helper against hand-computed values, one end-to-end
 run on tiny settings whose JSON must hold every section with positive, finite,
-mutually consistent numbers. Nothing here judges speed: timings on a shared
-machine are the benchmark's business, not a test's."""
+mutually consistent numbers, the compiled feed, and --gpu-check without a GPU.
+Nothing here judges speed: timings on a shared machine are the benchmark's
+business, not a test's."""
 import json
 import math
 import os
@@ -43,15 +44,15 @@ def test_end_to_end_json_has_every_section_with_consistent_numbers(tmp_path):
     folder = make_image_folder(tmp_path / "data", classes=3, train_per_class=8, test_per_class=4, size=16)
     out = tmp_path / "bench.json"
     env = dict(os.environ, OMP_NUM_THREADS="1")
+    methods = ["vje", "vssl", "byol", "simsiam"]
     cmd = [sys.executable, "bench.py", "--arch", "tiny", "--batch-size", "4", "--image-size", "16",
-           "--rounds", "1", "--warmup", "0", "--threads", "1", "--device", "cpu",
+           "--methods", *methods, "--rounds", "1", "--warmup", "0", "--threads", "1", "--device", "cpu",
            "--data-path", folder, "--workers", "0", "1", "--data-batches", "2", "--output", str(out),
            "--aug-threads", "1", "2", "--feed-workers", "0", "1", "--feed-rounds", "2", "--feed-steps", "2",
            "--feed-warmup", "1"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     r = json.loads(out.read_text())
-    methods = ["vje", "vssl", "byol", "simsiam"]
 
     steps = r["train_step"]
     assert list(steps) == ["encoder"] + methods
@@ -100,4 +101,17 @@ def test_end_to_end_json_has_every_section_with_consistent_numbers(tmp_path):
 
     assert positive_finite(r["memory"]["cpu_peak_rss_mb"])
     assert r["env"]["device"] == "cpu" and r["env"]["threads"] == 1 and r["env"]["precision"] == "fp32"
-    assert "loss overhead" in proc.stdout and "data loading" in proc.stdout and "fed four ways" in proc.stdout
+    assert all(title in proc.stdout for title in ("loss overhead", "data loading", "training loop fed 4 ways"))
+
+
+def test_gpu_check_without_a_gpu_says_so_in_one_line_and_exits_0(tmp_path):
+    """No GPU visible (CUDA_VISIBLE_DEVICES empty, so also on a GPU machine):
+    nothing is checked, one line says so, no JSON is written."""
+    out = tmp_path / "gpu.json"
+    proc = subprocess.run([sys.executable, "bench.py", "--gpu-check", "--output", str(out)], cwd=ROOT,
+                          env=dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1"), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1 and "no CUDA GPU" in lines[0] and "nothing was checked" in lines[0], proc.stdout
+    assert not out.exists()

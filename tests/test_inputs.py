@@ -34,9 +34,27 @@ def one_error_line(stderr):
     return lines[0]
 
 
+def error_of(script, args):
+    """Runs a script's main() in this process (a subprocess costs seconds of
+    imports) and returns its error line: the SystemExit message that Python
+    prints as the one line on stderr."""
+    with pytest.raises(SystemExit) as e:
+        SCRIPTS[script].main(list(map(str, args)))
+    message = str(e.value)
+    assert message.startswith("error: ") and "\n" not in message, message
+    return message
+
+
 def train_flags(data_dir, out, *extra):
     return ["--method", "vje", "--dataset", "folder", "--data-path", data_dir, "--arch", "tiny", "--batch-size", 8,
             "--warmup-epochs", 1, "--num-workers", 0, "--output-dir", out, "--epochs", 1, "--eval-every", 0, *extra]
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    """main() sizes the thread pool to the machine; the tests keep to one core."""
+    torch.set_num_threads(1)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +63,7 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("inputs")
     data_dir = make_image_folder(root / "data")
     out = str(root / "run")
-    r = run("train.py", *train_flags(data_dir, out))
-    assert r.returncode == 0, r.stderr[-2000:]
+    train.main(list(map(str, train_flags(data_dir, out))))
     return data_dir, os.path.join(out, "checkpoint.pt")
 
 
@@ -76,6 +93,9 @@ def bad_file_commands(data_dir, ckpt, tmp_path):
 
 
 def test_a_checkpoint_that_would_run_code_is_refused_by_every_script(trained, tmp_path):
+    """train.py as a user runs it (a subprocess: one line on stderr, no
+    traceback), the others in this process: each refuses the file in one line
+    naming it, and the file the pickle would create never appears."""
     data_dir, _ = trained
     marker = tmp_path / "created-by-the-checkpoint"
     run_dir = tmp_path / "crafted"
@@ -83,9 +103,12 @@ def test_a_checkpoint_that_would_run_code_is_refused_by_every_script(trained, tm
     ckpt = str(run_dir / "checkpoint.pt")
     torch.save(dict(model=CreatesAFile(str(marker)), args=dict(method="vje")), ckpt)
     for name, args in bad_file_commands(data_dir, ckpt, tmp_path).items():
-        r = run(name.split()[0], *args)
-        assert r.returncode != 0, name
-        line = one_error_line(r.stderr)
+        if name == "train.py":
+            r = run(name, *args)
+            assert r.returncode != 0
+            line = one_error_line(r.stderr)
+        else:
+            line = error_of(name.split()[0], args)
         assert ckpt in line and "refused" in line and "could run code" in line, (name, line)
         assert not marker.exists(), f"{name} ran the checkpoint's code"
 
@@ -100,15 +123,10 @@ def test_unreadable_checkpoints_give_one_line(trained, tmp_path, kind):
     content = {"garbage": b"\x89PNG not a checkpoint" * 50, "truncated": blob[:len(blob) // 2], "empty": b""}[kind]
     with open(ckpt, "wb") as f:
         f.write(content)
-    r = run("train.py", *train_flags(data_dir, str(run_dir), "--resume"))
-    assert r.returncode != 0 and "unreadable" in one_error_line(r.stderr)
-    assert open(ckpt, "rb").read() == content  # untouched
     for name, args in bad_file_commands(data_dir, ckpt, tmp_path).items():
-        if name == "train.py":
-            continue
-        with pytest.raises(SystemExit) as e:
-            SCRIPTS[name.split()[0]].main(list(map(str, args)))
-        assert str(e.value).startswith("error: ") and "\n" not in str(e.value) and "unreadable" in str(e.value)
+        line = error_of(name.split()[0], args)
+        assert "unreadable" in line and ckpt in line, (name, line)
+    assert open(ckpt, "rb").read() == content  # untouched
 
 
 def test_an_older_checkpoint_is_refused_with_a_conversion_and_converts(trained, tmp_path):
@@ -123,17 +141,16 @@ def test_an_older_checkpoint_is_refused_with_a_conversion_and_converts(trained, 
         state["numpy"] = np.random.get_state()  # a tuple holding a uint32 array, as before
     path = str(run_dir / "checkpoint.pt")
     torch.save(ckpt, path)
-    r = run("train.py", *train_flags(data_dir, str(run_dir), "--resume"))
-    line = one_error_line(r.stderr)
+    line = error_of("train.py", train_flags(data_dir, str(run_dir), "--resume"))
     assert "older version" in line and f"python utils.py upgrade-checkpoint {path}" in line
     r = run("utils.py", "upgrade-checkpoint", path)
     assert r.returncode == 0, r.stderr
     converted = torch.load(path, weights_only=True)
-    assert torch.equal(converted["rng"][0]["numpy"][1], torch.from_numpy(np.random.get_state()[1].astype(np.int64))) \
-        or converted["rng"][0]["numpy"][0] == "MT19937"
+    kind, keys, *_ = converted["rng"][0]["numpy"]
+    assert kind == "MT19937" and torch.equal(keys, torch.from_numpy(ckpt["rng"][0]["numpy"][1].astype(np.int64)))
     assert all(torch.equal(converted["model"][k], ckpt["model"][k]) for k in ckpt["model"])
-    r = run("train.py", *train_flags(data_dir, str(run_dir), "--resume", "--epochs", 2))
-    assert r.returncode == 0, r.stderr[-2000:]
+    train.main(list(map(str, train_flags(data_dir, str(run_dir), "--resume", "--epochs", 2))))
+    assert torch.load(path, weights_only=True)["epoch"] == 2
 
 
 # -----------------------------------------------------------------------------
@@ -155,7 +172,7 @@ FLAGS = {
     "eval_ood.py": dict(EVAL_FLAGS, **{"--ood-k": ()}),
     "bench.py": {"--batch-size": (), "--image-size": (), "--warmup": ("0",), "--rounds": (), "--threads": (),
                  "--data-batches": (), "--feed-rounds": (), "--feed-steps": (), "--feed-warmup": ("0",),
-                 "--seed": ("0",)},
+                 "--seed": ("0",), "--workers": ("0",), "--feed-workers": ("0",), "--aug-threads": ()},
 }
 CASES = [(script, flag, value, value in ok) for script, flags in FLAGS.items()
          for flag, ok in flags.items() for value in VALUES]
@@ -185,15 +202,16 @@ def test_a_bad_flag_from_the_command_line_is_one_line(tmp_path):
     assert train.get_args(["--nu", "inf"]).nu == float("inf")  # Gaussian likelihood: inf is allowed for --nu
 
 
-def test_output_dir_that_is_a_file(trained, tmp_path):
+def test_output_dir_that_is_a_file(trained, tmp_path, capsys):
     data_dir, _ = trained
     f = tmp_path / "a-file"
     f.write_text("keep me")
-    r = run("train.py", *train_flags(data_dir, str(f)))
-    assert "is a file" in one_error_line(r.stderr) and f.read_text() == "keep me"
+    with pytest.raises(SystemExit):
+        train.main(list(map(str, train_flags(data_dir, str(f)))))
+    assert "is a file" in one_error_line(capsys.readouterr().err) and f.read_text() == "keep me"
 
 
-def test_mixed_image_sizes_fall_back_to_the_pil_path(tmp_path):
+def test_mixed_image_sizes_fall_back_to_the_pil_path(tmp_path, capsys):
     """--aug auto picks the batched path for small images; when a folder's
     images differ in size it says so in one line and takes the PIL path,
     while an explicit --aug batched is an error."""
@@ -201,9 +219,8 @@ def test_mixed_image_sizes_fall_back_to_the_pil_path(tmp_path):
     from PIL import Image
     Image.new("RGB", (20, 18), (200, 10, 10)).save(os.path.join(data_dir, "train", "class0", "zz_other_size.png"))
     out = tmp_path / "auto"
-    r = run("train.py", *train_flags(data_dir, str(out)))
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "differ in size; using --aug pil" in r.stdout
+    train.main(list(map(str, train_flags(data_dir, str(out)))))
+    assert "differ in size; using --aug pil" in capsys.readouterr().out
     assert '"aug": "pil"' in (out / "args.json").read_text()
-    r = run("train.py", *train_flags(data_dir, str(tmp_path / "batched"), "--aug", "batched"))
-    assert "--aug pil" in one_error_line(r.stderr) and not (tmp_path / "batched").exists()
+    line = error_of("train.py", train_flags(data_dir, str(tmp_path / "batched"), "--aug", "batched"))
+    assert "--aug pil" in line and not (tmp_path / "batched").exists()
