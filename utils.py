@@ -301,8 +301,10 @@ def number(kind=float, low=None, high=None, low_open=False, allow_inf=False):
         return value
 
     def describe():
-        lo = "" if low is None else f"{'>' if low_open else '>='} {low:g}"
-        hi = "" if high is None else f"<= {high:g}"
+        def show(v):
+            return str(int(v)) if float(v).is_integer() else f"{v:g}"
+        lo = "" if low is None else f"{'>' if low_open else '>='} {show(low)}"
+        hi = "" if high is None else f"<= {show(high)}"
         rng = " and ".join(s for s in (lo, hi) if s)
         return f"{'a whole number' if kind is int else 'a number'} {rng}" + (" or inf" if allow_inf else "")
     parse.__name__ = "int" if kind is int else "float"

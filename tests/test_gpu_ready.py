@@ -163,3 +163,25 @@ def test_compiled_training_matches_eager(tmp_path, monkeypatch):
     for k, v in states["eager"]["model"].items():
         if v.dtype.is_floating_point:
             assert torch.allclose(states["compiled"]["model"][k], v, atol=1e-4), k
+
+
+def download_worker(rank, world, port, out):
+    import time
+    import utils
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    with utils.node_leader_first(local_rank=rank):  # one node: local rank = rank
+        if rank == 0:
+            time.sleep(0.5)  # a slow download
+            (out / "archive").write_text("downloaded")
+        else:
+            (out / "rank1-saw").write_text(str((out / "archive").exists()))
+    torch.distributed.destroy_process_group()
+
+
+def test_the_first_process_of_a_node_downloads_before_the_others_read(tmp_path):
+    """utils.node_leader_first: the other processes of a node wait at a
+    barrier until the first has finished the block (the dataset download), so
+    they find its files instead of writing the same archive at the same time."""
+    mp.spawn(download_worker, args=(2, free_port(), tmp_path), nprocs=2)
+    assert (tmp_path / "rank1-saw").read_text() == "True"
