@@ -93,16 +93,18 @@ class InferenceNetwork(nn.Module):
     Linear(D,H,no bias) -> LayerNorm -> ReLU -> Linear(H,H,no bias) -> LayerNorm
     -> ReLU, then a mean head Linear(H,D) and a variance head
     Softplus(Linear(H,D)) + 1e-5, with H = round(D / 4). LayerNorm rather than
-    BatchNorm keeps the posterior of one image independent of its batch."""
+    BatchNorm keeps the posterior of one image independent of its batch.
+    `isotropic` (the VJE paper's isotropic-variance ablation, in its
+    appendix): one variance per image, shared by all D dimensions, var (B, 1)."""
 
-    def __init__(self, dim):
+    def __init__(self, dim, isotropic=False):
         super().__init__()
         h = round(0.25 * dim)
         self.trunk = nn.Sequential(
             nn.Linear(dim, h, bias=False), nn.LayerNorm(h), nn.ReLU(inplace=True),
             nn.Linear(h, h, bias=False), nn.LayerNorm(h), nn.ReLU(inplace=True))
         self.mean = nn.Linear(h, dim)
-        self.var = nn.Linear(h, dim)
+        self.var = nn.Linear(h, 1 if isotropic else dim)
 
     def forward(self, z):
         h = self.trunk(z)
@@ -231,18 +233,19 @@ class SSLModel(nn.Module):
     def __init__(self, method, arch="resnet18", image_size=32, num_classes=0, target="stopgrad",
                  nu=1.0, beta=1.0, radial=True, center_var=False,
                  vssl_form="cosine", vssl_sampling="paper", vssl_same_view=False,
-                 proj_hidden=4096, proj_dim=256):
+                 proj_hidden=4096, proj_dim=256, mc_samples=1, isotropic=False):
         super().__init__()
         if method not in METHODS:
             raise ValueError(f"unknown method '{method}'; choose one of {', '.join(METHODS)}")
         self.method, self.target = method, target
         self.nu, self.beta, self.radial, self.center_var = nu, beta, radial, center_var
+        self.mc_samples = mc_samples  # VJE: posterior samples per view (the paper's Monte Carlo ablation)
         self.vssl_form, self.vssl_sampling, self.vssl_same_view = vssl_form, vssl_sampling, vssl_same_view
         self.encoder, self.dim = build_encoder(arch, image_size)
         d = self.dim
         self.teacher = None
         if method == "vje":
-            self.head = InferenceNetwork(d)
+            self.head = InferenceNetwork(d, isotropic)
             if target == "ema":
                 self.teacher = copy.deepcopy(self.encoder)
         elif method == "byol":
@@ -365,7 +368,8 @@ class SSLModel(nn.Module):
             with torch.no_grad():
                 t = self.teacher(x)
         loss, terms = losses.vje_loss(mu[:b], var[:b], mu[b:], var[b:], t[:b], t[b:], nu=self.nu, beta=self.beta,
-                                      radial=self.radial, center_var=self.center_var, validate=False)
+                                      radial=self.radial, center_var=self.center_var, mc_samples=self.mc_samples,
+                                      validate=False)
         return loss, dict(terms)
 
     def byol_loss(self, z, x):
@@ -468,7 +472,8 @@ def model_kwargs(args):
                 center_var=args.get("center_var", False), vssl_form=args.get("vssl_form", "cosine"),
                 vssl_sampling=args.get("vssl_sampling", "paper"),
                 vssl_same_view=args.get("vssl_same_view", False),
-                proj_hidden=args.get("proj_hidden", 4096))
+                proj_hidden=args.get("proj_hidden", 4096), mc_samples=args.get("mc_samples", 1),
+                isotropic=args.get("isotropic", False))
 
 
 def load_model(path):

@@ -44,8 +44,8 @@ RECIPES = {
 }
 # flags that define what is being trained: --resume refuses to change them
 RECIPE_FLAGS = ("method", "dataset", "classes", "aug", "arch", "batch_size", "lr", "weight_decay", "warmup_epochs", "nu",
-                "beta", "target", "radial", "center_var", "vssl_form", "vssl_sampling", "vssl_same_view", "seed",
-                "ema_momentum", "image_size", "proj_hidden")
+                "beta", "target", "radial", "center_var", "mc_samples", "isotropic", "vssl_form", "vssl_sampling",
+                "vssl_same_view", "seed", "ema_momentum", "image_size", "proj_hidden")
 
 
 def get_args(argv=None):
@@ -138,6 +138,12 @@ def add_method_flags(p):
                    help="VJE: leave the radial likelihood out of the loss (it is still logged)")
     p.add_argument("--center-var", action="store_true",
                    help="VJE: unit geometric-mean variances inside the directional term (App. A.2)")
+    p.add_argument("--mc-samples", type=number(int, 1, 1024), default=1,
+                   help="VJE: posterior samples per view, the ELBO averaged over them (the paper's Monte Carlo "
+                        "sampling ablation, in its appendix)")
+    p.add_argument("--isotropic", action="store_true",
+                   help="VJE: one posterior variance per image shared by all dimensions, instead of one per "
+                        "dimension (the paper's isotropic-variance ablation, in its appendix)")
     # VSSL
     p.add_argument("--vssl-form", default="cosine", choices=("cosine", "gaussian"),
                    help="VSSL: the paper's cosine KL/likelihood (Eqs. 9-10) or the textbook Gaussian ELBO")

@@ -17,7 +17,7 @@ import train
 # -----------------------------------------------------------------------------
 # one graph per forward pass
 
-FORWARD_CONFIGS = [("vje", {}), ("vje", {"target": "ema"}), ("vssl", {"vssl_form": "cosine"}),
+FORWARD_CONFIGS = [("vje", {}), ("vje", {"target": "ema"}), ("vje", {"mc_samples": 3, "isotropic": True}), ("vssl", {"vssl_form": "cosine"}),
                    ("vssl", {"vssl_form": "gaussian", "vssl_sampling": "standard"}), ("byol", {}), ("simsiam", {}),
                    ("vi-simsiam", {})]
 

@@ -15,6 +15,7 @@ import torch.multiprocessing as mp
 
 from conftest import ROOT
 
+import losses
 import model as model_lib
 import train
 
@@ -98,6 +99,24 @@ def test_vje_ema_target_and_feature_sources():
         small_model("byol").features(x, "mu")
     with pytest.raises(ValueError, match="needs a target encoder"):
         small_model("simsiam").features(x, "ema")
+
+
+def test_vje_ablation_flags_reach_the_model_and_the_loss():
+    """--isotropic gives one variance per image (the head's var is (B, 1)),
+    --mc-samples K averages the ELBO over K posterior samples: the model's loss
+    equals losses.vje_loss with the same noise."""
+    args = train.get_args(["--method", "vje", "--isotropic", "--mc-samples", "3", "--arch", "tiny"])
+    kw = model_lib.model_kwargs(dict(vars(args), image_size=16, num_classes=3))
+    assert (kw["isotropic"], kw["mc_samples"]) == (True, 3)
+    net = small_model("vje", isotropic=True, mc_samples=3).train()
+    z = torch.randn(8, 256)
+    mu, var = net.head(z)
+    assert mu.shape == (8, 256) and var.shape == (8, 1)
+    torch.manual_seed(5)
+    loss, _ = net.embedding_loss(z, None)
+    torch.manual_seed(5)
+    expected, _ = losses.vje_loss(mu[:4], var[:4], mu[4:], var[4:], z[:4], z[4:], mc_samples=3)
+    assert torch.allclose(loss, expected, rtol=1e-6)
 
 
 def test_ema_update_matches_formula():
