@@ -2,19 +2,24 @@
 exit code != 0 and one line naming the problem, never a traceback, and leaves
 existing checkpoints and logs as they were; kills and signals lose at most the
 current epoch."""
+import contextlib
 import hashlib
+import io
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from conftest import ROOT, make_image_folder
 
+import eval_knn
+import train
 import utils
 
 TRAIN = os.path.join(ROOT, "train.py")
@@ -24,6 +29,33 @@ def run(script, *args, env=None, timeout=300):
     cmd = [sys.executable, os.path.join(ROOT, script), *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
                           env={**os.environ, **(env or {})})
+
+
+def run_main(script, *args):
+    """The script's main() in this process, for mistakes that stop it before
+    any training: a subprocess costs seconds of imports. Returns what `run`
+    returns: the exit code and stderr, where a SystemExit message is the line
+    Python prints for it."""
+    module = {"train.py": train, "eval_knn.py": eval_knn}[script]
+    err = io.StringIO()
+    code = 0
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+            module.main(list(map(str, args)))
+    except SystemExit as e:
+        if isinstance(e.code, str):
+            err.write(e.code + "\n")
+            code = 1
+        else:
+            code = e.code or 0
+    return SimpleNamespace(returncode=code, stderr=err.getvalue())
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    """main() sizes the thread pool to the machine; the tests keep to one core."""
+    torch.set_num_threads(1)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
 
 
 def flags(data_dir, out, method="vje", epochs=1, **extra):
@@ -79,16 +111,16 @@ def test_unknown_names(trained, tmp_path, flag, value, needle):
         f[f.index(flag) + 1] = value
     else:
         f += [flag, value]
-    assert_clean_error(run("train.py", *f), needle)
+    assert_clean_error(run_main("train.py", *f), needle)
 
 
 def test_missing_and_empty_data_path(tmp_path):
     out = str(tmp_path / "run")
-    assert_clean_error(run("train.py", *flags(str(tmp_path / "nowhere"), out)), "does not exist")
+    assert_clean_error(run_main("train.py", *flags(str(tmp_path / "nowhere"), out)), "does not exist")
     (tmp_path / "empty").mkdir()
-    assert_clean_error(run("train.py", *flags(str(tmp_path / "empty"), out)), "has no train/ folder")
+    assert_clean_error(run_main("train.py", *flags(str(tmp_path / "empty"), out)), "has no train/ folder")
     (tmp_path / "noimg" / "train" / "cat").mkdir(parents=True)
-    assert_clean_error(run("train.py", *flags(str(tmp_path / "noimg"), out)), "holds no images")
+    assert_clean_error(run_main("train.py", *flags(str(tmp_path / "noimg"), out)), "holds no images")
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -107,14 +139,14 @@ def test_batch_size_too_small_or_too_large(trained, tmp_path):
     f = flags(data_dir, str(tmp_path / "run"))
     i = f.index("--batch-size") + 1
     f[i] = 1
-    assert_clean_error(run("train.py", *f), "argument --batch-size: 1 is out of range", ">= 2")
+    assert_clean_error(run_main("train.py", *f), "argument --batch-size: 1 is out of range", ">= 2")
     f[i] = 1000
-    assert_clean_error(run("train.py", *f), "larger than the dataset (24 images)")
+    assert_clean_error(run_main("train.py", *f), "larger than the dataset (24 images)")
 
 
 def test_fp16_on_cpu(trained, tmp_path):
     data_dir, _ = trained
-    assert_clean_error(run("train.py", *flags(data_dir, str(tmp_path / "run")), "--precision", "fp16"),
+    assert_clean_error(run_main("train.py", *flags(data_dir, str(tmp_path / "run")), "--precision", "fp16"),
                        "fp16 needs a CUDA GPU")
 
 
@@ -134,7 +166,7 @@ def test_more_processes_than_gpus(monkeypatch):
 
 def test_resume_without_checkpoint(trained, tmp_path):
     data_dir, _ = trained
-    assert_clean_error(run("train.py", *flags(data_dir, str(tmp_path / "fresh")), "--resume"), "does not exist", "leave out --resume")
+    assert_clean_error(run_main("train.py", *flags(data_dir, str(tmp_path / "fresh")), "--resume"), "does not exist", "leave out --resume")
 
 
 def test_truncated_checkpoint(trained, tmp_path):
@@ -144,7 +176,7 @@ def test_truncated_checkpoint(trained, tmp_path):
     blob = open(os.path.join(out, "checkpoint.pt"), "rb").read()
     (broken / "checkpoint.pt").write_bytes(blob[:len(blob) // 3])
     before = digest(broken)
-    assert_clean_error(run("train.py", *flags(data_dir, str(broken), epochs=2), "--resume"), "unreadable")
+    assert_clean_error(run_main("train.py", *flags(data_dir, str(broken), epochs=2), "--resume"), "unreadable")
     assert digest(broken) == before
 
 
@@ -163,19 +195,19 @@ def test_resume_with_other_recipe(trained, change, needle):
             f[f.index(change[k]) + 1] = change[k + 1]
         else:
             f += change[k:k + 2]
-    assert_clean_error(run("train.py", *f, "--resume"), "changed recipe flags", needle)
+    assert_clean_error(run_main("train.py", *f, "--resume"), "changed recipe flags", needle)
     assert digest(out) == before
 
 
 def test_eval_knn_feature_mu_on_byol_and_missing_checkpoint(tmp_path):
     data_dir = make_image_folder(tmp_path / "data")
     out = str(tmp_path / "byol")
-    assert run("train.py", *flags(data_dir, out, method="byol")).returncode == 0
+    assert run_main("train.py", *flags(data_dir, out, method="byol")).returncode == 0
     before = digest(out)
-    assert_clean_error(run("eval_knn.py", "--checkpoint", os.path.join(out, "checkpoint.pt"), "--feature", "mu",
+    assert_clean_error(run_main("eval_knn.py", "--checkpoint", os.path.join(out, "checkpoint.pt"), "--feature", "mu",
                            "--num-workers", 0), "VJE")
     assert digest(out) == before
-    assert_clean_error(run("eval_knn.py", "--checkpoint", str(tmp_path / "none.pt")), "not found")
+    assert_clean_error(run_main("eval_knn.py", "--checkpoint", str(tmp_path / "none.pt")), "not found")
 
 
 # -----------------------------------------------------------------------------
@@ -222,7 +254,7 @@ def run_with_fault(tmp_path, fault, at, *args):
 def test_non_finite_loss_keeps_last_good_checkpoint(tmp_path):
     data_dir = make_image_folder(tmp_path / "data")
     out = str(tmp_path / "run")
-    assert run("train.py", *flags(data_dir, out)).returncode == 0  # epoch 1: 3 steps
+    assert run_main("train.py", *flags(data_dir, out)).returncode == 0  # epoch 1: 3 steps
     before = digest(out)
     r = run_with_fault(tmp_path, "nan-loss", 2, *flags(data_dir, out, epochs=2), "--resume")  # the 2nd step of epoch 2
     line = assert_clean_error(r, "non-finite loss", "epoch 2, step 4", "--precision fp32", "lower --lr")
@@ -241,7 +273,7 @@ def test_sigkill_during_checkpoint_write_then_resume(tmp_path):
     assert r.returncode == -signal.SIGKILL
     assert torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)["epoch"] == 1
     assert os.path.exists(os.path.join(out, "checkpoint.pt.tmp"))  # the half-written file
-    r = run("train.py", *flags(data_dir, out, epochs=3), "--resume")
+    r = run_main("train.py", *flags(data_dir, out, epochs=3), "--resume")
     assert r.returncode == 0, r.stderr[-2000:]
     ckpt = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
     assert (ckpt["epoch"], ckpt["step"]) == (3, 9)
@@ -254,7 +286,7 @@ def test_failed_checkpoint_write_leaves_checkpoint_and_log_intact(tmp_path):
     (the epoch's log line is written only after its checkpoint)."""
     data_dir = make_image_folder(tmp_path / "data")
     out = str(tmp_path / "run")
-    assert run("train.py", *flags(data_dir, out)).returncode == 0
+    assert run_main("train.py", *flags(data_dir, out)).returncode == 0
     before = digest(out)
     r = run_with_fault(tmp_path, "disk-full", 1, *flags(data_dir, out, epochs=2), "--resume")
     assert_clean_error(r, "could not write", "No space left on device", "previous file there is unchanged")
@@ -262,7 +294,7 @@ def test_failed_checkpoint_write_leaves_checkpoint_and_log_intact(tmp_path):
     assert not os.path.exists(os.path.join(out, "checkpoint.pt.tmp"))
     assert {k: after[k] for k in ("checkpoint.pt", "log.jsonl")} == \
         {k: before[k] for k in ("checkpoint.pt", "log.jsonl")}
-    r = run("train.py", *flags(data_dir, out, epochs=2), "--resume")  # and the run goes on from there
+    r = run_main("train.py", *flags(data_dir, out, epochs=2), "--resume")  # and the run goes on from there
     assert r.returncode == 0, r.stderr[-2000:]
     assert [json.loads(l)["epoch"] for l in open(os.path.join(out, "log.jsonl"))] == [1, 2]
 
@@ -287,7 +319,7 @@ def test_sigkill_mid_epoch_then_resume(tmp_path):
     p.kill()
     p.wait()
     assert torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)["epoch"] >= 1
-    r = run("train.py", *flags(data_dir, out, epochs=3), "--resume")
+    r = run_main("train.py", *flags(data_dir, out, epochs=3), "--resume")
     assert r.returncode == 0, r.stderr[-2000:]
     ckpt = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
     assert (ckpt["epoch"], ckpt["step"]) == (3, 36)
@@ -313,7 +345,7 @@ def test_sigterm_saves_at_next_step_and_resume_continues(tmp_path):
         assert f"at epoch 2, step {ckpt['step']}" in stdout
     else:  # the signal landed during the end-of-epoch work: that epoch is complete
         assert (ckpt["epoch"], ckpt["epoch_step"], ckpt["step"]) == (2, 0, 24)
-    r = run("train.py", *flags(data_dir, out, epochs=2), "--resume")
+    r = run_main("train.py", *flags(data_dir, out, epochs=2), "--resume")
     assert r.returncode == 0, r.stderr[-2000:]
     ckpt = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
     assert (ckpt["epoch"], ckpt["epoch_step"], ckpt["step"]) == (2, 0, 24)
