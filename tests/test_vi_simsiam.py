@@ -19,6 +19,7 @@ import torch.multiprocessing as mp
 
 from conftest import make_image_folder
 from test_gpu_ready import SyncCounter
+from test_losses import count_host_reads, report
 from test_train import free_port, small_model
 
 import data
@@ -39,11 +40,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def report(name, value):
-    """Print a measured error (shown with pytest -s)."""
-    print(f"\n[{name}] {float(value):.3e}")
 
 
 def random_directions(n, dim, gen, dtype=F64):
@@ -357,23 +353,6 @@ def test_low_precision_inputs_give_float32_finite_values():
         loss, terms = vi_simsiam_loss(p1, k1, p2, k2, z1, z2)
         assert loss.dtype == torch.float32 and torch.isfinite(loss) and all(map(torch.isfinite, terms.values()))
         assert power_spherical_sample(p1, k1).dtype == torch.float32
-
-
-def count_host_reads(monkeypatch, call):
-    """Tensor.__bool__, .item and .tolist calls made by call() (each a device sync on a GPU)."""
-    counts = []
-    for name in ("__bool__", "item", "tolist"):
-        original = getattr(torch.Tensor, name)
-
-        def counting(self, *args, _original=original, **kwargs):
-            counts.append(1)
-            return _original(self, *args, **kwargs)
-        monkeypatch.setattr(torch.Tensor, name, counting)
-    try:
-        call()
-    finally:
-        monkeypatch.undo()
-    return len(counts)
 
 
 def test_validate_checks_kappa_and_validate_false_reads_nothing(monkeypatch):
