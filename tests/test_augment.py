@@ -1,11 +1,14 @@
 """data.py's batched augmentation: each op against torchvision's functional op
 applied to one image at a time, the drawn parameters against torchvision's own
 get_params, and the batched loader's order, sharding and resumption."""
+import math
+import random
+
 import numpy as np
 import pytest
 import torch
 import torchvision.transforms as T
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, ImageFilter
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
@@ -67,50 +70,258 @@ def test_gaussian_blur_matches_torchvision(kernel):
     assert (data.gaussian_blur(x, sigma, kernel) - expected).abs().max() <= 1e-5
 
 
+def structured_u8(h, w, seed):
+    """A uint8 image (h, w, 3) with what a blur changes most: hard edges (a
+    bright rectangle, a one-pixel line, a 2 px checkerboard in blue), smooth
+    gradients (red along x, green along y) and noise (+-40 grey levels)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w]
+    img = np.stack([255 * x / max(w - 1, 1), 255 * y / max(h - 1, 1), 200.0 * (((x // 2) + (y // 2)) % 2)], -1)
+    img[h // 4:3 * h // 4, w // 3:2 * w // 3] = 255  # a bright rectangle: edges on every side
+    img[:, w // 5] = 0  # a dark one-pixel line
+    img += rng.uniform(-40, 40, img.shape)
+    return np.clip(img.round(), 0, 255).astype(np.uint8)
+
+
+def pil_blur(img, sigma):
+    return np.array(Image.fromarray(img).filter(ImageFilter.GaussianBlur(radius=sigma)))
+
+
+BLUR_SIGMAS = [0.1, 0.3, 0.5, 0.8, 1.0, 1.4, 1.7, 2.0]  # [0.1, 2] (the recipes' range), both ends included
+BLUR_TOL = 3 / 255 + 2e-5
+
+
+@pytest.mark.parametrize("h, w", [(32, 32), (24, 40), (45, 20), (5, 7)])
+def test_pil_gaussian_blur_matches_pillow_within_its_rounding(h, w):
+    """pil_gaussian_blur of a batch, each image with its own sigma, against
+    PIL's img.filter(ImageFilter.GaussianBlur(radius=sigma)) on the uint8
+    image, for square, wide, tall and tiny (smaller than the blur's reach,
+    so the edge replication reaches across the whole image) structured images.
+
+    Pillow does six box passes (three along rows, three along columns) and
+    rounds to 8 bits after each; we do the same passes in float. Each
+    rounding moves a pixel by at most 0.5 grey level, and a later pass
+    averages the errors with non-negative weights that sum to 1, which cannot
+    make them larger: after six passes |ours - PIL| <= 6 x 0.5 = 3 levels,
+    plus float slack (float32 sums, and Pillow's 24-bit fixed-point weights,
+    each within 2^-24 (2r + 1) of ours): 3/255 + 2e-5. The errors mostly
+    cancel, so the mean is well under a level (0.49-0.53 measured, max
+    2.60-2.87): 1/255 catches a systematic shift that the max would allow.
+
+    The "kernel" blur (torchvision's, 3 taps at 32 px) must fail that bound
+    at sigma 2: the comparison tells the two blurs apart."""
+    u8 = np.stack([structured_u8(h, w, seed) for seed in range(len(BLUR_SIGMAS))])
+    x = torch.from_numpy(u8).permute(0, 3, 1, 2).float() / 255
+    sigma = torch.tensor(BLUR_SIGMAS)
+    ours = data.pil_gaussian_blur(x, sigma, 2.0)
+    ref = torch.from_numpy(np.stack([pil_blur(img, s) for img, s in zip(u8, BLUR_SIGMAS)])).permute(0, 3, 1, 2) / 255
+    diff = (ours - ref).abs()
+    assert diff.amax((1, 2, 3)).max() <= BLUR_TOL, diff.amax((1, 2, 3)) * 255
+    assert diff.mean() <= 1 / 255, diff.mean() * 255
+    if h == w == 32:
+        kernel = data.gaussian_blur(x[-1:], sigma[-1:], data.blur_kernel_size(32))  # sigma 2, 3 taps
+        assert (kernel - ref[-1:]).abs().max() > BLUR_TOL
+
+
+def test_pil_gaussian_blur_is_the_identity_at_sigma_0_and_keeps_flat_images():
+    """sigma 0: box radius 0, the identity matrix (exact: x times 1 plus
+    zeros); a flat image stays flat whatever sigma (each pass's weights sum to
+    1 and the edges are replicated); a sigma above max_sigma is clamped to it."""
+    x = torch.rand(3, 3, 12, 9, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(data.pil_gaussian_blur(x, torch.zeros(3), 2.0), x)
+    flat = torch.full((2, 3, 12, 9), 0.3)
+    assert (data.pil_gaussian_blur(flat, torch.tensor([0.7, 2.0]), 2.0) - 0.3).abs().max() <= 1e-6
+    assert torch.equal(data.pil_gaussian_blur(x[:1], torch.tensor([5.0]), 2.0),
+                       data.pil_gaussian_blur(x[:1], torch.tensor([2.0]), 2.0))
+
+
+def pillow_box_blur_u8(img, radius):
+    """Our reading of Pillow's GaussianBlur, in its own integer arithmetic:
+    three box passes along each row, then three along each column, each
+    rounded to 8 bits. One pass of radius r (floor(r) = k) with 24-bit weights
+    ww = int(2^24 / (2r + 1)) for the 2k + 1 nearest taps and
+    fw = (2^24 - (2k + 1) ww) // 2 for the next one on each side, a tap past
+    the border reading the edge pixel, and (sum + 2^23) >> 24."""
+    r = np.float32(radius)
+    k = int(r)
+    ww = int(np.float32(1 << 24) / (r * np.float32(2) + np.float32(1)))
+    fw = ((1 << 24) - (2 * k + 1) * ww) // 2
+
+    def one_pass(a):  # along the last axis
+        n = a.shape[-1]
+        tap = lambda t: a[..., np.clip(np.arange(n) + t, 0, n - 1)]
+        near = sum(tap(t) for t in range(-k, k + 1))
+        return (near * ww + (tap(-k - 1) + tap(k + 1)) * fw + (1 << 23)) >> 24
+
+    a = img.astype(np.int64).transpose(2, 0, 1)  # (C, H, W)
+    for _ in range(3):
+        a = one_pass(a)
+    a = a.transpose(0, 2, 1)
+    for _ in range(3):
+        a = one_pass(a)
+    return a.transpose(2, 1, 0).astype(np.uint8)  # (H, W, C)
+
+
+def test_pillows_gaussian_blur_is_three_box_passes_of_pil_box_radius():
+    """The algorithm pil_gaussian_blur follows, checked bit for bit against the
+    installed Pillow: with data.pil_box_radius (float32, as Pillow computes
+    it) as the radius, `pillow_box_blur_u8` (box taps as box_blur_matrix
+    weighs them, rows before columns, edge pixels replicated, three passes
+    each) equals PIL's GaussianBlur exactly, on images smaller and larger than
+    the blur and sigmas from 0.05 to 6. Any other radius formula, tap layout,
+    order, pass count or edge rule gives other pixels."""
+    for h, w, seed in ((32, 32, 0), (20, 45, 1), (7, 5, 2), (3, 40, 3)):
+        img = structured_u8(h, w, seed)
+        for s in np.linspace(0.05, 6, 24):
+            r = data.pil_box_radius(torch.tensor([s], dtype=torch.float32)).item()
+            assert np.array_equal(pillow_box_blur_u8(img, r), pil_blur(img, float(s))), (h, w, s)
+
+
+def impulse(size=33):
+    img = np.zeros((size, size, 3), np.uint8)
+    img[size // 2, size // 2] = 255
+    return img
+
+
+def spread(a):
+    """Standard deviation along x, in px, of an image's mass about its centre column."""
+    a = np.asarray(a, dtype=np.float64)
+    x = np.arange(a.shape[1]) - a.shape[1] // 2
+    return math.sqrt((a.sum(0) * x ** 2).sum() / a.sum())
+
+
+@pytest.mark.parametrize("sigma", [0.5, 1.0, 1.5, 2.0])
+def test_pil_gaussian_blur_spreads_an_impulse_by_sigma_as_pillow(sigma):
+    """The spread (standard deviation, px) of a blurred 33 x 33 single-pixel
+    impulse. Ours: three boxes of variance sigma^2 / 3 each (pil_box_radius's
+    defining property), far from the border, so sigma up to float32 rounding
+    (1e-4). Pillow's: the same but rounded to 8 bits at each pass, which
+    cuts the faint tails (an impulse of 255 spread over ~2 pi sigma^2 pixels
+    leaves a few grey levels in them): within 5 % of ours (measured: 0.494 at
+    0.5, 0.971 at 1, 2.034 at 2). The 3-tap kernel blur spreads 0.80 px at
+    most, whatever sigma: at sigma 2 under half of Pillow's. data.impulse_spread
+    (blur-check's) measures the same."""
+    img = impulse()
+    x = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255
+    ours = data.pil_gaussian_blur(x, torch.tensor([sigma]), 2.0)[0, 0].numpy()
+    theirs = pil_blur(img, sigma)[:, :, 0]
+    assert abs(spread(ours) - sigma) <= 1e-4
+    assert abs(spread(theirs) - spread(ours)) <= 0.05 * sigma
+    assert abs(data.impulse_spread(ours) - spread(ours)) <= 1e-9
+    if sigma == 2.0:
+        kernel = data.gaussian_blur(x, torch.tensor([sigma]), data.blur_kernel_size(33))[0, 0].numpy()
+        assert spread(kernel) < 0.5 * spread(theirs)
+
+
+def test_pil_path_blur_is_pillows_with_sigma_from_torchs_generator():
+    """PILGaussianBlur: img.filter(GaussianBlur(radius=s)) with s drawn as
+    torchvision's GaussianBlur.get_params draws it (torch.empty(1).uniform_),
+    so the same torch seed gives the same sigma, and Python's random module
+    (which DataLoader workers and --resume do not restore) is never used."""
+    img = Image.fromarray(structured_u8(32, 32, 0))
+    blur = data.PILGaussianBlur((0.1, 2.0))
+    py_state = random.getstate()
+    for seed in range(3):
+        torch.manual_seed(seed)
+        out = blur(img)
+        torch.manual_seed(seed)
+        s = T.GaussianBlur.get_params(0.1, 2.0)
+        assert np.array_equal(np.array(out), pil_blur(np.array(img), s))
+    assert random.getstate() == py_state
+
+
+def pil_path_ops(transform):
+    """The ops of each view of a two_view_transform: the crop, the blur (or None)."""
+    out = []
+    for view in (transform.t1, transform.t2):
+        blur = [t.transforms[0] for t in view.transforms if isinstance(t, T.RandomApply)
+                and isinstance(t.transforms[0], (data.PILGaussianBlur, T.GaussianBlur))]
+        out.append((view.transforms[0], blur[0] if blur else None))
+    return out
+
+
+def test_recipes_blur_and_interpolation_reach_both_paths():
+    """The VJE notebook crops bilinear, solo-learn (BYOL, VSSL, SimSiam,
+    VI-SimSiam) bicubic; both blur with PIL's GaussianBlur. The recipe's keys
+    say so, the PIL path builds those ops, and "kernel" / an interpolation
+    override replace them; an unknown value stops with one line."""
+    for method, mode in (("vje", "bilinear"), ("vssl", "bicubic"), ("byol", "bicubic"), ("simsiam", "bicubic"),
+                         ("vi-simsiam", "bicubic")):
+        for v in data.view_recipes(method, 96):
+            assert v["interpolation"] == mode and v["blur"] == "pil" and v["blur_sigma"] == (0.1, 2.0)
+        assert data.view_recipes(method, 32, "kernel", "bilinear")[0]["interpolation"] == "bilinear"
+        assert data.view_recipes(method, 32, "kernel", "bicubic")[1]["blur"] == "kernel"
+    info = dict(image_size=96, mean=data.IMAGENET_MEAN, std=data.IMAGENET_STD)
+    (crop1, blur1), (crop2, blur2) = pil_path_ops(data.two_view_transform("vje", info))
+    assert crop1.interpolation == crop2.interpolation == InterpolationMode.BILINEAR
+    assert isinstance(blur1, data.PILGaussianBlur) and isinstance(blur2, data.PILGaussianBlur)
+    assert blur1.sigma == blur2.sigma == (0.1, 2.0)
+    (crop1, blur1), _ = pil_path_ops(data.two_view_transform("byol", info))
+    assert crop1.interpolation == InterpolationMode.BICUBIC and isinstance(blur1, data.PILGaussianBlur)
+    (crop1, blur1), _ = pil_path_ops(data.two_view_transform("vje", info, "kernel", "bicubic"))
+    assert crop1.interpolation == InterpolationMode.BICUBIC
+    assert isinstance(blur1, T.GaussianBlur) and blur1.kernel_size == (9, 9)
+    torch.manual_seed(0)
+    v1, v2 = data.two_view_transform("vje", info)(Image.fromarray(structured_u8(120, 100, 0)))
+    assert v1.shape == v2.shape == (3, 96, 96) and v1.dtype == torch.float32
+    for bad in (dict(blur="box"), dict(interpolation="nearest")):
+        with pytest.raises(SystemExit, match="^error: unknown (blur|interpolation)"):
+            data.view_recipes("vje", 32, **bad)
+
+
 BOXES = [  # (top, left, height, width) in a 16 x 16 image, flip
     ((0, 0, 16, 16), False), ((2, 3, 9, 12), True), ((5, 0, 4, 4), False),
     ((0, 7, 16, 9), True), ((11, 11, 5, 5), False), ((1, 2, 15, 3), True),
 ]
 
 
+MODES = dict(bilinear=InterpolationMode.BILINEAR, bicubic=InterpolationMode.BICUBIC)
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
 @pytest.mark.parametrize("size", [16, 40, 8])
-def test_resized_crop_matches_torchvision_antialiased_bicubic(size):
+def test_resized_crop_matches_torchvision_antialiased_resize(size, interpolation):
     """Upscaling (the batched path's case: a crop of the image back to the
     image size), equal size and downscaling, on images in [0.25, 0.75], where
     no intermediate value leaves [0, 1] (so our clamp between the passes does
     nothing). torchvision's tensor resize with antialias=True computes PIL's
-    bicubic weights (a = -0.5, kernel widened when shrinking, renormalized at
-    the crop's edges), as our matrices do, so the only difference is float32
-    rounding in another summation order: 1e-5."""
+    weights (bilinear: the triangle; bicubic: a = -0.5; the kernel widened
+    when shrinking, renormalized at the crop's edges), as our matrices do, so
+    the only difference is float32 rounding in another summation order: 1e-5."""
     x = 0.25 + 0.5 * images()
     box = torch.tensor([b for b, _ in BOXES])
     flip = torch.tensor([f for _, f in BOXES])
-    out = data.resized_crop(x, *box.unbind(1), size, flip)
+    out = data.resized_crop(x, *box.unbind(1), size, flip, interpolation)
     expected = []
     for img, (t, l, h, w), f in zip(x, box.tolist(), flip.tolist()):
-        y = F.resized_crop(img, t, l, h, w, [size, size], InterpolationMode.BICUBIC, antialias=True)
+        y = F.resized_crop(img, t, l, h, w, [size, size], MODES[interpolation], antialias=True)
         expected.append(F.horizontal_flip(y) if f else y)
     assert (out - torch.stack(expected)).abs().max() <= 1e-5
 
 
+@pytest.mark.parametrize("interpolation, levels", [("bilinear", 1.0), ("bicubic", 1.125)])
 @pytest.mark.parametrize("size", [16, 40])
-def test_resized_crop_matches_the_pil_path_within_rounding(size):
+def test_resized_crop_matches_the_pil_path_within_rounding(size, interpolation, levels):
     """Against what the PIL path does (torchvision's resized_crop on a PIL
-    image), on full-range noise, for crops resized up or to the same size (all
-    the batched path does: a crop of the image back to the image size). PIL
-    resizes rows, clamps and rounds to 8 bits, then columns, clamps and rounds;
-    we clamp but keep floats. Rounding the first pass (<= 0.5 grey level) passes
-    through the second pass's weights, whose absolute values sum to at most 1.25
-    for this kernel, and the final rounding adds 0.5: at most 1.125 grey levels."""
+    image, PIL's own resize), on full-range noise, for crops resized up or to
+    the same size (all the batched path does: a crop of the image back to the
+    image size). PIL resizes rows, clamps and rounds to 8 bits, then columns,
+    clamps and rounds; we clamp but keep floats. Rounding the first pass
+    (<= 0.5 grey level) passes through the second pass's weights, and the
+    final rounding adds 0.5. Bilinear weights are non-negative and sum to 1,
+    so the first error is not amplified: at most 1 grey level. Bicubic weights
+    have absolute values summing to at most 1.25: at most 1.125 levels. Plus
+    1e-6 for float32 and PIL's 22-bit fixed-point weights (measured: 1.00005
+    levels bilinear)."""
     x = images()
     u8 = (x * 255).round().to(torch.uint8)
     box = torch.tensor([b for b, _ in BOXES])
-    out = data.resized_crop(u8.float() / 255, *box.unbind(1), size, None)
+    out = data.resized_crop(u8.float() / 255, *box.unbind(1), size, None, interpolation)
     for img, (t, l, h, w), y in zip(u8, box.tolist(), out):
         pil = Image.fromarray(img.permute(1, 2, 0).numpy())
-        ref = np.array(T.functional.resized_crop(pil, t, l, h, w, [size, size], InterpolationMode.BICUBIC))
+        ref = np.array(T.functional.resized_crop(pil, t, l, h, w, [size, size], MODES[interpolation]))
         ref = torch.from_numpy(ref).permute(2, 0, 1).float() / 255
-        assert (y - ref).abs().max() <= 1.125 / 255 + 1e-6
+        assert (y - ref).abs().max() <= levels / 255 + 1e-6
 
 
 def test_colour_jitter_applies_each_samples_ops_in_its_order():
@@ -164,12 +375,13 @@ def test_batched_colour_jitter_equals_a_per_sample_loop():
     assert torch.equal(out[~apply], x[~apply])  # untouched samples are exactly themselves
 
 
-@pytest.mark.parametrize("method", ["vje", "byol"])
-def test_render_view_equals_a_per_sample_loop(method):
-    """A whole view (crop, jitter, grayscale, blur with p 0.5, solarize) made for
-    the batch at once against the same single-op functions applied to one
-    image at a time, only where its draws say so: 1e-6 (see above)."""
-    recipe = dict(data.view_recipes(method, 32)[1], blur_p=0.5)
+@pytest.mark.parametrize("method, blur", [("vje", "pil"), ("byol", "pil"), ("vje", "kernel")])
+def test_render_view_equals_a_per_sample_loop(method, blur):
+    """A whole view (crop with the recipe's interpolation, jitter, grayscale,
+    the recipe's blur with p 0.5, solarize) made for the batch at once against
+    the same single-op functions applied to one image at a time, only where
+    its draws say so: 1e-6 (see above)."""
+    recipe = dict(data.view_recipes(method, 32, blur)[1], blur_p=0.5)
     g = torch.Generator().manual_seed(6)
     u8 = torch.randint(0, 256, (32, 3, 32, 32), dtype=torch.uint8, generator=g)
     p = data.draw_view_params(32, recipe, 32, 32, g, "cpu")
@@ -178,23 +390,27 @@ def test_render_view_equals_a_per_sample_loop(method):
     for i in range(32):
         one = {k: v[i:i + 1] for k, v in p.items()}
         img = data.resized_crop(u8[i:i + 1].float() / 255, one["top"], one["left"], one["height"], one["width"],
-                                32, one["flip"])
+                                32, one["flip"], recipe["interpolation"])
         img = per_sample_jitter(img, one["factors"], one["order"], one["jitter"])
         if one["gray"]:
             img = data.grayscale(img).expand_as(img)
         if one["blur"]:
-            img = data.gaussian_blur(img, one["sigma"], recipe["blur_kernel"])
+            img = (data.pil_gaussian_blur(img, one["sigma"], 2.0) if blur == "pil" else
+                   data.gaussian_blur(img, one["sigma"], recipe["blur_kernel"]))
         if one["solarize"]:
             img = data.solarize(img)
         img = F.normalize(img, data.CIFAR_MEAN, data.CIFAR_STD)
         assert (out[i:i + 1] - img).abs().max() <= 1e-6, i
 
 
-def test_render_view_equals_the_ops_in_the_pil_paths_order():
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_render_view_equals_the_ops_in_the_pil_paths_order(interpolation):
     """A whole view: crop + flip, jitter, grayscale, blur, solarize, normalize,
     recomputed image by image with torchvision's ops (pixels in 64..191, so
-    that the resize never leaves [0, 1]; see the tests above)."""
-    recipe = dict(data.view_recipes("vje", 32)[1], blur_p=0.5)
+    that the resize never leaves [0, 1]; see the tests above). The blur is the
+    recipe's "kernel" one, which torchvision has as a tensor op (PIL's blur
+    is checked on its own above)."""
+    recipe = dict(data.view_recipes("vje", 32, "kernel", interpolation)[1], blur_p=0.5)
     g = torch.Generator().manual_seed(5)
     u8 = torch.randint(64, 192, (8, 3, 32, 32), dtype=torch.uint8, generator=g)
     p = data.draw_view_params(8, recipe, 32, 32, g, "cpu")
@@ -202,7 +418,7 @@ def test_render_view_equals_the_ops_in_the_pil_paths_order():
     ops = (F.adjust_brightness, F.adjust_contrast, F.adjust_saturation, F.adjust_hue)
     for i in range(8):
         img = F.resized_crop(u8[i].float() / 255, p["top"][i].item(), p["left"][i].item(), p["height"][i].item(),
-                             p["width"][i].item(), [32, 32], InterpolationMode.BICUBIC, antialias=True).clamp(0, 1)
+                             p["width"][i].item(), [32, 32], MODES[interpolation], antialias=True).clamp(0, 1)
         if p["flip"][i]:
             img = F.horizontal_flip(img)
         if p["jitter"][i]:
@@ -415,20 +631,21 @@ def test_a_step_draws_view_1_then_view_2_from_one_seeded_generator():
 METHODS = ["vje", "vssl", "byol", "simsiam"]
 
 
-def loader_32px(method):
+def loader_32px(method, blur="pil"):
     x = torch.randint(0, 256, (32, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     info = dict(image_size=32, mean=data.CIFAR_MEAN, std=data.CIFAR_STD)
-    return data.BatchedTwoViews(x, torch.arange(32), method, info, 8, seed=3, rank=1, world_size=2)
+    return data.BatchedTwoViews(x, torch.arange(32), method, info, 8, seed=3, rank=1, world_size=2, blur=blur)
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_both_views_of_a_batch_are_one_graph(method):
+@pytest.mark.parametrize("method, blur", [(m, "pil") for m in METHODS] + [("vje", "kernel")])
+def test_both_views_of_a_batch_are_one_graph(method, blur):
     """torch._dynamo traces what a step does after its one torch.rand (the
     drawn parameters and the rendering of both views, for this rank's slice of
     the global batch) without a graph break: no shape that depends on the
     draws, no host sync, no Python branch on a tensor. The draw itself stays
-    outside: dynamo breaks the graph at any op given a torch.Generator."""
-    ld = loader_32px(method)
+    outside: dynamo breaks the graph at any op given a torch.Generator. VJE's
+    view 1 is always blurred, so its case traces the blur too."""
+    ld = loader_32px(method, blur)
     u = torch.rand(2, data.UNIFORMS_PER_SAMPLE * 16, generator=torch.Generator().manual_seed(0))
     torch._dynamo.reset()
     explained = torch._dynamo.explain(ld.make_views)(ld.images[:8], u, ld.recipes, ld.size, ld.mean, ld.std,
@@ -437,13 +654,13 @@ def test_both_views_of_a_batch_are_one_graph(method):
     assert explained.graph_count == 1
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_making_views_never_waits_for_the_device(method, monkeypatch):
+@pytest.mark.parametrize("method, blur", [(m, "pil") for m in METHODS] + [("vje", "kernel")])
+def test_making_views_never_waits_for_the_device(method, blur, monkeypatch):
     """While the loader makes batches, nothing reads a tensor's value on the
     host (nonzero, item, tolist, bool, int, float) or copies a constant from
     the host (torch.tensor / torch.as_tensor of Python numbers onto a device):
     on a GPU each would stall the step until the device catches up."""
-    ld = loader_32px(method)
+    ld = loader_32px(method, blur)
     ld.set_epoch(2)
     calls = []
 

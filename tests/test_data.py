@@ -206,3 +206,103 @@ def test_make_subset_command_line(tmp_path):
     assert again.stderr.startswith("error: ") and "already holds files" in again.stderr
     missing = run("make-subset", "src", "dst3")
     assert missing.returncode == 1 and missing.stderr.strip().count("\n") == 0 and "--train-per-class" in missing.stderr
+
+
+# -----------------------------------------------------------------------------
+# normalization constants per recipe
+
+NOTEBOOK = {  # the VJE authors' notebook
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
+    "cifar100": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
+    "stl10": ((0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713)),
+}
+SOLO = {  # solo-learn, the code of the BYOL / VSSL recipe
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "stl10": ((0.4914, 0.4823, 0.4466), (0.247, 0.243, 0.261)),
+}
+IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+METHODS = ("vje", "vssl", "byol", "simsiam", "vi-simsiam")
+
+
+def test_normalization_follows_each_methods_code():
+    """"auto": the notebook's constants for VJE, solo-learn's for every other
+    method, ImageNet's for ImageNet and folders; a plain dataset name as the
+    choice follows the same method rule (a folder of CIFAR-10 images under
+    --normalize cifar10 gets what --dataset cifar10 would); any other choice
+    is its row, whatever the method."""
+    for method in METHODS:
+        for dataset in ("cifar10", "cifar100", "stl10"):
+            table, row = (NOTEBOOK, dataset) if method == "vje" else (SOLO, dataset + "-solo")
+            assert data.normalization(method, dataset) == (row, *table[dataset]), (method, dataset)
+            for other in ("folder", "imagenet", "cifar10"):
+                assert data.normalization(method, other, dataset) == (row, *table[dataset])
+            assert data.normalization(method, "folder", dataset + "-solo") == (dataset + "-solo", *SOLO[dataset])
+        for dataset in ("imagenet", "folder"):
+            assert data.normalization(method, dataset) == ("imagenet", *IMAGENET)
+        assert data.normalization(method, "cifar10", "imagenet") == ("imagenet", *IMAGENET)
+    assert data.CIFAR_MEAN == SOLO["cifar10"][0] and data.CIFAR_STD == SOLO["cifar10"][1]
+    assert (data.IMAGENET_MEAN, data.IMAGENET_STD) == IMAGENET
+    assert set(data.NORMALIZE_CHOICES) == {"auto", *data.NORMALIZATION}
+    for bad in (("vje", "cifar10", "cifar10-notebook"), ("vje", "mnist", "auto")):
+        with pytest.raises(SystemExit) as e:
+            data.normalization(*bad)
+        assert str(e.value).startswith("error: unknown") and "\n" not in str(e.value)
+
+
+def test_dataset_info_normalizes_per_method(tmp_path):
+    """dataset_info's mean, std and row name are normalization()'s for the
+    method and choice (CIFAR and STL-10 need no files for their info)."""
+    info = data.dataset_info("cifar100", None)  # method "vje" by default: the notebook's
+    assert (info["normalize"], info["mean"], info["std"]) == ("cifar100", *NOTEBOOK["cifar100"])
+    info = data.dataset_info("stl10", None, method="byol")
+    assert (info["normalize"], info["mean"], info["std"]) == ("stl10-solo", *SOLO["stl10"])
+    assert info["image_size"] == 96 and info["num_classes"] == 10
+    root = make_image_folder(tmp_path / "d", classes=2, train_per_class=1, test_per_class=1, size=16)
+    assert data.dataset_info("folder", root, method="vje")["normalize"] == "imagenet"
+    info = data.dataset_info("folder", root, method="vje", normalize="cifar10")
+    assert (info["normalize"], info["mean"], info["std"]) == ("cifar10", *NOTEBOOK["cifar10"])
+    info = data.dataset_info("folder", root, method="simsiam", normalize="cifar10")
+    assert (info["normalize"], info["mean"], info["std"]) == ("cifar10-solo", *SOLO["cifar10"])
+
+
+def test_resolve_eval_data_normalizes_as_training_did(tmp_path):
+    """The evaluation scripts take the checkpoint's method and --normalize:
+    features are computed from images normalized as in training."""
+    root = make_image_folder(tmp_path / "d", classes=2, train_per_class=1, test_per_class=1, size=16)
+    train_args = dict(dataset="folder", data_path=root, image_size=16, method="byol", normalize="cifar10")
+    info = data.resolve_eval_data(eval_args(), train_args)
+    assert (info["normalize"], info["mean"], info["std"]) == ("cifar10-solo", *SOLO["cifar10"])
+    info = data.resolve_eval_data(eval_args(), dict(train_args, method="vje"))
+    assert (info["normalize"], info["mean"]) == ("cifar10", NOTEBOOK["cifar10"][0])
+    info = data.resolve_eval_data(eval_args(), dict(dataset="folder", data_path=root, image_size=16))
+    assert info["normalize"] == "imagenet"  # a checkpoint without the keys: vje, auto
+
+
+# -----------------------------------------------------------------------------
+# blur-check
+
+def test_blur_check_command_compares_the_blurs_with_pils(tmp_path, capsys):
+    """python data.py blur-check DIR (run in-process, as main()): per sigma,
+    |pil_gaussian_blur - PIL| within the 3 grey levels of Pillow's six 8-bit
+    roundings (see test_augment), the 3-tap kernel blur far from PIL at sigma
+    2, and the impulse spreads; a folder without images, a missing path or
+    --images 0: one `error:` line."""
+    root = make_image_folder(tmp_path / "d", classes=2, train_per_class=3, test_per_class=1, size=32)
+    data.main(["blur-check", root, "--images", "4", "--sigmas", "0.5", "2"])
+    out = capsys.readouterr().out
+    assert f"4 images of '{os.path.join(root, 'train')}' (32x32)" in out
+    rows = [line.split() for line in out.splitlines() if line.split() and line.split()[0] in ("0.50", "2.00")]
+    assert [r[0] for r in rows] == ["0.50", "2.00"]
+    for sigma, ours_max, ours_mean, kernel_max, kernel_mean, spread_pil, spread_ours, spread_kernel in rows:
+        assert float(ours_max) <= 3.0 and float(ours_mean) <= 1.0
+        assert abs(float(spread_ours) - float(sigma)) <= 1e-3 and abs(float(spread_pil) - float(sigma)) <= 0.05
+    assert float(rows[1][3]) > 3.0 and float(rows[1][7]) < 1.0  # the kernel blur at sigma 2
+    tree, count, sizes, result = data.blur_check(os.path.join(root, "train"), images=100, sigmas=(1.0,))
+    assert count == 6 and sizes == [(32, 32)] and result[0]["pil_max"] <= 3.0
+    os.makedirs(tmp_path / "empty")
+    for args in (["blur-check", str(tmp_path / "missing")], ["blur-check", str(tmp_path / "empty")],
+                 ["blur-check", root, "--images", "0"]):
+        with pytest.raises(SystemExit) as e:
+            data.main(args)
+        assert str(e.value).startswith("error: ") and "\n" not in str(e.value), args
