@@ -45,7 +45,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 METHODS = tuple(m for m in model_lib.METHODS if m in train.RECIPES)  # those train.py has a recipe for
 # what each timed item includes, for the tables and the JSON
 INCLUDES = {
-    "encoder": "model.encoder forward + backward on both views (2B images) in one pass, loss "
+    "encoder": "model.encoder forward + backward on both views (B images each), one pass per view, loss "
                "out.float().square().mean(), SGD step of the encoder (VJE's recipe optimizer)",
     "step": "train.train_step: encoder on both views, heads, loss, probe (random labels), backward, both optimizer "
             "steps (recipe optimizer at its peak rate), EMA update",
@@ -125,7 +125,7 @@ def encoder_step_item(args, device, batch):
 
     def step():
         with utils.autocast(args.precision, device):
-            out = encoder(torch.cat(batch[0]))  # both views in one pass, as SSLModel does
+            out = torch.cat([encoder(view) for view in batch[0]])  # one pass per view, as SSLModel does
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(out.float().square().mean()).backward()
         scaler.step(optimizer)

@@ -1,23 +1,69 @@
-"""Out-of-distribution detection with a frozen train.py checkpoint.
+"""Out-of-distribution detection with a frozen train.py checkpoint, on one or
+several OOD sets in one run.
 
-Another dataset as OOD (one process; a GPU if there is one, else the CPU):
-    python eval_ood.py --checkpoint runs/vje-cifar10-resnet18/checkpoint.pt --ood-dataset cifar100
+One OOD set (one process; a GPU if there is one, else the CPU):
+    python eval_ood.py --checkpoint runs/vje-cifar10-resnet18/checkpoint.pt --ood-sets cifar100
+Several sets, each a torchvision dataset name or a folder of images (flat or in subfolders):
+    python eval_ood.py --checkpoint CKPT --ood-sets svhn mnist textures data/isun
+The OpenOOD v1.5 benchmark of the checkpoint's dataset (CIFAR-10 or CIFAR-100), downloads into --ood-root:
+    python eval_ood.py --checkpoint CKPT --ood-sets openood --tin-path data/tin --ood-root data
+The CIFAR-10 list for a checkpoint trained on a folder copy of CIFAR-10, plus a set of one's own in its own group:
+    python eval_ood.py --checkpoint CKPT --ood-sets openood-cifar10 mine=data/my-ood --tin-path data/tin
 Held-out classes of the training data as OOD (the model was trained with
 train.py --classes bird,cat,deer,dog,frog,horse; in-distribution defaults to those):
     python eval_ood.py --checkpoint CKPT --ood-classes airplane,automobile,ship,truck
+Another dataset as data.py reads it (its test split; the single-set flags of earlier versions):
+    python eval_ood.py --checkpoint CKPT --ood-dataset folder --ood-data-path OTHER_TREE
+VJE's score from the EMA encoder of a checkpoint trained with --target ema:
+    python eval_ood.py --checkpoint CKPT --ood-sets openood --tin-path data/tin --score-encoder ema
 One node with 8 GPUs (features and scores are gathered across the processes):
-    torchrun --standalone --nproc_per_node=8 eval_ood.py --checkpoint CKPT --ood-dataset cifar100
+    torchrun --standalone --nproc_per_node=8 eval_ood.py --checkpoint CKPT --ood-sets openood --tin-path data/tin
 
 In-distribution (ID) is the test split of --dataset (the checkpoint's by
-default, restricted to --classes); OOD is the test split of --ood-dataset /
---ood-data-path (any dataset data.py reads, a folder included), restricted to
---ood-classes. Every image is one un-augmented view, resized to the
-checkpoint's image size and normalized with the in-distribution statistics,
-through the network in eval mode. Scores, higher = more OOD:
+default, restricted to --classes). Its scores and the knn bank are computed
+once per run, whatever the number of OOD sets.
+
+OOD sets (--ood-sets SET [SET ...]; a SET is one of):
+  a torchvision name, downloaded into --ood-root (default: the in-distribution
+  --data-path) on first use:
+    cifar10, cifar100    the test split (train=False)
+    stl10, svhn          split="test"
+    mnist, fashion-mnist the test split (train=False); gray, made 3-channel
+    textures             DTD, all of it: splits train, val and test of
+                         partition 1 (5,640 images), as OpenOOD uses the whole
+                         of Textures
+    places365            Places365 split="val", small=True (36,500 images)
+  tin      Tiny ImageNet-200, read as a folder from --tin-path;
+  a folder every image of which (.jpg, .png, ...) is one OOD image, at any
+           depth: flat, in class folders or in train/ and test/ alike, so
+           point it at the part you mean (tiny-imagenet-200/val, not the
+           whole tree). A SET that is not a name above is a path; write
+           ./mnist for a folder called mnist;
+  openood  the OpenOOD v1.5 list of the in-distribution dataset: for CIFAR-10
+           near-OOD cifar100 and tin, far-OOD mnist, svhn, textures and
+           places365; for CIFAR-100 near-OOD cifar10 and tin, the same far
+           sets. openood-cifar10 and openood-cifar100 name a list directly
+           (a checkpoint trained on a folder copy of CIFAR has no name).
+OpenOOD reads its own image lists (Tiny ImageNet and Places365 without the
+images whose classes overlap CIFAR's), so these sets are close to its
+benchmark but not the same images: compare with its tables with that in mind.
+
+Groups: a preset's sets are in the groups near and far; every other set in
+the group other, or in the group GROUP for GROUP=SET (far=data/isun joins the
+preset's far sets). Each metric is reported per set and averaged over the sets
+of each group (the plain mean of the per-set numbers, as OpenOOD does).
+
+Images: every OOD image is converted to RGB (MNIST's gray images to three
+equal channels), resized (shorter side) to the checkpoint's image size and
+centre-cropped to a square of it, as OpenOOD's test transform does for its
+32 px benchmarks (larger sizes: resized to 256/224 of it first, as ImageNet),
+then normalized with the in-distribution statistics. One un-augmented view
+per image, through the network in eval mode. Scores, higher = more OOD:
 
   vje      VJE's Eq. 39: directional + radial Student-t NLL of the embedding z
            under its own posterior N(mu, var) = g(z), at s = mu (no sampling),
-           with the checkpoint's nu. VJE checkpoints only.
+           with the checkpoint's nu. VJE checkpoints only. --score-encoder ema
+           takes z from the EMA (teacher) encoder and (mu, var) = g(z_ema).
   vje-dir  its directional part alone. VJE checkpoints only.
   kappa    -kappa, VI-SimSiam's concentration of the image's power spherical
            posterior (Nakamura et al., ICCV 2023): kappa is its certainty, so
@@ -27,19 +73,34 @@ through the network in eval mode. Scores, higher = more OOD:
            (Sun et al., "Out-of-Distribution Detection with Deep Nearest
            Neighbors", ICML 2022). Every method.
 
-Metrics, with OOD as the positive class: AUROC, AUPR (average precision) and
-the FPR at 95 % TPR, in percent, computed with numpy below. They go to
---output as JSON (default: ood_<ood dataset>[_<ood classes>].json beside the
-checkpoint).
+Metrics, in percent, computed with numpy below: AUROC; AUPR-In, the average
+precision of finding the in-distribution images (ID positive, lower score =
+more ID); AUPR-Out, that of finding the OOD images (OOD positive); FPR at 95 %
+TPR (OOD positive). They go to --output as JSON (default: ood_<set>.json
+beside the checkpoint for one set, ood_<set>+<set>....json for several, a
+preset counting as one set):
+    {checkpoint, method, arch, checkpoint_epoch, in_distribution, nu, ood_k,
+     feature, score_encoder, precision, seconds,
+     sets:   {<set>:   {group, dataset, data_path, split, classes, num_images,
+                        scores: {<score>: {auroc, aupr_in, aupr_out, fpr95,
+                                           mean_id, mean_ood}}}},
+     groups: {<group>: {sets: [<set>, ...],
+                        scores: {<score>: {auroc, aupr_in, aupr_out, fpr95}}}},
+     ood, scores}
+where ood and scores, in a run of one set only, repeat that set's description
+and scores at the top as earlier versions wrote them.
 """
 import argparse
 import math
 import os
+import re
+import sys
 import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torchvision
 import torchvision.transforms as T
 
 import data
@@ -51,10 +112,32 @@ import utils
 SCORES = ("vje", "vje-dir", "kappa", "knn")
 # the scores evaluated when --scores is not given, by method (knn for the others)
 DEFAULT_SCORES = {"vje": ("vje", "vje-dir", "knn"), "vi-simsiam": ("kappa", "knn")}
+METRICS = ("auroc", "aupr_in", "aupr_out", "fpr95")
+
+# OOD set name -> (its torchvision.datasets class, the keyword arguments of each
+# part read (several parts are concatenated), the split written to the output)
+TORCHVISION_SETS = {
+    "cifar10": ("CIFAR10", [dict(train=False)], "test"),
+    "cifar100": ("CIFAR100", [dict(train=False)], "test"),
+    "stl10": ("STL10", [dict(split="test")], "test"),
+    "svhn": ("SVHN", [dict(split="test")], "test"),
+    "mnist": ("MNIST", [dict(train=False)], "test"),
+    "fashion-mnist": ("FashionMNIST", [dict(train=False)], "test"),
+    "textures": ("DTD", [dict(split="train"), dict(split="val"), dict(split="test")], "train+val+test"),
+    "places365": ("Places365", [dict(split="val", small=True)], "val"),
+}
+TIN = "tin"  # Tiny ImageNet-200, a folder at --tin-path
+# OpenOOD v1.5: the near- and far-OOD sets of each in-distribution dataset
+FAR_OOD = ("mnist", "svhn", "textures", "places365")
+OPENOOD = {"cifar10": dict(near=("cifar100", TIN), far=FAR_OOD),
+           "cifar100": dict(near=("cifar10", TIN), far=FAR_OOD)}
+PRESETS = {f"openood-{name}": name for name in OPENOOD}  # and "openood": the in-distribution dataset's
+GROUP_PREFIX = re.compile(r"([A-Za-z][A-Za-z0-9_-]*)=(.*)", re.DOTALL)
+DEFAULT_GROUP = "other"
 
 
 # -----------------------------------------------------------------------------
-# metrics (numpy; OOD is the positive class, a higher score means more OOD)
+# metrics (numpy; a higher score means more OOD)
 
 def _as_scores(scores_id, scores_ood):
     s_id = np.asarray(scores_id, dtype=np.float64).ravel()
@@ -93,8 +176,9 @@ def auroc(scores_id, scores_ood):
 
 
 def aupr(scores_id, scores_ood):
-    """Area under the precision-recall curve of detecting OOD, as average
-    precision: sum over thresholds t of (R(t) - R(t_prev)) * P(t).
+    """AUPR-Out: the area under the precision-recall curve of detecting OOD
+    (OOD is the positive class), as average precision: sum over thresholds t
+    of (R(t) - R(t_prev)) * P(t).
 
     Thresholds are the distinct scores, from the highest down; a sample counts
     as flagged when its score is >= t, so tied samples enter together. P(t) is
@@ -120,6 +204,24 @@ def aupr(scores_id, scores_ood):
     precision = true_pos / (last + 1)
     recall = true_pos / len(s_ood)
     return float(np.sum(np.diff(recall, prepend=0.0) * precision))
+
+
+def aupr_in(scores_id, scores_ood):
+    """AUPR-In: average precision of finding the in-distribution samples (ID
+    is the positive class, a lower score means more ID), with `aupr`'s
+    thresholds and ties: the AUPR-Out of the negated scores, roles swapped.
+
+    Args:
+        scores_id: (n_id,) scores of in-distribution samples (the positives).
+        scores_ood: (n_ood,) scores of OOD samples.
+    Returns:
+        float in [0, 1]; chance is n_id / (n_ood + n_id).
+    Example:
+        >>> aupr_in([0, 1, 1], [1, 2])  # t = 0: P 1, R 1/3; t = 1: P 3/4, R 1
+        0.8333333333333333
+    """
+    s_id, s_ood = _as_scores(scores_id, scores_ood)
+    return aupr(-s_ood, -s_id)
 
 
 def fpr_at_tpr(scores_id, scores_ood, tpr=0.95):
@@ -149,9 +251,21 @@ def fpr_at_tpr(scores_id, scores_ood, tpr=0.95):
 
 
 def ood_metrics(scores_id, scores_ood):
-    """AUROC, AUPR (OOD positive) and FPR at 95 % TPR, in percent."""
-    return dict(auroc=100 * auroc(scores_id, scores_ood), aupr=100 * aupr(scores_id, scores_ood),
-                fpr95=100 * fpr_at_tpr(scores_id, scores_ood, 0.95))
+    """AUROC, AUPR-In (ID positive), AUPR-Out (OOD positive) and FPR at 95 %
+    TPR, in percent, under the keys of METRICS."""
+    return dict(auroc=100 * auroc(scores_id, scores_ood), aupr_in=100 * aupr_in(scores_id, scores_ood),
+                aupr_out=100 * aupr(scores_id, scores_ood), fpr95=100 * fpr_at_tpr(scores_id, scores_ood, 0.95))
+
+
+def group_means(sets, scores):
+    """Each group's sets (in order of first appearance) and the plain mean of
+    their per-set metrics, score by score: {group: {sets, scores}}."""
+    members = {}
+    for label, entry in sets.items():
+        members.setdefault(entry["group"], []).append(label)
+    return {group: dict(sets=labels, scores={name: {key: float(np.mean([sets[l]["scores"][name][key] for l in labels]))
+                                                    for key in METRICS} for name in scores})
+            for group, labels in members.items()}
 
 
 # -----------------------------------------------------------------------------
@@ -181,11 +295,13 @@ def kth_neighbour_distance(bank, queries, k, chunk=1024):
     return torch.cat(out)
 
 
-def score_forward(net, feature, scores, nu):
+def score_forward(net, feature, scores, nu, score_encoder="online"):
     """A function from a batch of images to every per-image quantity eval_ood
     needs, computed in one forward pass and stacked as columns, and the
     column range of each by name: "knn" (the feature, D columns), "vje",
-    "vje-dir" and "kappa" (one column each), for the scores asked for."""
+    "vje-dir" and "kappa" (one column each), for the scores asked for.
+    score_encoder: "online" reads VJE's scores off z = net.encoder(x), "ema"
+    off z = net.teacher(x), each with (mu, var) = net.head(z)."""
     layout, width = {}, 0
     for name in scores:
         size = net.dim if name == "knn" else 1
@@ -193,36 +309,324 @@ def score_forward(net, feature, scores, nu):
         width += size
 
     def forward(x):
-        z = net.encoder(x)
-        mu, var = net.head(z) if net.method == "vje" else (None, None)
+        embeddings, posteriors = {}, {}
+
+        def embedding(encoder):  # each encoder runs at most once per batch
+            if encoder not in embeddings:
+                embeddings[encoder] = net.encoder(x) if encoder == "online" else net.features(x, "ema")
+            return embeddings[encoder]
+
+        def posterior(encoder):
+            if encoder not in posteriors:
+                posteriors[encoder] = net.head(embedding(encoder))
+            return posteriors[encoder]
+
         columns = {}
         if "knn" in scores:
-            columns["knn"] = net.features(x, "ema") if feature == "ema" else {"z": z, "mu": mu}[feature]
+            columns["knn"] = {"z": lambda: embedding("online"), "mu": lambda: posterior("online")[0],
+                              "ema": lambda: embedding("ema")}[feature]()
         # Eq. 39 at s = mu, one un-augmented view; taken in float32 (losses.py
         # casts), whatever the autocast precision
-        if "vje" in scores:
-            columns["vje"] = losses.vje_ood_score(z, mu, var, nu, radial=True)[:, None]
-        if "vje-dir" in scores:
-            columns["vje-dir"] = losses.vje_ood_score(z, mu, var, nu, radial=False)[:, None]
+        for name in ("vje", "vje-dir"):
+            if name in scores:
+                z, (mu, var) = embedding(score_encoder), posterior(score_encoder)
+                columns[name] = losses.vje_ood_score(z, mu, var, nu, radial=name == "vje",
+                                                     center_var=net.center_var)[:, None]
         # VI-SimSiam: kappa is the certainty, so -kappa is higher for OOD
         if "kappa" in scores:
-            columns["kappa"] = -net.concentration(z=z)[:, None]
+            columns["kappa"] = -net.concentration(z=embedding("online"))[:, None]
         return torch.cat([columns[name].float() for name in layout], dim=1)
     return forward, layout
 
 
-def ood_transform(id_info, name, root):
-    """Images of the OOD dataset as the network saw its training data: at the
-    in-distribution size and normalization. data.eval_transform resizes folder
-    and ImageNet images but leaves CIFAR and STL-10 at their own size, so those
-    get a resize and centre crop here when the sizes differ."""
-    native = data.dataset_info(name, root)
+# -----------------------------------------------------------------------------
+# OOD sets: images, names, presets and folders
+
+class ToRGB:
+    """PIL image -> RGB (a gray image's one channel copied to three)."""
+
+    def __call__(self, img):
+        return img.convert("RGB")
+
+
+def ood_transform(id_info):
+    """An OOD image as the network saw its training data, by OpenOOD's test
+    transform: RGB, resized (shorter side) to the in-distribution size (to
+    256/224 of it above 64 px, as ImageNet is) and centre-cropped to it,
+    normalized with the in-distribution statistics. Images already of that
+    size and square pass the resize and crop unchanged."""
     size = id_info["image_size"]
-    info = dict(native, image_size=size, mean=id_info["mean"], std=id_info["std"])
+    return T.Compose([ToRGB(), T.Resize(size if size <= 64 else int(size * 256 / 224)), T.CenterCrop(size),
+                      T.ToTensor(), T.Normalize(id_info["mean"], id_info["std"])])
+
+
+def image_paths(root):
+    """Every image file (data.IMAGE_EXTENSIONS, hidden files left out) under
+    `root` at any depth, in sorted order; linked folders are followed once."""
+    paths, seen = [], set()
+    for dirpath, dirnames, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:  # a link back up the tree
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames.sort()
+        paths += [os.path.join(dirpath, f) for f in sorted(files)
+                  if f.lower().endswith(data.IMAGE_EXTENSIONS) and not f.startswith(".")]
+    return paths
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """The images of a folder, flat or nested, as (transform(image), 0)."""
+
+    def __init__(self, root, transform, what):
+        self.paths, self.transform = image_paths(root), transform
+        if not self.paths:
+            utils.fail(f"{what} '{root}' holds no images (looked for {', '.join(data.IMAGE_EXTENSIONS)} in it "
+                       f"and its subfolders)")
+        self.targets = [0] * len(self.paths)
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        return self.transform(data.load_image(self.paths[i])), 0
+
+
+class Unlabelled(torch.utils.data.Dataset):
+    """A dataset's images, each labelled 0: OOD sets need no labels, and
+    eval_knn.extract_features reads them from `targets`."""
+
+    def __init__(self, dataset):
+        self.dataset, self.targets = dataset, [0] * len(dataset)
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        return self.dataset[i][0], 0
+
+
+def first_line(exc):
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
+
+
+def load_torchvision_set(name, root, transform):
+    """A TORCHVISION_SETS entry, downloaded into `root` when absent, its parts
+    concatenated, unlabelled."""
+    class_name, parts, _ = TORCHVISION_SETS[name]
+    dataset_class = getattr(torchvision.datasets, class_name)
+    try:
+        loaded = [dataset_class(root, transform=transform, download=True, **kw) for kw in parts]
+    except (OSError, RuntimeError, ValueError) as e:  # no network, a corrupt archive, a full disk
+        utils.fail(f"could not load the OOD set {name} (torchvision {class_name}) from '{root}' ({first_line(e)}); "
+                   f"download it on a machine with internet, or pass --ood-root to a folder that holds it")
+    return Unlabelled(loaded[0] if len(loaded) == 1 else torch.utils.data.ConcatDataset(loaded))
+
+
+def preset_dataset(body, id_dataset):
+    """The in-distribution dataset whose OpenOOD list a SET names, or None."""
+    if body == "openood":
+        if id_dataset not in OPENOOD:
+            utils.fail(f"--ood-sets openood is the OpenOOD list of a CIFAR-10 or CIFAR-100 model; the "
+                       f"in-distribution data here is {id_dataset}: name the list (openood-cifar10 or "
+                       f"openood-cifar100) or the sets")
+        return id_dataset
+    return PRESETS.get(body)
+
+
+def expand_sets(tokens, id_dataset):
+    """--ood-sets as (group, SET, preset or None) in order, presets expanded
+    into their near and far sets (the preset named openood-<dataset>)."""
+    pairs = []
+    for token in tokens:
+        match = GROUP_PREFIX.fullmatch(token)
+        group, body = match.groups() if match else (None, token)
+        if not body:
+            utils.fail(f"--ood-sets '{token}' names a group but no set; write GROUP=SET")
+        preset = preset_dataset(body, id_dataset)
+        if preset is None:
+            pairs.append((group or DEFAULT_GROUP, body, None))
+            continue
+        if group:
+            utils.fail(f"--ood-sets '{token}': a preset's sets are in the groups near and far; drop '{group}='")
+        pairs += [(g, name, f"openood-{preset}") for g, names in OPENOOD[preset].items() for name in names]
+    return pairs
+
+
+# -----------------------------------------------------------------------------
+# the sets of one run
+
+class OODSet:
+    """One OOD set of a run: how it is read (kind: "torchvision", "folder",
+    "held-out" classes of the in-distribution test split, or "data.py" for
+    another dataset as data.py reads it), the preset it came from (or None),
+    and its description for the output (entry), label included."""
+
+    def __init__(self, kind, entry, preset=None):
+        self.kind, self.entry, self.preset, self.dataset = kind, entry, preset, None
+
+    @property
+    def label(self):
+        return self.entry["label"]
+
+
+def describe_set(group, body, args, preset=None):
+    """The OODSet a SET names, checked against the in-distribution data;
+    nothing is read yet."""
+    entry = dict(group=group, classes=None)
+    if body in TORCHVISION_SETS:
+        if body == args.dataset:
+            utils.fail(f"the OOD set {body} is the in-distribution dataset; name its held-out classes with "
+                       f"--ood-classes instead")
+        return OODSet("torchvision", dict(entry, label=body, dataset=body, data_path=os.path.abspath(args.ood_root),
+                                          split=TORCHVISION_SETS[body][2]), preset)
+    if body == TIN:
+        if not args.tin_path:
+            utils.fail("the OOD set tin (in --ood-sets or an openood preset) needs --tin-path, a folder of "
+                       "Tiny ImageNet-200 images (e.g. tiny-imagenet-200/val)")
+        path, label, dataset, what = args.tin_path, TIN, TIN, "--tin-path"
+    else:
+        path, dataset, what = body, "folder", "the OOD set"
+        label = os.path.basename(os.path.normpath(os.path.abspath(path)))
+    if not os.path.exists(path):
+        names = ", ".join([*TORCHVISION_SETS, TIN, "openood", *PRESETS])
+        utils.fail(f"{what} '{path}' does not exist" +
+                   ("" if what == "--tin-path" else f" and is not a set name ({names})"))
+    if not os.path.isdir(path):
+        utils.fail(f"{what} '{path}' is a file; give a folder of images")
+    if data.same_path(path, args.data_path):
+        utils.fail(f"{what} '{path}' is the in-distribution data itself; point it at a folder of OOD images")
+    return OODSet("folder", dict(entry, label=label, dataset=dataset, data_path=os.path.abspath(path), split="all"),
+                  preset)
+
+
+def legacy_set(args, raw_test):
+    """The set of the single-set flags: the test split of --ood-dataset at
+    --ood-data-path restricted to --ood-classes, or the classes of the
+    in-distribution test split that --classes leaves out."""
+    args.ood_dataset = args.ood_dataset or args.dataset
+    if args.ood_data_path is None:
+        # the same tree, or the same download folder for two torchvision datasets
+        downloads = ("cifar10", "cifar100", "stl10")
+        if args.ood_dataset != args.dataset and not (args.ood_dataset in downloads and args.dataset in downloads):
+            utils.fail(f"--ood-dataset {args.ood_dataset} needs --ood-data-path (the in-distribution data is "
+                       f"{args.dataset} at '{args.data_path}')")
+        args.ood_data_path = args.data_path
+    same_source = args.ood_dataset == args.dataset and data.same_path(args.ood_data_path, args.data_path)
+    args.ood_classes = data.class_list(args.ood_classes)
+    if same_source:
+        id_classes = args.classes or list(raw_test.classes)
+        if args.ood_classes is None:
+            args.ood_classes = [c for c in raw_test.classes if c not in id_classes]
+            if not args.ood_classes:
+                utils.fail("the OOD set would be the in-distribution test set itself; pass --ood-sets, "
+                           "--ood-dataset/--ood-data-path, or --ood-classes with --classes")
+        both = [c for c in args.ood_classes if c in id_classes]
+        if both:
+            utils.fail(f"class(es) {', '.join(both)} are both in-distribution and OOD; set --classes to the "
+                       f"in-distribution classes")
+    label = args.ood_dataset + (f"_{'-'.join(args.ood_classes)}" if args.ood_classes else "")
+    return OODSet("held-out" if same_source else "data.py",
+                  dict(label=label, group=DEFAULT_GROUP, dataset=args.ood_dataset,
+                       data_path=os.path.abspath(args.ood_data_path), split="test", classes=args.ood_classes))
+
+
+def unique_labels(ood_sets):
+    """Stops on a set named twice; tells two different sets of one label
+    (two folders called val) apart with -2, -3, ..."""
+    seen, labels = set(), set()
+    for s in ood_sets:
+        key = (s.entry["dataset"], os.path.realpath(s.entry["data_path"]), tuple(s.entry["classes"] or ()))
+        if key in seen:
+            utils.fail(f"the OOD set {s.label} ('{s.entry['data_path']}') is named twice")
+        seen.add(key)
+        label, n = s.label, 2
+        while label in labels:
+            label, n = f"{s.entry['label']}-{n}", n + 1
+        s.entry["label"] = label
+        labels.add(label)
+    return ood_sets
+
+
+def load_set(s, raw_test, transform):
+    """The images of an OODSet, each through `transform` (the held-out
+    classes through the in-distribution one, as the same images are)."""
+    e = s.entry
+    if s.kind == "torchvision":
+        return load_torchvision_set(e["dataset"], e["data_path"], transform)
+    if s.kind == "folder":
+        return ImageFiles(e["data_path"], transform, "--tin-path" if e["dataset"] == TIN else "the OOD set")
+    raw = raw_test if s.kind == "held-out" else data.build_dataset(e["dataset"], e["data_path"], "test", transform)
+    return data.select_classes(raw, e["classes"]) if e["classes"] else raw
+
+
+def build_sets(args, info, scores, local_rank=0):
+    """The in-distribution test set, the OOD sets (OODSet, images loaded) and
+    the knn bank (the in-distribution training images, or None). The single-
+    set flags add their set when given, or when --ood-sets is not."""
     tf = data.eval_transform(info)
-    if name in ("cifar10", "cifar100", "stl10") and native["image_size"] != size:
-        tf = T.Compose([T.Resize(size), T.CenterCrop(size), tf])
-    return tf
+    raw_test = data.build_dataset(args.dataset, args.data_path, "test", tf)
+    id_test = data.select_classes(raw_test, args.classes) if args.classes else raw_test
+    args.ood_root = args.ood_root or args.data_path
+    pairs = expand_sets(args.ood_sets or [], args.dataset)
+    ood_sets = [describe_set(group, body, args, preset) for group, body, preset in pairs]
+    if args.ood_sets is None or any(v is not None for v in (args.ood_dataset, args.ood_data_path, args.ood_classes)):
+        ood_sets.append(legacy_set(args, raw_test))
+    unique_labels(ood_sets)
+    transform = ood_transform(info)
+    with utils.node_leader_first(local_rank):  # downloads: the first process of each node writes them
+        for s in ood_sets:
+            s.dataset = load_set(s, raw_test, transform)
+            s.entry["num_images"] = len(s.dataset)
+    bank = data.build_split(args, "train", tf) if "knn" in scores else None
+    if bank is not None and args.ood_k > len(bank):
+        utils.fail(f"--ood-k {args.ood_k} is more than the {len(bank)} training images; lower it")
+    return id_test, ood_sets, bank
+
+
+def compute_scores(net, id_test, ood_sets, bank_set, scores, nu, args, device, rank, world_size, master):
+    """Every score of the in-distribution images ({score: (n,) tensor}) and of
+    each OOD set ({label: {score: tensor}}): one forward pass per image, the
+    knn bank's features once."""
+    kw = dict(batch_size=args.batch_size, device=device, num_workers=args.num_workers, rank=rank,
+              world_size=world_size, precision=args.precision, progress=master)
+    forward, layout = score_forward(net, args.feature, scores, nu, args.score_encoder)
+    bank = None
+    if "knn" in scores:
+        bank = eval_knn.extract_features(net, bank_set, source=args.feature, desc="knn bank", **kw)[0]
+
+    def score(images, desc):
+        columns = eval_knn.extract_features(net, images, desc=desc, forward=forward, **kw)[0]
+        values = {name: columns[:, layout[name]].squeeze(1).cpu() for name in scores if name != "knn"}
+        if bank is not None:
+            values["knn"] = kth_neighbour_distance(bank, columns[:, layout["knn"]], args.ood_k).cpu()
+        return values
+    return score(id_test, "in-distribution"), {s.label: score(s.dataset, s.label) for s in ood_sets}
+
+
+def set_scores(id_values, ood_values, scores, label):
+    """The metrics of one OOD set against the in-distribution images, and the
+    mean score of each side, score by score."""
+    out = {}
+    for name in scores:
+        s_id, s_ood = id_values[name].numpy(), ood_values[name].numpy()
+        bad = int((~np.isfinite(s_id)).sum() + (~np.isfinite(s_ood)).sum())
+        if bad:
+            utils.fail(f"the {name} score is not finite for {bad} images (in-distribution and {label}); is the "
+                       f"checkpoint diverged?")
+        out[name] = dict(ood_metrics(s_id, s_ood), mean_id=float(s_id.mean()), mean_ood=float(s_ood.mean()))
+    return out
+
+
+def default_output(args, ood_sets):
+    """ood_<set>.json beside the checkpoint; several sets joined by +, the
+    sets of a preset under the preset's name."""
+    name = "+".join(dict.fromkeys(s.preset or s.label for s in ood_sets))
+    if len(name) > 200:
+        name = f"{len(ood_sets)}-sets"
+    return os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), f"ood_{name}.json")
 
 
 # -----------------------------------------------------------------------------
@@ -231,23 +635,43 @@ def ood_transform(id_info, name, root):
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="Out-of-distribution detection scores (VJE Eq. 39, its directional "
                                             "part, VI-SimSiam's concentration, k-th nearest-neighbour distance) "
-                                            "of a train.py checkpoint.",
+                                            "of a train.py checkpoint on one or several OOD sets, with AUROC, "
+                                            "AUPR-In, AUPR-Out and FPR at 95 % TPR per set and per group.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     utils.add_eval_flags(p, "eval_ood.py")
     p.add_argument("--batch-size", type=utils.number(int, 1, 1 << 20), default=256,
                    help="images per forward pass and process; it only changes speed and memory")
+    p.add_argument("--ood-sets", nargs="+", default=None, metavar="SET",
+                   help="the OOD sets, each one of: a torchvision name (" + ", ".join(TORCHVISION_SETS) +
+                        "), read from --ood-root; tin, the Tiny ImageNet folder at --tin-path; the path of a folder "
+                        "of images, flat or in subfolders; or a preset of OpenOOD v1.5's near- and far-OOD sets: "
+                        "openood (the in-distribution dataset's list, CIFAR-10 or CIFAR-100), openood-cifar10 or "
+                        "openood-cifar100. GROUP=SET puts a set in the group GROUP (a preset's sets are in near "
+                        "and far, the others in other). Default: the one set of the single-set flags below")
+    p.add_argument("--ood-root", default=None,
+                   help="the folder the torchvision sets of --ood-sets are read from, and downloaded into when "
+                        "absent; default: the in-distribution --data-path")
+    p.add_argument("--tin-path", default=None,
+                   help="the folder of Tiny ImageNet-200 images that the set tin (and so the openood presets) "
+                        "reads: every image in it and its subfolders, e.g. tiny-imagenet-200/val or OpenOOD's "
+                        "copy of it")
     p.add_argument("--ood-dataset", default=None, choices=data.DATASETS,
-                   help="the OOD data (its test split); default: --dataset, which then needs --ood-classes or "
-                        "--classes to tell the two apart")
+                   help="single-set flags, as in earlier versions (with --ood-sets they add one more set, in the "
+                        "group other): the OOD data is the test split of this dataset; default: --dataset, which "
+                        "then needs --ood-classes or --classes to tell the two apart")
     p.add_argument("--ood-data-path", default=None,
-                   help="where the OOD dataset lives; default: --data-path when that is the OOD dataset's tree or a "
-                        "torchvision download folder")
+                   help="where the --ood-dataset lives; default: --data-path when that is the OOD dataset's tree "
+                        "or a torchvision download folder")
     p.add_argument("--ood-classes", default=None,
-                   help="comma-separated class names of the OOD dataset to use; default: all of them, or, when the "
-                        "OOD dataset is the in-distribution one, the classes not in --classes")
+                   help="comma-separated class names of the --ood-dataset to use; default: all of them, or, when "
+                        "the OOD dataset is the in-distribution one, the classes not in --classes")
     p.add_argument("--scores", nargs="+", default=None, choices=SCORES,
                    help="scores to evaluate; default: vje vje-dir knn for a VJE checkpoint, kappa knn for a "
                         "VI-SimSiam checkpoint, knn otherwise")
+    p.add_argument("--score-encoder", default="online", choices=("online", "ema"),
+                   help="the encoder whose output z the vje and vje-dir scores read, with (mu, var) = VJE's head "
+                        "of that z: online, the trained encoder; ema, the EMA (teacher) encoder of a VJE "
+                        "checkpoint trained with --target ema")
     p.add_argument("--ood-k", type=utils.number(int, 1, 1 << 20), default=50,
                    help="k of the knn score. Sun et al. found 50 best on CIFAR-10 (50,000 training images) and "
                         "use 1000 on ImageNet: scale it with the size of the training set")
@@ -255,8 +679,8 @@ def get_args(argv=None):
                    help="feature of the knn score: z, the encoder output (Sun et al. use the penultimate layer, "
                         "its equivalent); mu: VJE's posterior mean; ema: the target encoder")
     p.add_argument("--output", default=None,
-                   help="JSON file for the metrics; default: ood_<ood dataset>[_<ood classes>].json beside the "
-                        "checkpoint")
+                   help="JSON file for the metrics; default: ood_<set>.json beside the checkpoint, the sets "
+                        "joined by + when there are several (a preset's under its name)")
     return p.parse_args(argv)
 
 
@@ -277,124 +701,117 @@ def choose_scores(args, net):
     return scores
 
 
-def build_sets(args, info, scores):
-    """The in-distribution test set, the OOD test set and the knn bank (the
-    in-distribution training images, or None). OOD is another dataset, or
-    the classes of the same one that --classes leaves out."""
-    tf = data.eval_transform(info)
-    raw_test = data.build_dataset(args.dataset, args.data_path, "test", tf)
-    id_test = data.select_classes(raw_test, args.classes) if args.classes else raw_test
-    args.ood_dataset = args.ood_dataset or args.dataset
-    if args.ood_data_path is None:
-        # the same tree, or the same download folder for two torchvision datasets
-        downloads = ("cifar10", "cifar100", "stl10")
-        if args.ood_dataset != args.dataset and not (args.ood_dataset in downloads and args.dataset in downloads):
-            utils.fail(f"--ood-dataset {args.ood_dataset} needs --ood-data-path (the in-distribution data is "
-                       f"{args.dataset} at '{args.data_path}')")
-        args.ood_data_path = args.data_path
-    same_source = args.ood_dataset == args.dataset and data.same_path(args.ood_data_path, args.data_path)
-    args.ood_classes = data.class_list(args.ood_classes)
-    if same_source:
-        id_classes = args.classes or list(raw_test.classes)
-        if args.ood_classes is None:
-            args.ood_classes = [c for c in raw_test.classes if c not in id_classes]
-            if not args.ood_classes:
-                utils.fail("the OOD set would be the in-distribution test set itself; pass --ood-dataset/"
-                           "--ood-data-path, or --ood-classes with --classes")
-        both = [c for c in args.ood_classes if c in id_classes]
-        if both:
-            utils.fail(f"class(es) {', '.join(both)} are both in-distribution and OOD; set --classes to the "
-                       f"in-distribution classes")
-        ood_raw = raw_test
-    else:
-        ood_raw = data.build_dataset(args.ood_dataset, args.ood_data_path, "test",
-                                     ood_transform(info, args.ood_dataset, args.ood_data_path))
-    ood_test = data.select_classes(ood_raw, args.ood_classes) if args.ood_classes else ood_raw
-    bank = data.build_split(args, "train", tf) if "knn" in scores else None
-    if bank is not None and args.ood_k > len(bank):
-        utils.fail(f"--ood-k {args.ood_k} is more than the {len(bank)} training images; lower it")
-    return id_test, ood_test, bank
-
-
-def compute_scores(net, sets, scores, nu, args, device, rank, world_size, master):
-    """{"id": {score: (n,) tensor}, "ood": {...}}: one forward pass per set."""
-    id_test, ood_test, bank_set = sets
-    kw = dict(batch_size=args.batch_size, device=device, num_workers=args.num_workers, rank=rank,
-              world_size=world_size, precision=args.precision, progress=master)
-    forward, layout = score_forward(net, args.feature, scores, nu)
-    columns = {part: eval_knn.extract_features(net, images, desc=part, forward=forward, **kw)[0].cpu()
-               for part, images in (("id", id_test), ("ood", ood_test))}
-    values = {part: {name: cols[:, layout[name]].squeeze(1) for name in scores if name != "knn"}
-              for part, cols in columns.items()}
-    if "knn" in scores:
-        bank = eval_knn.extract_features(net, bank_set, source=args.feature, desc="knn bank", **kw)[0].cpu()
-        for part, cols in columns.items():
-            values[part]["knn"] = kth_neighbour_distance(bank, cols[:, layout["knn"]], args.ood_k)
-    return values
+def check_score_encoder(args, net, scores):
+    """--score-encoder ema needs VJE's scores and an EMA encoder to read."""
+    if args.score_encoder == "online":
+        return
+    if net.method != "vje":
+        utils.fail(f"--score-encoder ema scores VJE's posterior from its EMA encoder; this checkpoint is "
+                   f"{net.method}")
+    if net.teacher is None:
+        utils.fail("--score-encoder ema needs an EMA encoder; this VJE checkpoint has none (VJE has one only "
+                   "when trained with --target ema). Use --score-encoder online")
+    if not any(s.startswith("vje") for s in scores):
+        utils.fail(f"--score-encoder ema changes the vje and vje-dir scores only; --scores {' '.join(scores)} "
+                   f"has neither")
 
 
 def main(argv=None):
     args = get_args(argv)
-    rank, _, world_size, device = utils.setup_distributed(args.device)
+    rank, local_rank, world_size, device = utils.setup_distributed(args.device)
     master = rank == 0
     net, train_args, ckpt = model_lib.load_model(args.checkpoint)
     scores = choose_scores(args, net)
+    check_score_encoder(args, net, scores)
     nu = float(train_args.get("nu", 1.0))
     args.precision = utils.eval_precision(args.precision, train_args, device)
     net.to(device).eval()
     info = data.resolve_eval_data(args, train_args)
-    sets = build_sets(args, info, scores)
+    id_test, ood_sets, bank_set = build_sets(args, info, scores, local_rank)
     if master:
+        listed = ", ".join(f"{s.label} ({len(s.dataset)})" for s in ood_sets)
         print(f"{train_args['method']} {train_args['arch']} (epoch {ckpt.get('epoch')}): in-distribution "
-              f"{args.dataset} test ({len(sets[0])} images), OOD {args.ood_dataset} test ({len(sets[1])} images), "
-              f"scores {' '.join(scores)}, {world_size} process(es) on {device.type}")
+              f"{args.dataset} test ({len(id_test)} images), OOD {listed}, scores {' '.join(scores)}, "
+              f"{world_size} process(es) on {device.type}")
     t0 = time.time()
-    values = compute_scores(net, sets, scores, nu, args, device, rank, world_size, master)
+    id_values, ood_values = compute_scores(net, id_test, ood_sets, bank_set, scores, nu, args, device, rank,
+                                           world_size, master)
     utils.cleanup_distributed()
     if not master:
         return None
 
-    # ---- metrics ------------------------------------------------------------------------
+    # ---- metrics: per set, then the mean of each group ------------------------------------
+    sets = {s.label: dict({k: v for k, v in s.entry.items() if k != "label"},
+                          scores=set_scores(id_values, ood_values[s.label], scores, s.label)) for s in ood_sets}
+    vje_scored = any(name.startswith("vje") for name in scores)
     results = dict(model_lib.checkpoint_meta(args.checkpoint, ckpt, train_args),
                    in_distribution=dict(dataset=args.dataset, data_path=os.path.abspath(args.data_path),
-                                        split="test", classes=args.classes, num_images=len(sets[0])),
-                   ood=dict(dataset=args.ood_dataset, data_path=os.path.abspath(args.ood_data_path), split="test",
-                            classes=args.ood_classes, num_images=len(sets[1])),
+                                        split="test", classes=args.classes, num_images=len(id_test)),
                    nu=nu, ood_k=args.ood_k if "knn" in scores else None,
-                   feature=args.feature if "knn" in scores else None, precision=args.precision,
-                   seconds=round(time.time() - t0, 1), scores={})
-    for name in scores:
-        s_id, s_ood = values["id"][name].numpy(), values["ood"][name].numpy()
-        bad = int((~np.isfinite(s_id)).sum() + (~np.isfinite(s_ood)).sum())
-        if bad:
-            utils.fail(f"the {name} score is not finite for {bad} images; is the checkpoint diverged?")
-        results["scores"][name] = dict(ood_metrics(s_id, s_ood), mean_id=float(s_id.mean()),
-                                       mean_ood=float(s_ood.mean()))
-    print_table(results, args, nu)
-    suffix = f"_{'-'.join(args.ood_classes)}" if args.ood_classes else ""
-    output = args.output or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
-                                         f"ood_{args.ood_dataset}{suffix}.json")
+                   feature=args.feature if "knn" in scores else None,
+                   score_encoder=args.score_encoder if vje_scored else None, precision=args.precision,
+                   seconds=round(time.time() - t0, 1), sets=sets, groups=group_means(sets, scores))
+    if len(sets) == 1:  # the layout of earlier versions, beside the new one
+        (label, only), = sets.items()
+        results["ood"] = dict(name=label, **{k: v for k, v in only.items() if k != "scores"})
+        results["scores"] = only["scores"]
+    print_table(results, scores, args, nu)
+    output = args.output or default_output(args, ood_sets)
     utils.write_json(results, output)
     print(f"wrote {output}")
     return results
 
 
-def print_table(results, args, nu):
-    def describe(d):
-        return f"{d['dataset']} test, {d['num_images']} images" + \
-            (f", classes {','.join(d['classes'])}" if d["classes"] else "")
+# -----------------------------------------------------------------------------
+# the table
 
-    print(f"\nOOD detection, {results['method']} {results['arch']} epoch {results['checkpoint_epoch']} "
-          f"(OOD is the positive class; percent)")
+def describe(d):
+    """One line for a set of images: what, where, how many."""
+    where = f" '{d['data_path']}'" if d["dataset"] in ("folder", "imagenet", TIN) else ""
+    classes = f", classes {','.join(d['classes'])}" if d["classes"] else ""
+    return f"{d['dataset']}{where} {d['split']}, {d['num_images']} images{classes}"
+
+
+def score_label(name, args, nu):
+    if name == "knn":
+        return f"knn (distance to the k-th nearest neighbour, k={args.ood_k}, feature {args.feature})"
+    if name == "kappa":
+        return "kappa (-kappa, VI-SimSiam's concentration)"
+    part = "Eq. 39" if name == "vje" else "Eq. 39, directional part"
+    return f"{name} ({part}, nu={nu:g}, {args.score_encoder} encoder)"
+
+
+def print_table(results, scores, args, nu):
+    sets, groups = results["sets"], results["groups"]
+    print(f"\nOOD detection, {results['method']} {results['arch']} epoch {results['checkpoint_epoch']}; percent. "
+          f"AUROC, AUPR-Out and FPR95 take OOD as the positive class, AUPR-In the in-distribution images")
     print(f"  in-distribution: {describe(results['in_distribution'])}")
-    print(f"  OOD:             {describe(results['ood'])}")
-    print(f"  {'score':<22s} {'AUROC':>7s} {'AUPR':>7s} {'FPR95':>7s}")
-    for name, m in results["scores"].items():
-        label = f"knn (k={args.ood_k}, {args.feature})" if name == "knn" else f"{name} (nu={nu:g})"
-        if name == "kappa":
-            label = "kappa (-kappa)"
-        print(f"  {label:<22s} {m['auroc']:7.2f} {m['aupr']:7.2f} {m['fpr95']:7.2f}")
+    width = max(len(label) for label in sets)
+    for label, s in sets.items():
+        print(f"  OOD {label:<{width}s}  {s['group']:<6s} {describe(s)}")
+
+    def mean_label(group):
+        return f"{group}: mean of {len(groups[group]['sets'])}"
+
+    width = max([width, 3] + [len(mean_label(g)) for g in groups])
+    for name in scores:
+        print(f"\n  {score_label(name, args, nu)}")
+        print(f"    {'set':<{width}s} {'AUROC':>7s} {'AUPR-In':>8s} {'AUPR-Out':>8s} {'FPR95':>7s}")
+        rows = []
+        for group, g in groups.items():
+            rows += [(label, sets[label]["scores"][name]) for label in g["sets"]]
+            if len(g["sets"]) > 1:
+                rows.append((mean_label(group), g["scores"][name]))
+        for label, m in rows:
+            print(f"    {label:<{width}s} {m['auroc']:7.2f} {m['aupr_in']:8.2f} {m['aupr_out']:8.2f} "
+                  f"{m['fpr95']:7.2f}")
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except RuntimeError as e:  # an image that cannot be decoded, raised in a data-loading worker
+        bad_file = data.decode_error(e)
+        if bad_file is None:
+            raise
+        sys.exit(f"error: {bad_file}; remove or replace that file")

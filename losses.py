@@ -409,7 +409,7 @@ def vje_loss(mu1, var1, mu2, var2, target1, target2, nu=1.0, beta=1.0, radial=Tr
     return loss, terms
 
 
-def vje_ood_score(z, mu, var, nu=1.0, radial=True, *, validate=True):
+def vje_ood_score(z, mu, var, nu=1.0, radial=True, center_var=False, *, validate=True):
     """Out-of-distribution score of an embedding under its own posterior.
 
     VJE, Eq. 39, at s = mu (no sampling): the directional NLL of ẑ at μ̂ with
@@ -422,6 +422,8 @@ def vje_ood_score(z, mu, var, nu=1.0, radial=True, *, validate=True):
             be (B, 1) (isotropic, as in vje_directional_nll).
         nu: degrees of freedom, as in training.
         radial: add the radial term.
+        center_var: variance centring (App. A.2), as in training: a model
+            trained with it is scored with it, as the authors' notebook does.
         validate: check that var > 0, a host-device sync (see the module
             docstring); shapes are checked either way.
 
@@ -435,7 +437,7 @@ def vje_ood_score(z, mu, var, nu=1.0, radial=True, *, validate=True):
     """
     _check_shapes(z=z, mu=mu)
     _check_variance_shape("var", var, z.shape)
-    score = vje_directional_nll(z, mu, var, nu, validate=validate)
+    score = vje_directional_nll(z, mu, var, nu, center_var, validate=validate)
     if radial:
         score = score + vje_radial_nll(z, mu, nu)
     return score
@@ -633,7 +635,7 @@ def vssl_sample(mu, var, mode="paper", *, generator=None, validate=True):
 
 
 def vssl_loss(mu_q, var_q, mu_p, var_p, mu_r, var_r, form="cosine", kl_beta=3.0,
-              nll_beta=1.0, *, validate=True):
+              nll_beta=1.0, *, mu_t=None, var_t=None, validate=True):
     """VSSL objective for one ordered pair of views (a → b), VSSL Eq. 8.
 
     KL(student posterior on view a ‖ teacher prior on view b) plus the NLL of
@@ -646,7 +648,11 @@ def vssl_loss(mu_q, var_q, mu_p, var_p, mu_r, var_r, form="cosine", kl_beta=3.0,
       Algorithm 1 also mentions a momentum predictor, which we leave out.
     - The denoiser reads a sample of the student posterior of view a:
       mu_r, var_r = denoiser(vssl_sample(mu_q, var_q)).
-    - The teacher gives no gradient: mu_p and var_p are detached here.
+    - The likelihood scores the teacher's distribution of view b, the prior's
+      view (Algorithm 1 and the figures). Eq. 8 taken literally scores the
+      view the posterior read, a (the textbook ELBO's E_q(z|x)[log p(x|z)]):
+      pass the teacher's view-a distribution as mu_t, var_t.
+    - The teacher gives no gradient: mu_p, var_p, mu_t, var_t are detached here.
     - Eq. 10 enters with a plus sign, as a −log-likelihood (see cosine_nll).
 
     Args:
@@ -655,8 +661,10 @@ def vssl_loss(mu_q, var_q, mu_p, var_p, mu_r, var_r, form="cosine", kl_beta=3.0,
         mu_r, var_r: (B, D) denoiser output.
         form: "cosine" (Eqs. 9-10, the paper's proposal; vectors of any sign)
             or "gaussian" (the textbook ELBO; variances must be positive).
-        kl_beta: β of S_β in the cosine KL.
-        nll_beta: β of S_β in the cosine likelihood.
+        kl_beta: β of S_β in the cosine KL (Eq. 9).
+        nll_beta: β of S_β in the cosine likelihood (Eq. 10).
+        mu_t, var_t: (B, D) the teacher distribution the likelihood scores;
+            None (the default) for the prior's (mu_p, var_p).
         validate: in the "gaussian" form, check that var_q, var_p, var_r > 0,
             a host-device sync (see the module docstring); the cosine form
             checks no values. Shapes are checked either way. It draws no noise:
@@ -672,15 +680,17 @@ def vssl_loss(mu_q, var_q, mu_p, var_p, mu_r, var_r, form="cosine", kl_beta=3.0,
         >>> sorted(terms)
         ['kl', 'nll']
     """
-    _check_shapes(mu_q=mu_q, var_q=var_q, mu_p=mu_p, var_p=var_p, mu_r=mu_r, var_r=var_r)
-    mu_p, var_p = mu_p.detach(), var_p.detach()
+    mu_t = mu_p if mu_t is None else mu_t
+    var_t = var_p if var_t is None else var_t
+    _check_shapes(mu_q=mu_q, var_q=var_q, mu_p=mu_p, var_p=var_p, mu_r=mu_r, var_r=var_r, mu_t=mu_t, var_t=var_t)
+    mu_p, var_p, mu_t, var_t = mu_p.detach(), var_p.detach(), mu_t.detach(), var_t.detach()
     if form == "cosine":
         kl = cosine_kl(mu_q, mu_p, var_q, var_p, kl_beta)
-        nll = cosine_nll(mu_r, mu_p, var_r, var_p, nll_beta)
+        nll = cosine_nll(mu_r, mu_t, var_r, var_t, nll_beta)
     elif form == "gaussian":
         kl = gaussian_kl(mu_q, var_q, mu_p, var_p, validate=validate)
         # The teacher's mean under the denoiser's N(mu_r, var_r).
-        nll = gaussian_nll(mu_p, mu_r, var_r, validate=validate)
+        nll = gaussian_nll(mu_t, mu_r, var_r, validate=validate)
     else:
         raise ValueError(f'form must be "cosine" or "gaussian", got {form!r}')
     loss = kl.mean() + nll.mean()

@@ -232,8 +232,9 @@ class SSLModel(nn.Module):
 
     def __init__(self, method, arch="resnet18", image_size=32, num_classes=0, target="stopgrad",
                  nu=1.0, beta=1.0, radial=True, center_var=False,
-                 vssl_form="cosine", vssl_sampling="paper", vssl_same_view=False,
-                 proj_hidden=4096, proj_dim=256, mc_samples=1, isotropic=False):
+                 vssl_form="cosine", vssl_sampling="paper", vssl_same_view=False, vssl_positive_var=False,
+                 vssl_teacher_predictor=False, vssl_likelihood_view="other", vssl_kl_beta=3.0, vssl_nll_beta=1.0,
+                 proj_hidden=4096, proj_dim=256, mc_samples=1, isotropic=False, joint_bn=False):
         super().__init__()
         if method not in METHODS:
             raise ValueError(f"unknown method '{method}'; choose one of {', '.join(METHODS)}")
@@ -241,6 +242,9 @@ class SSLModel(nn.Module):
         self.nu, self.beta, self.radial, self.center_var = nu, beta, radial, center_var
         self.mc_samples = mc_samples  # VJE: posterior samples per view (the paper's Monte Carlo ablation)
         self.vssl_form, self.vssl_sampling, self.vssl_same_view = vssl_form, vssl_sampling, vssl_same_view
+        self.vssl_positive_var, self.vssl_likelihood_view = vssl_positive_var, vssl_likelihood_view
+        self.vssl_kl_beta, self.vssl_nll_beta = vssl_kl_beta, vssl_nll_beta
+        self.joint_bn = joint_bn  # both views in one pass (one set of batch-norm statistics); see per_view
         self.encoder, self.dim = build_encoder(arch, image_size)
         d = self.dim
         self.teacher = None
@@ -266,10 +270,15 @@ class SSLModel(nn.Module):
             self.denoiser_mu = mlp(proj_dim, proj_hidden, proj_dim)
             self.denoiser_var = mlp(proj_dim, proj_hidden, proj_dim)
         if method in ("byol", "vssl"):
-            # Teacher = EMA copy of encoder and projector, never the predictor
-            # (BYOL's asymmetry; VSSL's Algorithm 1 also names a momentum
-            # predictor, which we leave out, as solo-learn's BYOL does).
-            self.teacher = nn.Sequential(copy.deepcopy(self.encoder), copy.deepcopy(self.projector))
+            # Teacher = EMA copy of encoder and projector, not the predictor
+            # (BYOL's asymmetry, as solo-learn's BYOL). VSSL's Algorithm 1
+            # (lines 11-12) also names a momentum predictor: with
+            # vssl_teacher_predictor the teacher holds an EMA copy of the
+            # predictor too and the prior is read after it.
+            parts = [self.encoder, self.projector]
+            if method == "vssl" and vssl_teacher_predictor:
+                parts.append(self.predictor)
+            self.teacher = nn.Sequential(*(copy.deepcopy(m) for m in parts))
         if self.teacher is not None:
             for p in self.teacher.parameters():
                 p.requires_grad_(False)
@@ -280,24 +289,22 @@ class SSLModel(nn.Module):
         """The student modules whose EMA the teacher is, in the teacher's order."""
         if self.method == "vje":
             return self.encoder
-        return nn.Sequential(self.encoder, self.projector)
+        return nn.Sequential(self.encoder, self.projector, *([self.predictor] if len(self.teacher) == 3 else []))
 
     @torch.no_grad()
     def update_teacher(self, momentum):
-        """teacher <- m * teacher + (1 - m) * student, for parameters and float
-        buffers (BN running statistics: VJE's EMA teacher runs in eval mode and
-        uses them); integer buffers (BN's batch counts) are copied. One
-        multi-tensor (foreach) op per kind instead of a Python loop per tensor."""
+        """teacher <- m * teacher + (1 - m) * student for the parameters (one
+        multi-tensor lerp), and the buffers (batch-norm running statistics and
+        counts) copied from the student, as the VJE notebook does: its EMA
+        encoder runs in eval mode, where statistics averaged with the weights'
+        momentum would lag far behind the encoder's. BYOL's and VSSL's teachers
+        run in train mode (batch statistics), so their buffers only matter to
+        `--feature ema` at evaluation."""
         if self.teacher is None:
             return
         student = self.student_for_teacher()
-        t_params, s_params = list(self.teacher.parameters()), list(student.parameters())
-        t_float = [t for t in self.teacher.buffers() if t.dtype.is_floating_point]
-        s_float = [s for s in student.buffers() if s.dtype.is_floating_point]
-        torch._foreach_lerp_(t_params + t_float, s_params + s_float, 1.0 - momentum)
-        for t, s in zip(self.teacher.buffers(), student.buffers()):
-            if not t.dtype.is_floating_point:
-                t.copy_(s)
+        torch._foreach_lerp_(list(self.teacher.parameters()), list(student.parameters()), 1.0 - momentum)
+        torch._foreach_copy_(list(self.teacher.buffers()), list(student.buffers()))
 
     def train(self, mode=True):
         super().train(mode)
@@ -307,14 +314,25 @@ class SSLModel(nn.Module):
 
     # -- forward ---------------------------------------------------------------
     def forward(self, x1, x2, labels=None):
-        b = x1.shape[0]
         x = torch.cat([x1, x2])
-        z = self.encoder(x)  # both views in one pass
+        z = self.per_view(self.encoder, x)
         loss, logs = self.embedding_loss(z, x)
         logs["ssl_loss"] = loss.detach()
-        if self.probe is not None:
-            loss = loss + self.probe_loss(z[:b], labels, logs)
+        if self.probe is not None:  # on both views, as solo-learn's online probe
+            loss = loss + self.probe_loss(z, None if labels is None else labels.repeat(2), logs)
         return loss, logs
+
+    def per_view(self, net, x):
+        """`net` on the two views of x (2B, ...) in two passes, view 1's B rows
+        then view 2's, so that batch norm normalizes each view with its own
+        statistics: the authors' code runs each view through the network on its
+        own (the VJE notebook calls model(x1), then model(x2); solo-learn, on
+        which VSSL and BYOL were run, each crop). With joint_bn (--joint-bn)
+        both views go through in one pass and share one set of statistics."""
+        if self.joint_bn:
+            return net(x)
+        first, second = x.chunk(2)
+        return torch.cat([net(first), net(second)])
 
     def probe_loss(self, z, labels, logs):
         """Cross-entropy of the online linear probe on detached features, over
@@ -322,7 +340,7 @@ class SSLModel(nn.Module):
         It is always part of the graph, zero when no image of the batch is
         labelled, so that every parameter gets a gradient at every step (DDP
         requires it) and nothing branches on the labels' values."""
-        logits = self.probe(z.detach().float())
+        logits = self.probe(z.detach().float())  # z: (N, D), labels (N,)
         if labels is None:
             return 0.0 * logits.sum()
         known = labels >= 0
@@ -366,29 +384,31 @@ class SSLModel(nn.Module):
             t = z.detach()
         else:
             with torch.no_grad():
-                t = self.teacher(x)
+                t = self.per_view(self.teacher, x)
         loss, terms = losses.vje_loss(mu[:b], var[:b], mu[b:], var[b:], t[:b], t[b:], nu=self.nu, beta=self.beta,
                                       radial=self.radial, center_var=self.center_var, mc_samples=self.mc_samples,
                                       validate=False)
-        return loss, dict(terms)
+        terms = dict(terms)
+        terms["kl"] = self.beta * terms["kl"]  # logged as it enters the loss, β·KL, as the notebook logs it
+        return loss, terms
 
     def byol_loss(self, z, x):
         b = z.shape[0] // 2
-        p = self.predictor(self.projector(z))
+        p = self.per_view(self.predictor, self.per_view(self.projector, z))
         with torch.no_grad():
-            t = self.teacher(x)
+            t = self.per_view(self.teacher, x)
         return losses.byol_loss(p[:b], t[b:]) + losses.byol_loss(p[b:], t[:b]), {}
 
     def simsiam_loss(self, z):
         b = z.shape[0] // 2
-        h = self.projector(z)
-        p = self.predictor(h)
+        h = self.per_view(self.projector, z)
+        p = self.per_view(self.predictor, h)
         return 0.5 * (losses.simsiam_loss(p[:b], h[b:]) + losses.simsiam_loss(p[b:], h[:b])), {}
 
     def vi_simsiam_loss(self, z):
         b = z.shape[0] // 2
-        h = self.projector(z)
-        p = self.predictor(h)
+        h = self.per_view(self.projector, z)
+        p = self.per_view(self.predictor, h)
         kappa = self.kappa(h)
         loss, terms = losses.vi_simsiam_loss(p[:b], kappa[:b], p[b:], kappa[b:], h[:b], h[b:], validate=False)
         return loss, dict(terms)
@@ -407,18 +427,31 @@ class SSLModel(nn.Module):
             return F.softplus(self.kappa_head(h.float()).squeeze(-1)) + 1e-3
 
     def vssl_loss(self, z, x):
+        """VSSL, Eq. 8, summed over the ordered pairs of views. Our readings of
+        the paper (we could not consult its code), each a switch:
+        - the likelihood term denoises a sample of the student posterior of
+          view a and scores the teacher's distribution of view b, the other
+          view (Algorithm 1 and the figures; vssl_likelihood_view="other"), or
+          of view a itself, the view the posterior read (Eq. 8 taken
+          literally, the textbook ELBO's E_q(z|x)[log p(x|z)]; "same");
+        - the cosine forms see only the direction of the variance vector, so
+          it stays an unconstrained linear output, or, with
+          vssl_positive_var, a positive one (softplus), as the Gaussian forms
+          need;
+        - the prior is read off the teacher's projector, or after an EMA copy
+          of the predictor (vssl_teacher_predictor, Algorithm 1 lines 11-12).
+        """
         b = z.shape[0] // 2
-        positive = self.vssl_form == "gaussian"
-        mu_s, var_s = split_gaussian(self.projector(z), positive)
-        mu_q, var_q = split_gaussian(self.predictor(torch.cat([mu_s, var_s], dim=1)), positive)
+        positive = self.vssl_form == "gaussian" or self.vssl_positive_var
+        mu_s, var_s = split_gaussian(self.per_view(self.projector, z), positive)
+        mu_q, var_q = split_gaussian(self.per_view(self.predictor, torch.cat([mu_s, var_s], dim=1)), positive)
         with torch.no_grad():
-            mu_p, var_p = split_gaussian(self.teacher(x), positive)
-        # Which view feeds the denoiser (our reading of Eq. 8): the sample is
-        # drawn from the student posterior of the view that gives the KL's q,
-        # and the denoised distribution is scored against the teacher's other view.
+            mu_p, var_p = split_gaussian(self.per_view(self.teacher[:2], x), positive)
+            if len(self.teacher) == 3:  # the momentum predictor reads [mu, var] as the student's does
+                mu_p, var_p = split_gaussian(self.per_view(self.teacher[2], torch.cat([mu_p, var_p], dim=1)), positive)
         sample = losses.vssl_sample(mu_q.float(), var_q.float(), mode=self.vssl_sampling, validate=False)
-        mu_r = self.denoiser_mu(sample)
-        var_r = self.denoiser_var(sample)
+        mu_r = self.per_view(self.denoiser_mu, sample)
+        var_r = self.per_view(self.denoiser_var, sample)
         if positive:
             var_r = F.softplus(var_r) + 1e-5
         first, second = slice(0, b), slice(b, 2 * b)
@@ -427,8 +460,11 @@ class SSLModel(nn.Module):
             pairs += [(first, first), (second, second)]
         total, kl, nll = 0.0, 0.0, 0.0
         for student, teacher in pairs:
+            scored = teacher if self.vssl_likelihood_view == "other" else student
             pair_loss, terms = losses.vssl_loss(mu_q[student], var_q[student], mu_p[teacher], var_p[teacher],
-                                                mu_r[student], var_r[student], form=self.vssl_form, validate=False)
+                                                mu_r[student], var_r[student], form=self.vssl_form,
+                                                kl_beta=self.vssl_kl_beta, nll_beta=self.vssl_nll_beta,
+                                                mu_t=mu_p[scored], var_t=var_p[scored], validate=False)
             total, kl, nll = total + pair_loss, kl + terms["kl"], nll + terms["nll"]
         return total, {"kl": kl, "nll": nll}
 
@@ -472,8 +508,14 @@ def model_kwargs(args):
                 center_var=args.get("center_var", False), vssl_form=args.get("vssl_form", "cosine"),
                 vssl_sampling=args.get("vssl_sampling", "paper"),
                 vssl_same_view=args.get("vssl_same_view", False),
-                proj_hidden=args.get("proj_hidden", 4096), mc_samples=args.get("mc_samples", 1),
-                isotropic=args.get("isotropic", False))
+                vssl_positive_var=args.get("vssl_positive_var", False),
+                vssl_teacher_predictor=args.get("vssl_teacher_predictor", False),
+                vssl_likelihood_view=args.get("vssl_likelihood_view", "other"),
+                vssl_kl_beta=args.get("vssl_kl_beta", 3.0), vssl_nll_beta=args.get("vssl_nll_beta", 1.0),
+                proj_hidden=args.get("proj_hidden", 4096), proj_dim=args.get("proj_dim", 256),
+                mc_samples=args.get("mc_samples", 1), isotropic=args.get("isotropic", False),
+                # checkpoints of earlier versions ran both views in one pass
+                joint_bn=args.get("joint_bn", True))
 
 
 def load_model(path):

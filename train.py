@@ -35,17 +35,22 @@ import utils
 
 # Each method's recipe (the README's "Methods and recipes"). --lr is the rate
 # for a batch of 256; the rate used is lr * batch_size / 256.
+# lr_schedule: "epoch" changes the rate once an epoch, as the VJE notebook
+# does; "step" at every step, as solo-learn (BYOL, VSSL) does.
 RECIPES = {
-    "vje": dict(optimizer="sgd", lr=0.05, weight_decay=5e-4, ema_momentum=0.996, epochs=200),
-    "vssl": dict(optimizer="lars", lr=1.0, weight_decay=1e-5, ema_momentum=0.99, epochs=1000),
-    "byol": dict(optimizer="lars", lr=1.0, weight_decay=1e-5, ema_momentum=0.99, epochs=1000),
-    "simsiam": dict(optimizer="sgd", lr=0.05, weight_decay=5e-4, ema_momentum=0.0, epochs=800),
-    "vi-simsiam": dict(optimizer="sgd", lr=0.05, weight_decay=5e-4, ema_momentum=0.0, epochs=800),  # SimSiam's
+    "vje": dict(optimizer="sgd", lr=0.05, weight_decay=5e-4, ema_momentum=0.996, epochs=200, lr_schedule="epoch"),
+    "vssl": dict(optimizer="lars", lr=1.0, weight_decay=1e-5, ema_momentum=0.99, epochs=1000, lr_schedule="step"),
+    "byol": dict(optimizer="lars", lr=1.0, weight_decay=1e-5, ema_momentum=0.99, epochs=1000, lr_schedule="step"),
+    "simsiam": dict(optimizer="sgd", lr=0.05, weight_decay=5e-4, ema_momentum=0.0, epochs=800, lr_schedule="step"),
+    "vi-simsiam": dict(optimizer="sgd", lr=0.05, weight_decay=5e-4, ema_momentum=0.0, epochs=800,  # SimSiam's
+                       lr_schedule="step"),
 }
 # flags that define what is being trained: --resume refuses to change them
 RECIPE_FLAGS = ("method", "dataset", "classes", "aug", "arch", "batch_size", "lr", "weight_decay", "warmup_epochs", "nu",
                 "beta", "target", "radial", "center_var", "mc_samples", "isotropic", "vssl_form", "vssl_sampling",
-                "vssl_same_view", "seed", "ema_momentum", "image_size", "proj_hidden")
+                "vssl_same_view", "vssl_positive_var", "vssl_teacher_predictor", "vssl_likelihood_view",
+                "vssl_kl_beta", "vssl_nll_beta", "seed", "ema_momentum", "ema_schedule", "image_size", "proj_hidden",
+                "proj_dim", "joint_bn", "blur", "interpolation", "normalize", "lr_schedule", "lars_clip")
 
 
 def get_args(argv=None):
@@ -76,6 +81,14 @@ def get_args(argv=None):
                    help="on weights only, never on norm layers and biases (default: 5e-4 SGD, 1e-5 LARS)")
     p.add_argument("--ema-momentum", type=number(float, 0, 1), default=None,
                    help="teacher momentum at the start, raised to 1 on a cosine (default: VJE 0.996, BYOL/VSSL 0.99)")
+    p.add_argument("--ema-schedule", default="cosine", choices=("cosine", "constant"),
+                   help="teacher momentum raised to 1 on a per-step cosine (the authors' codes), or kept constant")
+    p.add_argument("--lr-schedule", default=None, choices=("epoch", "step"),
+                   help="warm-up and cosine evaluated once an epoch (default for VJE: the notebook's) or at every "
+                        "step (default for the others: solo-learn's)")
+    p.add_argument("--no-lars-clip", dest="lars_clip", action="store_false",
+                   help="LARS: scale each layer's step by the trust ratio unclipped, instead of solo-learn's "
+                        "clip_lr (the step is min(lr, trust ratio))")
     p.add_argument("--probe-lr", type=number(float, 0, 100, low_open=True), default=0.1,
                    help="online linear probe's SGD rate (batch 256)")
     p.add_argument("--output-dir", default=None, help="default: runs/<method>-<dataset>-<arch>")
@@ -87,6 +100,19 @@ def get_args(argv=None):
                    help="how the two views are made: 'batched' on the training device from the whole dataset held "
                         "as one uint8 tensor (small images), 'pil' per image in --num-workers loader processes; "
                         "auto: batched for cifar10/cifar100/stl10 and folders of images up to 96 px, else pil")
+    p.add_argument("--joint-bn", action="store_true",
+                   help="both views through the networks in one pass, sharing batch-norm statistics; by default "
+                        "each view has its own pass, as in the authors' code")
+    p.add_argument("--blur", default="pil", choices=("pil", "kernel"),
+                   help="Gaussian blur of the views: PIL's GaussianBlur(radius=sigma) as the authors' code, or a "
+                        "torchvision kernel of 2*int(0.05*size)+1 px (3 px at 32 px: about 2.5x weaker at sigma 2)")
+    p.add_argument("--interpolation", default="recipe", choices=("recipe", "bilinear", "bicubic"),
+                   help="random resized crop's resampling; recipe: bilinear for VJE (the notebook's torchvision "
+                        "default), bicubic for the others (solo-learn)")
+    p.add_argument("--normalize", default="auto", choices=data.NORMALIZE_CHOICES,
+                   help="mean/std constants: auto = the recipe's for the dataset (VJE the notebook's, the others "
+                        "solo-learn's; ImageNet's for imagenet and folder); a dataset name for a folder holding "
+                        "that dataset's images (e.g. cifar10 for a CIFAR-10 subset)")
     p.add_argument("--precision", default=None, choices=("fp32", "bf16", "fp16"),
                    help="autocast precision; default bf16 on GPUs that support it, fp32 on the CPU. "
                         "fp16 uses a GradScaler. Losses are computed in float32 in every case.")
@@ -110,11 +136,12 @@ def get_args(argv=None):
         p.error(f"unknown dataset '{args.dataset}'; choose one of {', '.join(data.DATASETS)}")
     if args.arch not in model_lib.ARCHS:
         p.error(f"unknown architecture '{args.arch}'; choose one of {', '.join(model_lib.ARCHS)}")
-    if args.vssl_form == "cosine" and args.vssl_sampling == "standard" and args.method == "vssl":
-        p.error("--vssl-sampling standard takes sqrt(var) and needs positive variances, which only "
-                "--vssl-form gaussian has; the cosine form's variance vectors are unconstrained")
+    if args.vssl_form == "cosine" and args.vssl_sampling == "standard" and args.method == "vssl" \
+            and not args.vssl_positive_var:
+        p.error("--vssl-sampling standard takes sqrt(var) and needs positive variances: add --vssl-positive-var "
+                "or use --vssl-form gaussian; the cosine form's variance vectors are unconstrained by default")
     recipe = RECIPES[args.method]
-    for key in ("lr", "weight_decay", "ema_momentum", "epochs"):
+    for key in ("lr", "weight_decay", "ema_momentum", "epochs", "lr_schedule"):
         if getattr(args, key) is None:
             setattr(args, key, recipe[key])
     args.optimizer = recipe["optimizer"]
@@ -150,22 +177,47 @@ def add_method_flags(p):
     p.add_argument("--vssl-sampling", default="paper", choices=("paper", "standard"),
                    help="VSSL: paper's z = mu + var*|eps|, or the textbook mu + sqrt(var)*eps")
     p.add_argument("--vssl-same-view", action="store_true", help="VSSL: add the same-view pairs of Eq. 8's double sum")
+    p.add_argument("--vssl-positive-var", action="store_true",
+                   help="VSSL: positive variances (softplus) in the cosine form too, instead of the unconstrained "
+                        "vectors the paper's Eqs. 9-10 allow; needed for --vssl-sampling standard with it")
+    p.add_argument("--vssl-teacher-predictor", action="store_true",
+                   help="VSSL: the teacher also has an EMA copy of the predictor and the prior is read after it "
+                        "(Algorithm 1, lines 11-12); by default it has none, as BYOL")
+    p.add_argument("--vssl-likelihood-view", default="other", choices=("other", "same"),
+                   help="VSSL: the likelihood scores the teacher's distribution of the other view (Algorithm 1 and "
+                        "the figures) or of the view the posterior read (Eq. 8 taken literally)")
+    p.add_argument("--vssl-kl-beta", type=number(float, 0, 1e3, low_open=True), default=3.0,
+                   help="VSSL: beta of softplus_beta in the cosine KL (Eq. 9)")
+    p.add_argument("--vssl-nll-beta", type=number(float, 0, 1e3, low_open=True), default=1.0,
+                   help="VSSL: beta of softplus_beta in the cosine likelihood (Eq. 10)")
     p.add_argument("--proj-hidden", type=number(int, 1, 1 << 16), default=4096,
                    help="hidden width of BYOL/VSSL projector and predictor")
+    p.add_argument("--proj-dim", type=number(int, 1, 1 << 16), default=256,
+                   help="BYOL: projection size; VSSL: latent size d (the Gaussian's dimensions)")
 
 
 # -----------------------------------------------------------------------------
 # optimizer and schedules
 
 class LARS(torch.optim.Optimizer):
-    """SGD with momentum whose update of each weight tensor is rescaled by the
-    trust ratio eta * ||w|| / ||g + wd * w|| (You et al., 2017), as in BYOL and
-    solo-learn. Groups with lars=False (norm layers, biases) take plain SGD
-    steps, without the ratio and without weight decay. Multi-tensor (foreach)
-    ops: one kernel per op for all tensors of a group, no Python loop over them."""
+    """SGD with momentum whose update of each weight tensor w (gradient g) is
+    scaled by a layer-wise rate (You et al., 2017), computed as solo-learn
+    does, whose CIFAR BYOL recipe VSSL was run with:
 
-    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, eta=0.02):
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars=True))
+        trust = eta * ||w|| / (||g|| + wd * ||w|| + eps)
+        d     = (g + wd * w) * s,  s = min(trust / lr, 1) with clip (solo-learn's
+                                       clip_lr: the step lr * s is min(lr, trust)),
+                                   s = trust without clip
+        buf   = momentum * buf + d  (buf = d at the first step);  w -= lr * buf
+
+    A tensor whose weight or gradient norm is 0 takes d = g (no decay, no
+    scaling), as there. Groups with lars=False (norm layers, biases: solo-learn's
+    exclude_bias_n_norm) take plain SGD steps. Multi-tensor (foreach) ops: one
+    kernel per op for all tensors of a group, and no value read to the host."""
+
+    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, eta=0.02, clip=True, eps=1e-8):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars=True,
+                                      clip=clip, eps=eps))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -173,14 +225,20 @@ class LARS(torch.optim.Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            updates = [p.grad for p in params]
+            grads = [p.grad for p in params]
+            updates = grads
             if group["lars"]:
-                updates = torch._foreach_add([p.grad for p in params], params, alpha=group["weight_decay"])
-                w_norms = torch._foreach_norm(params)
-                d_norms = torch._foreach_norm(updates)
-                trust = [torch.where((w > 0) & (d > 0), group["eta"] * w / d, torch.ones_like(w))
-                         for w, d in zip(w_norms, d_norms)]
-                torch._foreach_mul_(updates, trust)
+                wd, eta, lr = group["weight_decay"], group["eta"], group["lr"]
+                decays, scales = [], []
+                for w, g in zip(torch._foreach_norm(params), torch._foreach_norm(grads)):
+                    trust = eta * w / (g + wd * w + group["eps"])
+                    if group["clip"]:
+                        trust = (trust / lr).clamp(max=1.0) if lr > 0 else torch.ones_like(trust)
+                    adapt = (w > 0) & (g > 0)
+                    decays.append(adapt.to(w.dtype) * wd)
+                    scales.append(torch.where(adapt, trust, torch.ones_like(trust)))
+                updates = torch._foreach_add(grads, torch._foreach_mul(params, decays))
+                torch._foreach_mul_(updates, scales)
             if any("momentum_buffer" not in self.state[p] for p in params):  # first step: buffer = update
                 for p, d in zip(params, updates):
                     self.state[p]["momentum_buffer"] = d.clone()
@@ -202,7 +260,7 @@ def build_optimizer(model, args):
         (no_decay if p.ndim <= 1 else decay).append(p)
     groups = [dict(params=decay), dict(params=no_decay, weight_decay=0.0, lars=False)]
     if args.optimizer == "lars":
-        return LARS(groups, lr=0.0, momentum=0.9, weight_decay=args.weight_decay, eta=0.02)
+        return LARS(groups, lr=0.0, momentum=0.9, weight_decay=args.weight_decay, eta=0.02, clip=args.lars_clip)
     # VJE's recipe: SGD with Nesterov momentum; SimSiam's: plain momentum
     return torch.optim.SGD(groups, lr=0.0, momentum=0.9, weight_decay=args.weight_decay,
                            nesterov=args.method == "vje")
@@ -218,11 +276,24 @@ def cosine_schedule(base, final, total_steps, warmup_steps=0, warmup_start=0.0):
     return np.concatenate([warm, cos])
 
 
-def ema_momentum_schedule(base, total_steps):
-    """Teacher momentum from `base` to 1 on a per-step cosine (BYOL):
-    m_k = 1 - (1 - base) * (cos(pi k / (K - 1)) + 1) / 2, reaching 1 at the last step."""
+def epoch_schedule(base, epochs, steps_per_epoch, warmup_epochs=0):
+    """Per-step values of a rate that changes once an epoch, as the VJE
+    notebook sets it: base * (e + 1) / W in warm-up epoch e < W, then
+    base * (1 + cos(pi (e - W) / (E - W))) / 2, each held for the epoch's steps."""
+    e = np.arange(epochs)
+    warm = base * (e + 1) / max(1, warmup_epochs)
+    cos = base * 0.5 * (1 + np.cos(np.pi * (e - warmup_epochs) / max(1, epochs - warmup_epochs)))
+    return np.repeat(np.where(e < warmup_epochs, warm, cos), steps_per_epoch)
+
+
+def ema_momentum_schedule(base, total_steps, constant=False):
+    """Teacher momentum from `base` towards 1 on a per-step cosine, as the VJE
+    notebook and solo-learn compute it: m_k = 1 - (1 - base) * (cos(pi k / K) + 1) / 2
+    for steps k = 0 .. K - 1; with `constant`, base at every step."""
     k = np.arange(total_steps)
-    return 1 - (1 - base) * (np.cos(np.pi * k / max(1, total_steps - 1)) + 1) / 2
+    if constant:
+        return np.full(total_steps, float(base))
+    return 1 - (1 - base) * (np.cos(np.pi * k / max(1, total_steps)) + 1) / 2
 
 
 # -----------------------------------------------------------------------------
@@ -254,7 +325,8 @@ def build_data(args, info, rank, world_size, device, master):
     if args.aug == "batched":  # decoded once, augmented on the device a batch at a time
         images, labels = data.images_as_tensor(train_set, args.num_workers, progress=master)
         images = images.to(device)
-        loader = data.BatchedTwoViews(images, labels, args.method, info, per_rank_batch, args.seed, rank, world_size)
+        loader = data.BatchedTwoViews(images, labels, args.method, info, per_rank_batch, args.seed, rank, world_size,
+                                      blur=args.blur, interpolation=args.interpolation)
         if args.eval_every > 0:  # the monitor reads the same device tensor; the test split is decoded once too
             known = (labels >= 0).nonzero().squeeze(1)  # set-up, not a training step
             bank = eval_knn.TensorImages(images, labels.to(device), info, known.to(device))
@@ -264,7 +336,7 @@ def build_data(args, info, rank, world_size, device, master):
             except data.MixedSizes:  # a test split of several sizes is read through the eval transform
                 monitor = (bank, split("test", tf))
     else:
-        train_set.transform = data.two_view_transform(args.method, info)
+        train_set.transform = data.two_view_transform(args.method, info, args.blur, args.interpolation)
         loader = data.train_loader(train_set, per_rank_batch, args.num_workers, args.seed, rank, world_size,
                                    device.type)
         if args.eval_every > 0:
@@ -376,20 +448,33 @@ def train_one_epoch(run, epoch, step, first_step):
 
 @torch.no_grad()
 def knn_monitor(model, bank, test, num_classes, args, device, rank, world_size):
-    """k-NN accuracy (and the online probe's test accuracy) on un-augmented
-    images, with the network in eval mode. `bank` and `test` are datasets or,
-    on the batched path, eval_knn.TensorImages already on the device."""
+    """k-NN accuracy on un-augmented images, with the network in eval mode, on
+    each feature the method has, as the VJE notebook monitors: the encoder
+    output z ("knn_acc"), VJE's posterior mean mu ("knn_acc_mu", from the same
+    pass) and the EMA target encoder's output ("knn_acc_ema"); and the online
+    probe's test accuracy. `bank` and `test` are datasets or, on the batched
+    path, eval_knn.TensorImages already on the device."""
     was_training = model.training
     model.eval()
     kw = dict(batch_size=max(256, args.batch_size // world_size), device=device, num_workers=args.num_workers,
               rank=rank, world_size=world_size, precision=args.precision, progress=rank == 0)
-    bank_f, bank_y = eval_knn.extract_features(model, bank, desc="k-NN bank", gather=False, **kw)
-    test_f, test_y = eval_knn.extract_features(model, test, desc="k-NN test", **kw)
-    out = dict(knn_acc=eval_knn.knn_accuracy(bank_f, bank_y, test_f, test_y, num_classes, args.knn_k,
-                                             args.knn_temperature))
-    if model.probe is not None:
-        pred = model.probe(test_f.to(device)).argmax(1)
-        out["probe_acc"] = 100.0 * (pred == test_y.to(device)).float().mean().item()
+    def z_and_mu(x):  # VJE: z and mu side by side, from one encoder pass
+        z = model.encoder(x)
+        return torch.cat([z, model.head(z)[0]], 1)
+
+    sources = [(["knn_acc", "knn_acc_mu"], z_and_mu) if model.method == "vje" else (["knn_acc"], model.encoder)]
+    if model.teacher is not None:
+        sources.append((["knn_acc_ema"], lambda x: model.features(x, "ema")))
+    out = {}
+    for keys, fwd in sources:
+        bank_f, bank_y = eval_knn.extract_features(model, bank, desc="k-NN bank", gather=False, forward=fwd, **kw)
+        test_f, test_y = eval_knn.extract_features(model, test, desc="k-NN test", forward=fwd, **kw)
+        for key, bank_part, test_part in zip(keys, bank_f.chunk(len(keys), 1), test_f.chunk(len(keys), 1)):
+            out[key] = eval_knn.knn_accuracy(bank_part, bank_y, test_part, test_y, num_classes, args.knn_k,
+                                             args.knn_temperature)
+            if key == "knn_acc" and model.probe is not None:
+                pred = model.probe(test_part.to(device)).argmax(1)
+                out["probe_acc"] = 100.0 * (pred == test_y.to(device)).float().mean().item()
     model.train(was_training)
     return out
 
@@ -417,9 +502,12 @@ def build_schedules(args, steps_per_epoch):
     """Per-step learning rates (method and probe) and teacher momenta, up front."""
     total_steps = args.epochs * steps_per_epoch
     scale = args.batch_size / 256
-    return (cosine_schedule(args.lr * scale, 0.0, total_steps, args.warmup_epochs * steps_per_epoch),
-            cosine_schedule(args.probe_lr * scale, 0.0, total_steps),
-            ema_momentum_schedule(args.ema_momentum, total_steps))
+    if args.lr_schedule == "epoch":
+        lr = epoch_schedule(args.lr * scale, args.epochs, steps_per_epoch, args.warmup_epochs)
+    else:
+        lr = cosine_schedule(args.lr * scale, 0.0, total_steps, args.warmup_epochs * steps_per_epoch)
+    return (lr, cosine_schedule(args.probe_lr * scale, 0.0, total_steps),
+            ema_momentum_schedule(args.ema_momentum, total_steps, constant=args.ema_schedule == "constant"))
 
 
 def make_output_dir(path):
@@ -469,7 +557,7 @@ def fit(run, monitor, log_path, rank, start_epoch, step, epoch_step):
         return knn_monitor(model, *monitor, args.num_classes, args, device, rank, run.world_size)
 
     if start_epoch == 0 and epoch_step == 0 and monitor is not None:  # the random network's k-NN, as a baseline
-        entry = dict(epoch=0, step=0, knn_acc=evaluate()["knn_acc"])
+        entry = dict(epoch=0, step=0, **{k: v for k, v in evaluate().items() if k.startswith("knn_acc")})
         append_log(log_path, entry, master)
 
     # ---- training loop --------------------------------------------------------------
@@ -496,6 +584,8 @@ def fit(run, monitor, log_path, rank, start_epoch, step, epoch_step):
             if master:
                 print(f"stopped by {why} after epoch {epoch + 1}; continue with --resume")
             break
+    if master:
+        report_best(log_path)
 
 
 def main(argv=None):
@@ -510,7 +600,7 @@ def main(argv=None):
 
     # ---- data (downloaded by the first process of each node) -----------------------
     with utils.node_leader_first(local_rank):
-        info = data.dataset_info(args.dataset, args.data_path, args.image_size)
+        info = data.dataset_info(args.dataset, args.data_path, args.image_size, args.method, args.normalize)
         args.image_size, args.num_classes = info["image_size"], info["num_classes"]
         if args.classes:
             args.num_classes = len(data.class_list(args.classes))
@@ -560,6 +650,19 @@ def epoch_means(sums, count, device):
     if labelled:
         out["probe_train_acc"] = 100.0 * correct / labelled
     return out
+
+
+def report_best(log_path):
+    """The k-NN monitor's final and best accuracy of each feature, as the VJE
+    notebook reports them at the end, read from log.jsonl (so a resumed run
+    counts the epochs before its resume too)."""
+    with open(log_path) as f:
+        entries = [json.loads(line) for line in f if line.strip()]
+    for key in ("knn_acc", "knn_acc_mu", "knn_acc_ema"):
+        scored = [(e[key], e["epoch"]) for e in entries if key in e]
+        if scored:
+            best = max(scored)
+            print(f"{key}: final {scored[-1][0]:.2f} (epoch {scored[-1][1]}), best {best[0]:.2f} (epoch {best[1]})")
 
 
 def append_log(path, entry, master):

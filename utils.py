@@ -263,8 +263,12 @@ def resume_training_state(path, args, recipe_flags, rank, world_size, **objects)
         fail(f"--resume but '{path}' does not exist; check --output-dir, or leave out --resume to start a new run")
     ckpt = load_checkpoint(path)
     old = ckpt.get("args", {})
+    missing = [f"--{k.replace('_', '-')}" for k in recipe_flags if k not in old]
+    if missing:  # a flag this version added: the old run trained another way
+        fail(f"checkpoint '{path}' was written by an earlier version of this project, which had no "
+             f"{', '.join(missing)}; continue it with that version, or start a new --output-dir")
     changed = [f"--{k.replace('_', '-')} ({old.get(k)} -> {getattr(args, k)})"
-               for k in recipe_flags if k in old and old[k] != getattr(args, k)]
+               for k in recipe_flags if old[k] != getattr(args, k)]
     if changed:
         fail(f"--resume with changed recipe flags: {', '.join(changed)}; use the original flags or a new --output-dir")
     for name, obj in objects.items():

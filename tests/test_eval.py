@@ -334,6 +334,26 @@ def test_eval_ood_class_split_vje(vje_ckpt):
     assert res["scores"]["vje"]["mean_id"] == pytest.approx(score.mean().item(), rel=1e-5)
 
 
+def test_vje_score_centres_the_variance_as_training_did():
+    """A model trained with --center-var is scored with centred variances, as
+    the authors' notebook does: eval_ood's directional score equals the
+    training loss's directional term (losses.vje_directional_nll with
+    center_var) at s = mu, and differs from the uncentred one by far more
+    than float32 rounding."""
+    torch.manual_seed(0)
+    net = model_lib.SSLModel("vje", arch="tiny", image_size=16, center_var=True).eval()
+    x = torch.randn(5, 3, 16, 16)
+    forward, layout = eval_ood.score_forward(net, "z", ["vje-dir"], nu=1.0)
+    score = forward(x)[:, layout["vje-dir"]].squeeze(1)
+    with torch.no_grad():
+        z = net.encoder(x)
+        mu, var = net.head(z)
+        trained = losses.vje_directional_nll(z, mu, var, 1.0, center_var=True)
+        uncentred = losses.vje_directional_nll(z, mu, var, 1.0, center_var=False)
+    assert torch.allclose(score, trained, rtol=1e-5, atol=1e-4)
+    assert (score - uncentred).abs().min() > 1.0
+
+
 def test_eval_ood_byol_defaults_to_knn_and_the_other_classes(byol_ckpt):
     res = eval_ood.main(["--checkpoint", byol_ckpt, *CPU, "--classes", "class0,class1", "--ood-k", "3",
                          "--feature", "ema"])

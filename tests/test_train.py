@@ -131,12 +131,197 @@ def test_ema_update_matches_formula():
         assert torch.allclose(t1, 0.9 * t0 + 0.1 * s0, atol=1e-6)
 
 
+def per_view_loss_by_hand(net, x1, x2, seed):
+    """Each method's loss from two hand-run passes, one per view: every
+    network (encoder, heads, teacher) is called on one view's B images at a
+    time, as the authors' code does, then the loss functions of losses.py."""
+    split = model_lib.split_gaussian
+    z1, z2 = net.encoder(x1), net.encoder(x2)
+    torch.manual_seed(seed)
+    if net.method == "vje":
+        (mu1, var1), (mu2, var2) = net.head(z1), net.head(z2)
+        with torch.no_grad():
+            t1, t2 = (z1.detach(), z2.detach()) if net.teacher is None else (net.teacher(x1), net.teacher(x2))
+        return losses.vje_loss(mu1, var1, mu2, var2, t1, t2)[0]
+    if net.method == "byol":
+        p1, p2 = net.predictor(net.projector(z1)), net.predictor(net.projector(z2))
+        with torch.no_grad():
+            t1, t2 = net.teacher(x1), net.teacher(x2)
+        return losses.byol_loss(p1, t2) + losses.byol_loss(p2, t1)
+    if net.method in ("simsiam", "vi-simsiam"):
+        h1, h2 = net.projector(z1), net.projector(z2)
+        p1, p2 = net.predictor(h1), net.predictor(h2)
+        if net.method == "simsiam":
+            return 0.5 * (losses.simsiam_loss(p1, h2) + losses.simsiam_loss(p2, h1))
+        return losses.vi_simsiam_loss(p1, net.kappa(h1), p2, net.kappa(h2), h1, h2)[0]
+    # vssl, cosine form: posterior per view, prior per view, one noise draw for both views' samples
+    q = [split(net.predictor(torch.cat(split(net.projector(z), False), 1)), False) for z in (z1, z2)]
+    with torch.no_grad():
+        prior = [split(net.teacher(x), False) for x in (x1, x2)]
+    sample = losses.vssl_sample(torch.cat([q[0][0], q[1][0]]), torch.cat([q[0][1], q[1][1]]))
+    b = x1.shape[0]
+    r = [(net.denoiser_mu(s), net.denoiser_var(s)) for s in (sample[:b], sample[b:])]
+    return sum(losses.vssl_loss(*q[a], *prior[t], *r[a])[0] for a, t in ((0, 1), (1, 0)))
+
+
+@pytest.mark.parametrize("method,kw", [("vje", {}), ("vje", dict(target="ema")), ("vssl", {}), ("byol", {}),
+                                       ("simsiam", {}), ("vi-simsiam", {})])
+def test_forward_equals_two_separate_per_view_passes(method, kw):
+    """The VJE notebook calls model(x1), then model(x2), and solo-learn runs
+    each crop on its own, so batch norm normalizes each view with its own
+    statistics. SSLModel's forward gives the loss of two hand-run per-view
+    passes (same noise) to float32 rounding; with joint_bn (both views in one
+    pass, one set of statistics) it gives another value, which shows the
+    comparison can fail."""
+    net = small_model(method, **kw).train()
+    x1, x2 = torch.randn(6, 3, 16, 16), torch.randn(6, 3, 16, 16) * 2 + 1  # views with other statistics
+    torch.manual_seed(11)
+    loss, logs = net(x1, x2)
+    expected = per_view_loss_by_hand(net, x1, x2, seed=11)
+    tolerance = 1e-5 * (1 + expected.abs().item())
+    assert (loss - expected).abs().item() <= tolerance, (loss.item(), expected.item())
+    net.joint_bn = True
+    torch.manual_seed(11)
+    joint, joint_logs = net(x1, x2)
+    assert (joint - expected).abs().item() > 10 * tolerance or method == "vi-simsiam", (joint.item(), expected.item())
+    if method == "vi-simsiam":  # its loss is mostly the log-normalizer of kappa; the alignment tells the passes apart
+        assert (joint_logs["cos"] - logs["cos"]).abs().item() > 1e-3
+
+
+def test_ema_encoder_buffers_equal_the_encoders_after_an_update():
+    """The notebook copies the encoder's batch-norm buffers into its EMA
+    encoder at every update (the EMA encoder runs in eval mode, so it
+    normalizes with them); the parameters move by the momentum."""
+    net = small_model("vje", target="ema").train()
+    for _ in range(3):  # the encoder's running statistics move away from the teacher's
+        net(torch.randn(6, 3, 16, 16) * 3 + 2, torch.randn(6, 3, 16, 16) * 3 + 2)
+    t_params = [p.clone() for p in net.teacher.parameters()]
+    assert any(not torch.equal(t, s) for t, s in zip(net.teacher.buffers(), net.encoder.buffers()))
+    net.update_teacher(0.99)
+    for t, s in zip(net.teacher.buffers(), net.encoder.buffers()):
+        assert torch.equal(t, s)
+    for t0, s, t1 in zip(t_params, net.encoder.parameters(), net.teacher.parameters()):
+        assert torch.allclose(t1, 0.99 * t0 + 0.01 * s, atol=1e-7)
+
+
+def test_probe_trains_on_both_views():
+    """solo-learn's online probe reads every view: its loss is the mean
+    cross-entropy over both views' labelled images, and it counts 2x the
+    labelled images."""
+    net = small_model("byol").train()
+    x1, x2, y = torch.randn(6, 3, 16, 16), torch.randn(6, 3, 16, 16), torch.tensor([0, 1, 2, -1, 0, 1])
+    _, logs = net(x1, x2, y)
+    z = torch.cat([net.encoder(x1), net.encoder(x2)]).detach()
+    labels = y.repeat(2)
+    known = labels >= 0
+    expected = torch.nn.functional.cross_entropy(net.probe(z)[known], labels[known])
+    assert logs["probe_count"].item() == 10
+    assert torch.allclose(logs["probe_loss"], expected, atol=1e-6)
+
+
+def lars_step(w0, g, lr, wd, eta, clip, buf=None, momentum=0.9):
+    """solo-learn's LARS step for one tensor, written out with Python floats."""
+    wn, gn = math.sqrt(sum(v * v for v in w0)), math.sqrt(sum(v * v for v in g))
+    if wn > 0 and gn > 0:
+        trust = eta * wn / (gn + wd * wn + 1e-8)
+        scale = min(trust / lr, 1.0) if clip else trust
+        d = [(gi + wd * wi) * scale for gi, wi in zip(g, w0)]
+    else:
+        d = list(g)
+    buf = d if buf is None else [momentum * b + di for b, di in zip(buf, d)]
+    return [wi - lr * b for wi, b in zip(w0, buf)], buf
+
+
+@pytest.mark.parametrize("lr,clip", [(0.5, True), (0.01, True), (0.5, False)])
+def test_lars_follows_solo_learns_clipped_rule(lr, clip):
+    """Two LARS steps (the second with momentum) against the rule written out
+    by hand: trust = eta ||w|| / (||g|| + wd ||w||), the update (g + wd w)
+    scaled by min(trust / lr, 1) with clip_lr (lr 0.5: trust / lr = 0.13;
+    lr 0.01: clipped to 1, a plain SGD step) or by trust without; a tensor
+    whose gradient is zero is neither decayed nor scaled."""
+    w = torch.nn.Parameter(torch.tensor([3.0, 4.0], dtype=torch.float64))
+    still = torch.nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
+    opt = train.LARS([w, still], lr=lr, weight_decay=0.1, eta=0.02, clip=clip)
+    expected, buf = [3.0, 4.0], None
+    for g in ([0.0, 1.0], [0.5, -0.25]):
+        w.grad, still.grad = torch.tensor(g, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
+        opt.step()
+        expected, buf = lars_step(expected, g, lr, 0.1, 0.02, clip, buf)
+        assert torch.allclose(w.detach(), torch.tensor(expected, dtype=torch.float64), rtol=0, atol=1e-12)
+    assert torch.equal(still.detach(), torch.tensor([1.0, -2.0], dtype=torch.float64))
+    if clip and lr == 0.01:  # trust / lr > 1: the first step was lr * (g + wd w)
+        assert lars_step([3.0, 4.0], [0.0, 1.0], lr, 0.1, 0.02, True)[0] == \
+            pytest.approx([3.0 - 0.01 * 0.3, 4.0 - 0.01 * 1.4])
+
+
+def test_epoch_schedule_is_the_notebooks():
+    """The VJE notebook sets the rate once an epoch: lr (e + 1) / W in warm-up,
+    then a cosine over the remaining epochs; every step of an epoch shares it."""
+    s = train.epoch_schedule(0.05, epochs=20, steps_per_epoch=3, warmup_epochs=10)
+    assert len(s) == 60 and np.all(s.reshape(20, 3) == s.reshape(20, 3)[:, :1])
+    per_epoch = s[::3]
+    assert per_epoch[0] == pytest.approx(0.005) and per_epoch[9] == pytest.approx(0.05)
+    assert per_epoch[10] == pytest.approx(0.05) and per_epoch[15] == pytest.approx(0.025)
+    assert per_epoch[19] == pytest.approx(0.05 * 0.5 * (1 + math.cos(math.pi * 9 / 10)))
+    for m, schedule in (("vje", "epoch"), ("byol", "step"), ("vssl", "step"), ("simsiam", "step")):
+        assert train.get_args(["--method", m]).lr_schedule == schedule
+
+
+@pytest.mark.parametrize("flags", [["--vssl-teacher-predictor"], ["--vssl-likelihood-view", "same"],
+                                   ["--vssl-positive-var"], ["--vssl-positive-var", "--vssl-sampling", "standard"],
+                                   ["--proj-dim", "32"], ["--vssl-kl-beta", "2", "--vssl-nll-beta", "0.5"],
+                                   ["--ema-schedule", "constant"], ["--vssl-form", "gaussian", "--vssl-sampling",
+                                                                    "standard"]])
+def test_each_vssl_reading_trains_a_step(flags):
+    """Every switch of VSSL's readings builds from the command line, gives a
+    finite loss, and one LARS step and teacher update change the weights."""
+    args = train.get_args(["--method", "vssl", "--arch", "tiny", "--proj-hidden", "64", *flags])
+    torch.manual_seed(0)
+    net = model_lib.SSLModel(**model_lib.model_kwargs(dict(vars(args), image_size=16, num_classes=3))).train()
+    opt = train.build_optimizer(net, args)
+    for g in opt.param_groups:
+        g["lr"] = 0.1
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    loss, logs = net(torch.randn(6, 3, 16, 16), torch.randn(6, 3, 16, 16), torch.tensor([0, 1, 2, 0, 1, 2]))
+    assert torch.isfinite(loss) and torch.isfinite(logs["kl"]) and torch.isfinite(logs["nll"])
+    loss.backward()
+    opt.step()
+    momentum = train.ema_momentum_schedule(args.ema_momentum, 10, constant=args.ema_schedule == "constant")
+    net.update_teacher(float(momentum[5]))
+    after = net.state_dict()
+    assert not torch.equal(before["predictor.0.weight"], after["predictor.0.weight"])
+    assert not torch.equal(before["teacher.1.0.weight"], after["teacher.1.0.weight"])
+    if "--vssl-teacher-predictor" in flags:  # the momentum predictor: an EMA copy of the student's
+        assert len(net.teacher) == 3 and not torch.equal(before["teacher.2.0.weight"], after["teacher.2.0.weight"])
+    if "--proj-dim" in flags:
+        assert net.denoiser_mu[-1].out_features == 32 and net.projector[-1].out_features == 64
+    if "--ema-schedule" in flags:
+        assert np.all(momentum == 0.99)
+
+
+def test_vssl_likelihood_view_changes_only_the_likelihood():
+    """--vssl-likelihood-view same scores the teacher's distribution of the
+    posterior's own view: the KL is unchanged, the likelihood term is not."""
+    x1, x2 = torch.randn(6, 3, 16, 16), torch.randn(6, 3, 16, 16)
+    logs = {}
+    for view in ("other", "same"):
+        net = small_model("vssl", vssl_likelihood_view=view).train()
+        torch.manual_seed(2)
+        logs[view] = net(x1, x2)[1]
+    assert torch.allclose(logs["other"]["kl"], logs["same"]["kl"], atol=1e-6)
+    assert not torch.allclose(logs["other"]["nll"], logs["same"]["nll"], atol=1e-4)
+
+
 def test_ema_momentum_schedule():
-    m = train.ema_momentum_schedule(0.99, 1001)
+    """1 - (1 - base)(cos(pi k / K) + 1) / 2 over K steps, as the VJE notebook
+    and solo-learn compute it: base at step 0, half-way at K / 2, just short
+    of 1 at the last step."""
+    m = train.ema_momentum_schedule(0.99, 1000)
     assert m[0] == pytest.approx(0.99)
-    assert m[500] == pytest.approx((0.99 + 1) / 2, abs=1e-6)  # halfway through the cosine
-    assert m[-1] == pytest.approx(1.0, abs=1e-6)
+    assert m[500] == pytest.approx((0.99 + 1) / 2, abs=1e-9)  # halfway through the cosine
+    assert m[-1] == pytest.approx(1 - 0.01 * (math.cos(math.pi * 999 / 1000) + 1) / 2, abs=1e-12)
     assert np.all(np.diff(m) >= 0)
+    assert np.all(train.ema_momentum_schedule(0.99, 1000, constant=True) == 0.99)
 
 
 def test_lr_schedule_warmup_then_cosine():
@@ -162,18 +347,6 @@ def test_recipe_defaults():
     opt = train.build_optimizer(small_model("vje"), train.get_args(["--method", "vje"]))
     assert opt.defaults["nesterov"] and opt.param_groups[1]["weight_decay"] == 0.0
     assert all(p.ndim <= 1 for p in opt.param_groups[1]["params"])
-
-
-def test_lars_trust_ratio():
-    """One LARS step on a weight with zero momentum history moves it by
-    lr * eta * ||w|| / ||g + wd w|| * (g + wd w)."""
-    w = torch.nn.Parameter(torch.tensor([3.0, 4.0]))
-    w.grad = torch.tensor([0.0, 1.0])
-    opt = train.LARS([w], lr=0.5, weight_decay=0.1, eta=0.02)
-    opt.step()
-    d = torch.tensor([0.3, 1.4])
-    expected = torch.tensor([3.0, 4.0]) - 0.5 * 0.02 * 5.0 / d.norm() * d
-    assert torch.allclose(w.detach(), expected, atol=1e-7)
 
 
 # -----------------------------------------------------------------------------
