@@ -3,16 +3,19 @@ several OOD sets in one run.
 
 One OOD set (one process; a GPU if there is one, else the CPU):
     python eval_ood.py --checkpoint runs/vje-cifar10-resnet18/checkpoint.pt --ood-sets cifar100
-Several sets, each a torchvision dataset name or a folder of images (flat or in subfolders):
+Several sets, each a torchvision name or a folder of images (flat or nested):
     python eval_ood.py --checkpoint CKPT --ood-sets svhn mnist textures data/isun
-The OpenOOD v1.5 benchmark of the checkpoint's dataset (CIFAR-10 or CIFAR-100), downloads into --ood-root:
+The OpenOOD v1.5 benchmark of the checkpoint's dataset (CIFAR-10 or
+CIFAR-100), its torchvision sets downloaded into --ood-root on first use:
     python eval_ood.py --checkpoint CKPT --ood-sets openood --tin-path data/tin --ood-root data
-The CIFAR-10 list for a checkpoint trained on a folder copy of CIFAR-10, plus a set of one's own in its own group:
+The CIFAR-10 list for a model trained on a folder copy of CIFAR-10, and a set
+of one's own in a group of its own:
     python eval_ood.py --checkpoint CKPT --ood-sets openood-cifar10 mine=data/my-ood --tin-path data/tin
 Held-out classes of the training data as OOD (the model was trained with
 train.py --classes bird,cat,deer,dog,frog,horse; in-distribution defaults to those):
     python eval_ood.py --checkpoint CKPT --ood-classes airplane,automobile,ship,truck
-Another dataset as data.py reads it (its test split; the single-set flags of earlier versions):
+Another dataset's test split as data.py reads it (the single-set flags of
+earlier versions):
     python eval_ood.py --checkpoint CKPT --ood-dataset folder --ood-data-path OTHER_TREE
 VJE's score from the EMA encoder of a checkpoint trained with --target ema:
     python eval_ood.py --checkpoint CKPT --ood-sets openood --tin-path data/tin --score-encoder ema
@@ -44,8 +47,8 @@ OOD sets (--ood-sets SET [SET ...]; a SET is one of):
            places365; for CIFAR-100 near-OOD cifar10 and tin, the same far
            sets. openood-cifar10 and openood-cifar100 name a list directly
            (a checkpoint trained on a folder copy of CIFAR has no name).
-OpenOOD reads its own image lists (Tiny ImageNet and Places365 without the
-images whose classes overlap CIFAR's), so these sets are close to its
+OpenOOD reads each set from its own image list (Tiny ImageNet and Places365
+cleaned of images overlapping CIFAR's classes), so these sets are close to its
 benchmark but not the same images: compare with its tables with that in mind.
 
 Groups: a preset's sets are in the groups near and far; every other set in
@@ -76,9 +79,11 @@ per image, through the network in eval mode. Scores, higher = more OOD:
 Metrics, in percent, computed with numpy below: AUROC; AUPR-In, the average
 precision of finding the in-distribution images (ID positive, lower score =
 more ID); AUPR-Out, that of finding the OOD images (OOD positive); FPR at 95 %
-TPR (OOD positive). They go to --output as JSON (default: ood_<set>.json
-beside the checkpoint for one set, ood_<set>+<set>....json for several, a
-preset counting as one set):
+TPR (OOD positive, as OpenOOD v1.5). OpenOOD integrates its precision-recall
+curves with the trapezoidal rule where this script takes average precision,
+so its AUPRs may differ slightly, most where scores tie. They go to --output
+as JSON (default: ood_<set>.json beside the checkpoint for one set,
+ood_<set>+<set>....json for several, a preset counting as one set):
     {checkpoint, method, arch, checkpoint_epoch, in_distribution, nu, ood_k,
      feature, score_encoder, precision, seconds,
      sets:   {<set>:   {group, dataset, data_path, split, classes, num_images,
@@ -263,8 +268,11 @@ def group_means(sets, scores):
     members = {}
     for label, entry in sets.items():
         members.setdefault(entry["group"], []).append(label)
-    return {group: dict(sets=labels, scores={name: {key: float(np.mean([sets[l]["scores"][name][key] for l in labels]))
-                                                    for key in METRICS} for name in scores})
+
+    def mean(labels, name, key):
+        return float(np.mean([sets[label]["scores"][name][key] for label in labels]))
+    return {group: dict(sets=labels, scores={name: {key: mean(labels, name, key) for key in METRICS}
+                                             for name in scores})
             for group, labels in members.items()}
 
 
@@ -323,8 +331,8 @@ def score_forward(net, feature, scores, nu, score_encoder="online"):
 
         columns = {}
         if "knn" in scores:
-            columns["knn"] = {"z": lambda: embedding("online"), "mu": lambda: posterior("online")[0],
-                              "ema": lambda: embedding("ema")}[feature]()
+            columns["knn"] = posterior("online")[0] if feature == "mu" else \
+                embedding("ema" if feature == "ema" else "online")
         # Eq. 39 at s = mu, one un-augmented view; taken in float32 (losses.py
         # casts), whatever the autocast precision
         for name in ("vje", "vje-dir"):
@@ -472,16 +480,20 @@ class OODSet:
         return self.entry["label"]
 
 
+def set_entry(label, group, dataset, data_path, split, classes=None):
+    """A set's description in the output (num_images and scores follow)."""
+    return dict(label=label, group=group, dataset=dataset, data_path=os.path.abspath(data_path), split=split,
+                classes=classes)
+
+
 def describe_set(group, body, args, preset=None):
     """The OODSet a SET names, checked against the in-distribution data;
     nothing is read yet."""
-    entry = dict(group=group, classes=None)
     if body in TORCHVISION_SETS:
         if body == args.dataset:
             utils.fail(f"the OOD set {body} is the in-distribution dataset; name its held-out classes with "
                        f"--ood-classes instead")
-        return OODSet("torchvision", dict(entry, label=body, dataset=body, data_path=os.path.abspath(args.ood_root),
-                                          split=TORCHVISION_SETS[body][2]), preset)
+        return OODSet("torchvision", set_entry(body, group, body, args.ood_root, TORCHVISION_SETS[body][2]), preset)
     if body == TIN:
         if not args.tin_path:
             utils.fail("the OOD set tin (in --ood-sets or an openood preset) needs --tin-path, a folder of "
@@ -498,8 +510,7 @@ def describe_set(group, body, args, preset=None):
         utils.fail(f"{what} '{path}' is a file; give a folder of images")
     if data.same_path(path, args.data_path):
         utils.fail(f"{what} '{path}' is the in-distribution data itself; point it at a folder of OOD images")
-    return OODSet("folder", dict(entry, label=label, dataset=dataset, data_path=os.path.abspath(path), split="all"),
-                  preset)
+    return OODSet("folder", set_entry(label, group, dataset, path, "all"), preset)
 
 
 def legacy_set(args, raw_test):
@@ -529,8 +540,7 @@ def legacy_set(args, raw_test):
                        f"in-distribution classes")
     label = args.ood_dataset + (f"_{'-'.join(args.ood_classes)}" if args.ood_classes else "")
     return OODSet("held-out" if same_source else "data.py",
-                  dict(label=label, group=DEFAULT_GROUP, dataset=args.ood_dataset,
-                       data_path=os.path.abspath(args.ood_data_path), split="test", classes=args.ood_classes))
+                  set_entry(label, DEFAULT_GROUP, args.ood_dataset, args.ood_data_path, "test", args.ood_classes))
 
 
 def unique_labels(ood_sets):
@@ -656,9 +666,9 @@ def get_args(argv=None):
                         "reads: every image in it and its subfolders, e.g. tiny-imagenet-200/val or OpenOOD's "
                         "copy of it")
     p.add_argument("--ood-dataset", default=None, choices=data.DATASETS,
-                   help="single-set flags, as in earlier versions (with --ood-sets they add one more set, in the "
-                        "group other): the OOD data is the test split of this dataset; default: --dataset, which "
-                        "then needs --ood-classes or --classes to tell the two apart")
+                   help="one OOD set named the way of earlier versions (with --ood-sets, one more set, in the "
+                        "group other): the test split of this dataset as data.py reads it; default: --dataset, "
+                        "which then needs --ood-classes or --classes to tell the two apart")
     p.add_argument("--ood-data-path", default=None,
                    help="where the --ood-dataset lives; default: --data-path when that is the OOD dataset's tree "
                         "or a torchvision download folder")

@@ -656,6 +656,8 @@ def report_best(log_path):
     """The k-NN monitor's final and best accuracy of each feature, as the VJE
     notebook reports them at the end, read from log.jsonl (so a resumed run
     counts the epochs before its resume too)."""
+    if not os.path.isfile(log_path):  # stopped inside the first epoch, with no monitor at the start
+        return
     with open(log_path) as f:
         entries = [json.loads(line) for line in f if line.strip()]
     for key in ("knn_acc", "knn_acc_mu", "knn_acc_ema"):

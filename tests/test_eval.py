@@ -277,7 +277,7 @@ def test_scripts_under_torchrun_equal_one_process(vje_ckpt, tmp_path):
     with open(tmp_path / "ood.json") as f:
         two = json.load(f)["scores"]
     for name, m in ood["scores"].items():
-        for key in ("auroc", "aupr", "fpr95"):
+        for key in ("auroc", "aupr_in", "aupr_out", "fpr95"):
             assert two[name][key] == m[key], (name, key)
         assert two[name]["mean_id"] == pytest.approx(m["mean_id"], rel=1e-6)  # summation order differs
     log = [json.loads(line) for line in open(tmp_path / "linear" / "log.jsonl")]
@@ -318,7 +318,7 @@ def test_eval_ood_class_split_vje(vje_ckpt):
     assert list(res["scores"]) == ["vje", "vje-dir", "knn"]
     assert res["in_distribution"]["num_images"] == 8 and res["ood"]["num_images"] == 4
     for m in res["scores"].values():
-        assert all(0 <= m[key] <= 100 for key in ("auroc", "aupr", "fpr95"))
+        assert all(0 <= m[key] <= 100 for key in ("auroc", "aupr_in", "aupr_out", "fpr95"))
     with open(os.path.join(os.path.dirname(vje_ckpt), "ood_folder_class2.json")) as f:
         assert json.load(f)["scores"]["vje"]["auroc"] == res["scores"]["vje"]["auroc"]
 
