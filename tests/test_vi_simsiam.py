@@ -334,6 +334,54 @@ def test_with_kappa_fixed_the_pull_is_simsiams_scaled_by_kappa_over_one_plus_cos
     assert err < 1e-12
 
 
+def preferred_concentration(cos, dim):
+    """The κ₁ at which vi_simsiam_loss is smallest for one sample whose
+    prediction and target have cosine `cos`: bisection (in log κ, float64) on
+    the sign of ∂loss/∂κ₁ from autograd."""
+    mu = torch.zeros(1, dim, dtype=F64)
+    mu[0, 0] = 1.0
+    target = torch.zeros(1, dim, dtype=F64)
+    target[0, 0], target[0, 1] = cos, math.sqrt(1 - cos ** 2)
+    lo, hi = math.log(1e-3), math.log(1e7)
+    for _ in range(80):
+        mid = 0.5 * (lo + hi)
+        kappa = torch.tensor([math.exp(mid)], dtype=F64, requires_grad=True)
+        loss, _ = vi_simsiam_loss(mu, kappa, mu, torch.ones(1, dtype=F64), mu, target)
+        slope = torch.autograd.grad(loss, kappa)[0].item()
+        lo, hi = (mid, hi) if slope < 0 else (lo, mid)
+    return math.exp(0.5 * (lo + hi)), mu
+
+
+@pytest.mark.parametrize("cos", [0.3, 0.8])
+def test_the_concentration_the_loss_prefers_is_the_maximum_likelihood_one(cos):
+    """At the κ where the loss is smallest, samples of PS(μ̂, κ) drawn with
+    power_spherical_sample (Gammas, no lgamma or digamma) have a mean
+    log(1 + μ̂ᵀx) equal to the target's log(1 + cos): the loss fits κ by
+    maximum likelihood, so κ grows with the views' agreement. Monte Carlo,
+    100,000 samples at D = 16; the tolerance is 5 standard errors."""
+    dim = 16
+    kappa, mu = preferred_concentration(cos, dim)
+    gen = torch.Generator().manual_seed(11)
+    n = 100_000
+    x = power_spherical_sample(mu.expand(n, dim), torch.full((n,), kappa, dtype=F64), generator=gen)
+    values = torch.log1p(x @ mu[0])
+    err = abs(values.mean().item() - math.log1p(cos))
+    se = values.std().item() / math.sqrt(n)
+    report(f"E[log(1 + t)] at the preferred κ = {kappa:.3f} vs log(1 + {cos}), in standard errors", err / se)
+    assert err < 5 * se
+
+
+def test_the_preferred_concentration_at_d_2048_follows_d_minus_1_times_c_over_1_minus_c():
+    """The docstring's rule κ ≈ (D−1)·c/(1 − c): at D = 2048 and c = 0.9 the
+    bisection gives 1.84·10⁴, within 0.1 % of the rule (measured 3e-5); at
+    c = 0.5, 2047 within 0.1 % (measured 2e-4)."""
+    for cos in (0.9, 0.5):
+        kappa, _ = preferred_concentration(cos, 2048)
+        rule = 2047 * cos / (1 - cos)
+        report(f"preferred κ at D = 2048, cos {cos}: relative gap to the rule", abs(kappa / rule - 1))
+        assert abs(kappa / rule - 1) < 1e-3
+
+
 def test_gradcheck_log_prob_and_loss():
     """float64 gradcheck (atol 1e-6, rtol 1e-5) in x, mu, kappa and in p, kappa."""
     p1, k1, p2, k2, z1, z2 = loss_inputs(batch=3, dim=5)
