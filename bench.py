@@ -139,8 +139,8 @@ def loss_item(method, args, device, z):
     and VSSL's keep only their projector (the teacher encoder's forward is in the train step)."""
     heads, _ = build_model(method, args, device)
     heads.encoder = torch.nn.Identity()  # unused here
-    if method in ("byol", "vssl"):
-        heads.teacher = heads.teacher[1]
+    if method in ("byol", "vssl"):  # the teacher's encoder replaced by the identity, its layout kept
+        heads.teacher[0] = torch.nn.Identity()
 
     def step():
         heads.zero_grad(set_to_none=True)
