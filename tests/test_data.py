@@ -306,3 +306,27 @@ def test_blur_check_command_compares_the_blurs_with_pils(tmp_path, capsys):
         with pytest.raises(SystemExit) as e:
             data.main(args)
         assert str(e.value).startswith("error: ") and "\n" not in str(e.value), args
+
+
+def test_make_shifted_writes_gray_and_upsampled_copies_in_the_same_layout(tmp_path, capsys):
+    """make-shifted keeps every image's relative path (as .png): the gray copy
+    has three equal channels equal to PIL's own L conversion, the upsampled
+    copy is PIL's bicubic resize at 4x; a folder with files already, or with
+    no images, stops with one line and writes nothing."""
+    src = make_image_folder(tmp_path / "src", classes=2, train_per_class=2, test_per_class=1, size=8)
+    data.main(["make-shifted", os.path.join(src, "test"), str(tmp_path / "gray"), "--shift", "gray"])
+    data.main(["make-shifted", os.path.join(src, "test"), str(tmp_path / "big"), "--shift", "upsample"])
+    assert "wrote 2 images" in capsys.readouterr().out
+    for c in ("class0", "class1"):
+        original = Image.open(os.path.join(src, "test", c, "000.png")).convert("RGB")
+        gray = np.asarray(Image.open(tmp_path / "gray" / c / "000.png"))
+        assert gray.shape == (8, 8, 3) and (gray == gray[..., :1]).all()
+        assert (gray[..., 0] == np.asarray(original.convert("L"))).all()
+        big = Image.open(tmp_path / "big" / c / "000.png")
+        assert big.size == (32, 32)
+        assert (np.asarray(big) == np.asarray(original.resize((32, 32), Image.BICUBIC))).all()
+    for args, message in (([str(tmp_path / "src" / "test"), str(tmp_path / "gray")], "already holds files"),
+                          ([str(tmp_path / "empty"), str(tmp_path / "new")], "is not a folder")):
+        with pytest.raises(SystemExit, match=message):
+            data.main(["make-shifted", *args, "--shift", "gray"])
+    assert not (tmp_path / "new").exists()
