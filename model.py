@@ -7,9 +7,11 @@ a network back from a checkpoint.
 
 One class, `SSLModel`, holds everything a method trains: the encoder, the
 method's heads, an EMA teacher where the method has one, and an online linear
-probe on detached encoder features. Its forward returns
+probe on detached encoder features of both views. Its forward returns
 the training loss, so that one DistributedDataParallel wrapper and one
 backward cover all of it; the probe's gradient never reaches the encoder.
+Each view goes through every network in its own pass (per-view batch-norm
+statistics, as in the authors' code); `joint_bn` runs both in one.
 
 Methods (the README's "Methods and recipes" gives the papers and equations):
   vje      encoder -> inference network g -> (mu, var); no projector.
