@@ -5,6 +5,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,3 +31,11 @@ def make_image_folder(root, classes=3, train_per_class=8, test_per_class=4, size
 @pytest.fixture
 def image_folder(tmp_path):
     return make_image_folder(tmp_path / "data")
+
+
+@pytest.fixture
+def scripts_on_one_thread(monkeypatch):
+    """The scripts' main() sizes the thread pool to the machine
+    (utils.setup_distributed); the tests that call it keep to one core."""
+    torch.set_num_threads(1)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)

@@ -51,11 +51,7 @@ def run_main(script, *args):
     return SimpleNamespace(returncode=code, stderr=err.getvalue())
 
 
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    """main() sizes the thread pool to the machine; the tests keep to one core."""
-    torch.set_num_threads(1)
-    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+pytestmark = pytest.mark.usefixtures("scripts_on_one_thread")
 
 
 def flags(data_dir, out, method="vje", epochs=1, **extra):

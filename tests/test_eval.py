@@ -22,12 +22,7 @@ import losses
 import model as model_lib
 
 
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    """The scripts size their thread pool to the machine (utils.setup_distributed);
-    the tests keep to one core."""
-    torch.set_num_threads(1)
-    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+pytestmark = pytest.mark.usefixtures("scripts_on_one_thread")
 
 
 # -----------------------------------------------------------------------------

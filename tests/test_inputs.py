@@ -50,11 +50,7 @@ def train_flags(data_dir, out, *extra):
             "--warmup-epochs", 1, "--num-workers", 0, "--output-dir", out, "--epochs", 1, "--eval-every", 0, *extra]
 
 
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    """main() sizes the thread pool to the machine; the tests keep to one core."""
-    torch.set_num_threads(1)
-    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+pytestmark = pytest.mark.usefixtures("scripts_on_one_thread")
 
 
 @pytest.fixture(scope="module")

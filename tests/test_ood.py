@@ -28,12 +28,7 @@ import train
 CPU = ["--device", "cpu", "--num-workers", "0"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    """The scripts size their thread pool to the machine (utils.setup_distributed);
-    the tests keep to one core."""
-    torch.set_num_threads(1)
-    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+pytestmark = pytest.mark.usefixtures("scripts_on_one_thread")
 
 
 # -----------------------------------------------------------------------------
