@@ -10,8 +10,9 @@ Where the time of a step goes, reading the JPEG files with 0 and 2 loader proces
 Batched against PIL augmentation, and the `tiny` loop fed several ways, compiled beside eager:
     python bench.py --arch tiny --batch-size 256 --image-size 32 --skip-steps --skip-loss --skip-data \
         --data-path cifar10-subset --methods vje byol --data-batches 8 --feed-rounds 3 --feed-steps 6 --compile
-The GPU paths (bf16, fp16, torch.compile, torchrun) and the throughput goal, in a few minutes:
-    python bench.py --gpu-check
+The GPU paths (bf16, fp16, torch.compile, torchrun), the throughput goal and train.py's own
+images/s on a folder, in about 7 minutes on an H100:
+    python bench.py --gpu-check --data-path cifar10-subset
 
 A shared machine is noisy, so timed items are interleaved: every round runs one step of each, starting one item
 further along each round, so that slow spells hit all alike. Tables give medians, quartiles and extremes per step;
@@ -52,6 +53,8 @@ INCLUDES = {
     "loss": "SSLModel.embedding_loss, forward + backward into the features: the method's heads (VSSL's and BYOL's "
             "with their EMA projector) and its loss",
     "vje_loss_fn": "losses.vje_loss alone (directional + radial + KL) on given mu, var and targets, fwd + bwd",
+    "compiled": "the item of the same name, its forward (+ loss) through torch.compile as train.py --compile does; "
+                "the compile runs in the warm-up rounds",
 }
 GPU_GOAL = dict(vje_pairs_per_s=15_000, vje_over_encoder=0.85)  # one H100, ResNet-18, bf16, batch 256, 32 px
 
@@ -115,17 +118,18 @@ def make_train_step(method, args, device, compile=False):
                                           targs.ema_momentum)[0]
 
 
-def encoder_step_item(args, device, batch):
-    """The reference, the bare encoder's step. Returns (step, encoder)."""
+def encoder_step_item(args, device, batch, compile=False):
+    """The reference, the bare encoder's step (its forward compiled if `compile`). Returns (step, encoder)."""
     net, vje_args = build_model("vje", args, device)
     encoder, optimizer = net.encoder, train.build_optimizer(net.encoder, vje_args)
+    forward = torch.compile(encoder) if compile else encoder
     for g in optimizer.param_groups:
         g["lr"] = vje_args.lr * args.batch_size / 256
     scaler = utils.grad_scaler(args.precision, device)
 
     def step():
         with utils.autocast(args.precision, device):
-            out = torch.cat([encoder(view) for view in batch[0]])  # one pass per view, as SSLModel does
+            out = torch.cat([forward(view) for view in batch[0]])  # one pass per view, as SSLModel does
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(out.float().square().mean()).backward()
         scaler.step(optimizer)
@@ -210,6 +214,11 @@ def steps_section(args, device, results):
     items["encoder"], encoder = encoder_step_item(args, device, batch)
     for m in [] if args.skip_steps else args.methods:
         items[m] = lambda step=make_train_step(m, args, device): step(batch)
+    compiled = getattr(args, "compiled", [])  # --gpu-check: methods also timed compiled, beside the compiled encoder
+    if compiled:
+        items["encoder compiled"] = encoder_step_item(args, device, batch, compile=True)[0]
+    for m in compiled:
+        items[f"{m} compiled"] = lambda step=make_train_step(m, args, device, compile=True): step(batch)
     if not args.skip_loss:  # features of the (untrained) encoder: the heads see realistic statistics
         with torch.no_grad(), utils.autocast(args.precision, device):
             z = encoder(torch.cat(batch[0]))
@@ -220,12 +229,14 @@ def steps_section(args, device, results):
     times, cuda_mb = run_interleaved(items, args.warmup, args.rounds, device)
 
     def stats(name, images):
-        kind = name if name in INCLUDES else "loss" if name.startswith("loss_") else "step"
+        kind = name if name in INCLUDES else "loss" if name.startswith("loss_") else \
+            "compiled" if name.endswith(" compiled") else "step"
         s = dict(summarize(times[name], images, times["encoder"]), includes=INCLUDES[kind])
         return dict(s, cuda_peak_mb=cuda_mb[name]) if device.type == "cuda" else s
 
     header = f"({args.rounds} rounds; ratio = median / median of the encoder step)"
     names = ["encoder"] + ([] if args.skip_steps else args.methods)  # the encoder is the reference of both tables
+    names += ["encoder compiled"] * bool(compiled) + [f"{m} compiled" for m in compiled]
     results["train_step"] = {n: stats(n, args.batch_size) for n in names}
     if not args.skip_steps:
         print_table(f"train step, {args.batch_size} images (= {2 * args.batch_size} views) per step {header}",
@@ -415,71 +426,130 @@ def finite_loss_check(method, label, precision, compile, args, device, steps=5):
     return check_row(f"{method} {label}", passed, detail, t0)
 
 
+def train_script(method, folder, out, extra=(), nproc=1, batch_size=16, epochs=1, arch="resnet18", device="cuda"):
+    """Runs train.py (under torchrun with `nproc` processes) on the ImageFolder tree `folder`.
+    Returns (exit code, the per-epoch log rows, the child's first error line or None)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           os.path.join(HERE, "train.py"), "--method", method, "--dataset", "folder", "--data-path", folder,
+           "--arch", arch, "--batch-size", str(batch_size), "--epochs", str(epochs), "--eval-every", "0",
+           "--num-workers", "0", "--device", device, "--output-dir", out, *extra]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=HERE)
+    except subprocess.TimeoutExpired:
+        return None, [], "timed out after 300 s"
+    log = os.path.join(out, "log.jsonl")
+    rows = [json.loads(line) for line in open(log) if line.strip()] if os.path.isfile(log) else []
+    # the child's first error line (torch may prefix it with [rank0]:), not torchrun's summary
+    errors = re.findall(r"^(?:\[rank\d+\]:\s*)?((?:error:|[\w.]*(?:Error|Exception):).*)$", proc.stderr, re.M)
+    return proc.returncode, [r for r in rows if "loss" in r], (errors or [None])[0]
+
+
+def train_script_row(check, code, rows, error, t0):
+    """A check row for a train_script run: it passes if it exited 0 and every logged loss is finite."""
+    passed = code == 0 and bool(rows) and all(math.isfinite(r["loss"]) for r in rows)
+    detail = f"loss {rows[-1]['loss']:.4g}" if passed else (error or f"exit code {code}")[:150]
+    return check_row(check, passed, detail, t0)
+
+
 def torchrun_check(method, folder, out_dir, nproc, device="cuda", arch="resnet18"):
     """train.py under torchrun for one epoch of 5 steps on `folder` (80 images in
     batches of 16); passes if it exits 0 and logs a finite loss."""
-    out = os.path.join(out_dir, method)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           os.path.join(HERE, "train.py"), "--method", method, "--dataset", "folder", "--data-path", folder,
-           "--arch", arch, "--batch-size", "16", "--epochs", "1", "--warmup-epochs", "0", "--max-steps", "5",
-           "--eval-every", "0", "--num-workers", "0", "--device", device, "--output-dir", out]
     t0 = time.perf_counter()
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=HERE)
-        log = os.path.join(out, "log.jsonl")
-        values = [json.loads(line)["loss"] for line in open(log) if line.strip()] if os.path.isfile(log) else []
-        passed = proc.returncode == 0 and bool(values) and all(map(math.isfinite, values))
-        # the child's first error line (torch may prefix it with [rank0]:), not torchrun's summary
-        errors = re.findall(r"^(?:\[rank\d+\]:\s*)?((?:error:|[\w.]*(?:Error|Exception):).*)$", proc.stderr, re.M)
-        detail = f"loss {values[-1]:.4g}" if passed else (errors or [f"exit code {proc.returncode}"])[0][:150]
-    except subprocess.TimeoutExpired:
-        passed, detail = False, "timed out after 300 s"
-    return check_row(f"{method} torchrun x{nproc}" + (" (NCCL)" if nproc > 1 and device == "cuda" else ""), passed,
-                     detail, t0)
+    code, rows, error = train_script(method, folder, os.path.join(out_dir, method), nproc=nproc, arch=arch,
+                                     device=device, extra=["--warmup-epochs", "0", "--max-steps", "5"])
+    return train_script_row(f"{method} torchrun x{nproc}" + (" (NCCL)" if nproc > 1 and device == "cuda" else ""),
+                            code, rows, error, t0)
+
+
+def train_speed_check(label, folder, out, extra, epochs):
+    """train.py --method vje, ResNet-18, batch 256 on `folder` for `epochs` epochs; its images/s
+    is the median of the logged per-epoch rates after the first two (cuDNN tuning, compiling)."""
+    t0 = time.perf_counter()
+    code, rows, error = train_script("vje", folder, out, extra=extra, batch_size=256, epochs=epochs)
+    row = train_script_row(f"train.py vje, {label}", code, rows, error, t0)
+    rates = [r["images_per_s"] for r in rows[2:]]
+    row["images_per_s"] = float(np.median(rates)) if rates else None
+    row["epoch_images_per_s"] = [r["images_per_s"] for r in rows]
+    return row
 
 
 def gpu_check(args, cuda=torch.cuda.is_available):
-    """Train steps of each method with ResNet-18 at 32 px in bf16, fp16 and compiled,
-    and train.py under torchrun, each for a finite loss; then the throughput goal.
-    Returns whether every check passed; without a GPU, one line and True.
-    torchrun is NCCL with 2 GPUs or more (1 process needs no process group)."""
+    """The paths no CPU test reaches, with ResNet-18 at 32 px, in the order of what they tell:
+    5 train steps of each method in bf16 and in fp16 + GradScaler, each for a finite loss; the
+    train-step tables at batch 256 (bf16 with VJE also compiled, fp16) against the bare encoder
+    step; train.py itself on --data-path (eager bf16, fp16, --compile) with its images/s; train.py
+    under torchrun for each method; the other methods compiled. The JSON is rewritten after each
+    part, so a run cut short keeps what it measured. Returns whether every check passed; without
+    a GPU, one line and True. torchrun is NCCL with 2 GPUs or more (1 process needs no process group)."""
     if not cuda():
         print("gpu-check: no CUDA GPU is visible, so nothing was checked")
         return True
     _, _, _, device = utils.setup_distributed("cuda")
     args = argparse.Namespace(**dict(vars(args), arch="resnet18", image_size=32, batch_size=64))
-    print(f"gpu-check on {torch.cuda.get_device_name(device)}, torch {torch.__version__}, ResNet-18 at 32 px, "
-          f"5 steps each\n{'check':<32}{'result':<8}{'seconds':>8}  detail")
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = os.path.join(tmp, "data")  # 2 classes of 40 random 32 px images: 5 steps of 16
-        for c, i in itertools.product(range(2), range(40)):
-            os.makedirs(os.path.join(folder, "train", f"c{c}"), exist_ok=True)
-            pixels = np.random.default_rng(100 * c + i).integers(0, 256, (32, 32, 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(os.path.join(folder, "train", f"c{c}", f"{i}.png"))
-        for m in METHODS:
-            for label, precision, compile in (("bf16", "bf16", False), ("fp16 + GradScaler", "fp16", False),
-                                              ("compiled, bf16", "bf16", True)):
-                rows.append(finite_loss_check(m, label, precision, compile, args, device))
-            rows.append(torchrun_check(m, folder, tmp, min(2, torch.cuda.device_count())))
-    speed = dict(results={}, goal=GPU_GOAL)
-    try:  # VJE against the bare encoder step, as the train-step table times them
-        steps_section(argparse.Namespace(**dict(vars(args), batch_size=256, precision="bf16", methods=["vje"],
-                                                skip_steps=False, skip_loss=True, warmup=10, rounds=30)),
-                      device, speed["results"])
-        enc, vje = (speed["results"]["train_step"][n]["images_per_s"] for n in ("encoder", "vje"))
+    print(f"gpu-check on {torch.cuda.get_device_name(device)}, torch {torch.__version__}, ResNet-18 at 32 px\n"
+          f"{'check':<32}{'result':<8}{'seconds':>8}  detail")
+    rows, speed = [], dict(results={}, goal=GPU_GOAL)
+    report = dict(args=vars(args), torch=torch.__version__, device=torch.cuda.get_device_name(device), checks=rows,
+                  throughput=speed)
+    save = lambda: utils.write_json(report, args.output)  # noqa: E731
+    for m in args.methods:
+        for label, precision in (("bf16", "bf16"), ("fp16 + GradScaler", "fp16")):
+            rows.append(finite_loss_check(m, label, precision, False, args, device))
+    save()
+    compiled = ["vje"] if "vje" in args.methods else []
+    for precision, methods, also in (("bf16", args.methods, compiled), ("fp16", ["vje"], [])):
+        try:  # every method against the bare encoder step, as the train-step table times them
+            results = speed["results"].setdefault(precision, {})
+            steps_section(argparse.Namespace(**dict(vars(args), batch_size=256, precision=precision, methods=methods,
+                                                    compiled=also, skip_steps=False, skip_loss=True, warmup=10,
+                                                    rounds=30)), device, results)
+        except Exception as e:  # the other checks still run, and get their summary and JSON
+            speed.setdefault("errors", {})[precision] = f"{type(e).__name__}: {str(e).strip()}".splitlines()[0][:150]
+            print(f"\nthroughput, {precision}: FAIL ({speed['errors'][precision]})")
+        save()
+    steps = speed["results"].get("bf16", {}).get("train_step", {})
+    if "vje" in steps:
+        enc, vje = steps["encoder"]["images_per_s"], steps["vje"]["images_per_s"]
         speed.update(vje_pairs_per_s=vje, encoder_pairs_per_s=enc, vje_over_encoder=vje / enc)
         speed["goal_met"] = all(speed[k] >= v for k, v in GPU_GOAL.items())
         print(f"\nVJE train step {vje:,.0f} image pairs/s, bare encoder step {enc:,.0f}, ratio {vje / enc:.3f} "
               f"(goal on one H100: VJE >= {GPU_GOAL['vje_pairs_per_s']:,} pairs/s and >= "
               f"{GPU_GOAL['vje_over_encoder']} x the encoder step: {'met' if speed['goal_met'] else 'NOT met'})")
-    except Exception as e:  # the checks above still get their summary and JSON
-        speed.update(error=f"{type(e).__name__}: {str(e).strip()}".splitlines()[0][:150], goal_met=False)
-        print(f"\nthroughput: FAIL ({speed['error']})")
+        if "vje compiled" in steps:  # compiled against the compiled encoder
+            cenc, cvje = (steps[n]["images_per_s"] for n in ("encoder compiled", "vje compiled"))
+            speed.update(compiled_vje_pairs_per_s=cvje, compiled_encoder_pairs_per_s=cenc)
+            print(f"compiled: VJE train step {cvje:,.0f} image pairs/s, compiled encoder step {cenc:,.0f}, ratio "
+                  f"{cvje / cenc:.3f}")
+        save()
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.data_path is not None:  # the whole loop: loading, batched augmentation, step, logging
+            speed["train_py"] = {}
+            for label, extra, epochs in (("bf16", [], 6), ("fp16 + GradScaler", ["--precision", "fp16"], 4),
+                                         ("bf16 --compile", ["--compile"], 6)):
+                row = train_speed_check(label, args.data_path, os.path.join(tmp, label.replace(" ", "_")),
+                                        extra + ["--normalize", "cifar10"], epochs)
+                rows.append(row)
+                speed["train_py"][label] = dict(images_per_s=row["images_per_s"], epochs=row["epoch_images_per_s"])
+                if row["images_per_s"] and "vje" in steps:
+                    speed["train_py"][label]["over_encoder_step"] = row["images_per_s"] / enc
+                    print(f"{'':<48}{row['images_per_s']:,.0f} images/s, {row['images_per_s'] / enc:.3f} x the bare "
+                          "encoder step")
+                save()
+        folder = os.path.join(tmp, "data")  # 2 classes of 40 random 32 px images: 5 steps of 16
+        for c, i in itertools.product(range(2), range(40)):
+            os.makedirs(os.path.join(folder, "train", f"c{c}"), exist_ok=True)
+            pixels = np.random.default_rng(100 * c + i).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(os.path.join(folder, "train", f"c{c}", f"{i}.png"))
+        for m in args.methods:
+            rows.append(torchrun_check(m, folder, tmp, min(2, torch.cuda.device_count())))
+            save()
+    # the timed steps are not checked for a finite loss: 40 steps at the peak rate on one batch of noise
+    # diverge, eager as compiled (VJE's loss is NaN from the 6th, both ways, on an H100)
+    for m in args.methods:
+        rows.append(finite_loss_check(m, "compiled, bf16", "bf16", True, args, device))
+        save()
     passed = sum(r["passed"] for r in rows)
     print(f"{passed} of {len(rows)} checks passed")
-    utils.write_json(dict(args=vars(args), torch=torch.__version__, device=torch.cuda.get_device_name(device),
-                          checks=rows, throughput=speed), args.output)
     print(f"wrote {args.output}")
     return passed == len(rows)
 
@@ -527,8 +597,9 @@ def get_args(argv=None):
     p.add_argument("--compile", action="store_true", help="add the batched feed compiled as train.py --compile "
                    "compiles it; its first two steps compile, untimed (a minute or more on the CPU)")
     p.add_argument("--gpu-check", action="store_true",
-                   help="instead of the tables: 5 steps of each method with ResNet-18 in bf16, fp16, compiled and "
-                        "under torchrun, each for a finite loss, then VJE's pairs/s against the bare encoder's")
+                   help="instead of the tables: 5 steps of each of --methods with ResNet-18 in bf16, fp16, compiled "
+                        "and under torchrun, each for a finite loss; their steps/s against the bare encoder's; with "
+                        "--data-path, train.py's own images/s on it (eager, fp16, --compile)")
     p.add_argument("--seed", type=number(int, 0, 2 ** 31 - 1), default=0)
     p.add_argument("--output", default="bench.json", help="JSON file of every number printed, and the arguments")
     args = p.parse_args(argv)
