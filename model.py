@@ -97,20 +97,31 @@ class InferenceNetwork(nn.Module):
     Softplus(Linear(H,D)) + 1e-5, with H = round(D / 4). LayerNorm rather than
     BatchNorm keeps the posterior of one image independent of its batch.
     `isotropic` (the VJE paper's isotropic-variance ablation, in its
-    appendix): one variance per image, shared by all D dimensions, var (B, 1)."""
+    appendix): one variance per image, shared by all D dimensions, var (B, 1),
+    Softplus(mean over d of Linear(H,D)) + 1e-5. That is one linear map, as a
+    single-output head would be, but its gradient is scaled as the diagonal
+    head's: the loss sums D per-dimension terms of the shared variance, and a
+    single output row, taking all D of their gradients, moved D times as far
+    per step as each row of the diagonal head; at the recipe's rate it then
+    swung across three orders of magnitude within a few steps and the loss
+    became infinite in the first warm-up epoch (subset, `tiny`)."""
 
     def __init__(self, dim, isotropic=False):
         super().__init__()
         h = round(0.25 * dim)
+        self.isotropic = isotropic
         self.trunk = nn.Sequential(
             nn.Linear(dim, h, bias=False), nn.LayerNorm(h), nn.ReLU(inplace=True),
             nn.Linear(h, h, bias=False), nn.LayerNorm(h), nn.ReLU(inplace=True))
         self.mean = nn.Linear(h, dim)
-        self.var = nn.Linear(h, 1 if isotropic else dim)
+        self.var = nn.Linear(h, dim)
 
     def forward(self, z):
         h = self.trunk(z)
-        return self.mean(h), F.softplus(self.var(h)) + 1e-5
+        pre = self.var(h)
+        if self.isotropic:
+            pre = pre.mean(-1, keepdim=True)
+        return self.mean(h), F.softplus(pre) + 1e-5
 
 
 def split_gaussian(out, positive):

@@ -119,6 +119,40 @@ def test_vje_ablation_flags_reach_the_model_and_the_loss():
     assert torch.allclose(loss, expected, rtol=1e-6)
 
 
+def test_isotropic_variance_moves_as_each_diagonal_variance():
+    """The isotropic head's shared variance takes one SGD step as far as each
+    variance of a diagonal head whose D rows start equal to it (so all its
+    variances are equal too) under a loss that sums over d a function of the
+    variance, as the KL and the directional term do. The old single-output
+    head moved about D times as far: this fails for it."""
+    dim = 16
+    diag, iso = model_lib.InferenceNetwork(dim), model_lib.InferenceNetwork(dim, isotropic=True)
+    iso.load_state_dict(diag.state_dict())
+    with torch.no_grad():  # every row of both variance heads the same
+        for head in (diag, iso):
+            head.var.weight.copy_(diag.var.weight[:1].expand(dim, -1))
+            head.var.bias.fill_(0.3)
+    z = torch.randn(32, dim)
+
+    def step(head):
+        mu, var = head(z)
+        var = var.expand(-1, dim)  # the loss functions' own expansion of a (B, 1) variance
+        loss = (0.5 * (var + mu.square() - 1 - var.log())).sum(-1).mean()  # KL, summed over d
+        head.zero_grad()
+        loss.backward()
+        with torch.no_grad():
+            for p in head.parameters():
+                p.sub_(0.5 * p.grad)
+        return head(z)[1]
+
+    before = iso(z)[1].detach()
+    v_diag, v_iso = step(diag).detach(), step(iso).detach()
+    assert v_iso.shape == (32, 1)
+    assert torch.allclose(v_diag, v_diag[:, :1].expand(-1, dim), atol=1e-6)  # still all equal
+    assert torch.allclose(v_iso, v_diag[:, :1], rtol=1e-5, atol=1e-6)
+    assert (v_iso - before).abs().max() > 1e-3  # it did move
+
+
 def test_ema_update_matches_formula():
     net = small_model("byol")
     with torch.no_grad():
