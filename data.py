@@ -448,30 +448,55 @@ def build_split(args, split, transform):
 
 
 class ShardSampler(torch.utils.data.DistributedSampler):
-    """DistributedSampler that can start `skip` samples into its shard, so that
-    a run stopped part-way through an epoch resumes at the next batch."""
+    """DistributedSampler that yields (index, seed) pairs, the seed a function
+    of (seed, epoch, index) only, and can start `skip` samples into its shard,
+    so that a run stopped part-way through an epoch resumes at the next batch
+    with the same augmentations."""
     skip = 0
 
     def __iter__(self):
-        return itertools.islice(super().__iter__(), self.skip, None)
+        for i in itertools.islice(super().__iter__(), self.skip, None):
+            yield i, step_seed(self.seed, self.epoch, i)
 
     def __len__(self):
         return super().__len__() - self.skip
+
+
+class SeededSamples(torch.utils.data.Dataset):
+    """Reads item `i` of `dataset` for the pair (i, seed) that ShardSampler
+    yields, with torch's random generator seeded by `seed` and given back as it
+    was afterwards. A sample's random augmentation then depends on neither the
+    loader process that reads it nor the draws before it, and the training
+    process's own draws (in the loop when there are no workers) are untouched."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        i, seed = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.dataset[i]
 
 
 def train_loader(dataset, batch_size, num_workers, seed, rank=0, world_size=1, device_type="cpu"):
     """Shuffled, drop-last loader over this process's shard.
 
     DistributedSampler shards and shuffles with a permutation that depends only
-    on (seed, epoch): call `loader.sampler.set_epoch(epoch)` before each epoch
-    and a resumed run sees the same order. Workers are not persistent: each
-    epoch's workers are seeded from the global torch RNG, which the checkpoint
-    saves, so the augmentations of a resumed epoch match too.
+    on (seed, epoch): call `set_epoch` before each epoch and a resumed run sees
+    the same order. Each sample's augmentation is drawn from a generator seeded
+    with (seed, epoch, index) (SeededSamples), and the loader's own seed draw
+    uses a generator of its own, not the global one the checkpoint saves: a run
+    resumed part-way through an epoch gets the same views and the same draws
+    in the training step as a run that was never stopped.
     """
     sampler = ShardSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler,
+    return torch.utils.data.DataLoader(SeededSamples(dataset), batch_size=batch_size, sampler=sampler,
                                        num_workers=num_workers, pin_memory=device_type == "cuda",
-                                       drop_last=True, persistent_workers=False)
+                                       drop_last=True, persistent_workers=False, generator=torch.Generator())
 
 
 # -----------------------------------------------------------------------------

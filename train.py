@@ -392,9 +392,10 @@ class Stopper:
         return None
 
 
-def train_one_epoch(run, epoch, step, first_step):
+def train_one_epoch(run, epoch, step, first_step, sums=None):
     """Steps `first_step`.. of one epoch. Returns (sums of the logged terms over
-    this process's steps, steps done, the global step, why it stopped or None).
+    this process's steps, added to `sums` (the steps before a stop, carried by
+    the checkpoint), steps done, the global step, why it stopped or None).
 
     Host syncs: only at --log-every boundaries and the epoch's last step, where
     one all-reduce carries the window's losses (each must be finite), the
@@ -402,7 +403,8 @@ def train_one_epoch(run, epoch, step, first_step):
     args, device = run.args, run.device
     data.set_epoch(run.loader, epoch, skip_steps=first_step)  # part-way into an epoch after a stop
     run.model.train()
-    sums, count = {}, 0
+    carried = first_step if sums else 0  # steps already in `sums`
+    sums, count = dict(sums or {}), 0
     window = torch.zeros(args.log_every, device=device)  # this window's losses, read at its end
     window_start = step
     bar = tqdm(run.loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not run.master, leave=False,
@@ -427,14 +429,19 @@ def train_one_epoch(run, epoch, step, first_step):
             continue
         # ---- boundary: the one host sync of the window ----------------------------
         n = step - window_start
-        check = utils.all_reduce_sum(torch.cat([window[:n], (sums["ssl_loss"] / count).view(1),
+        check = utils.all_reduce_sum(torch.cat([window[:n], (sums["ssl_loss"] / (carried + count)).view(1),
                                                 torch.full((1,), float(run.stopper.signal), device=device)]))
         values = check.tolist()
         bad = [i for i, v in enumerate(values[:n]) if not math.isfinite(v)]
         if bad:
-            utils.fail(f"non-finite loss ({values[bad[0]] / run.world_size}) at epoch {epoch + 1}, step "
-                       f"{window_start + bad[0]}; {run.ckpt_path} still holds the last good state (epoch {epoch}). "
-                       f"Try a lower --lr or --precision fp32, then --resume.")
+            where = (f"non-finite loss ({values[bad[0]] / run.world_size}) at epoch {epoch + 1}, "
+                     f"step {window_start + bad[0]}")
+            if os.path.isfile(run.ckpt_path):  # --lr and --warmup-epochs are recipe flags: --resume refuses them
+                utils.fail(f"{where}; {run.ckpt_path} still holds the last good state. Continue it with --resume "
+                           f"--precision fp32, or start a new --output-dir with a lower --lr or a longer "
+                           f"--warmup-epochs.")
+            utils.fail(f"{where}, before the first checkpoint. Start again with a lower --lr, a longer "
+                       f"--warmup-epochs or --precision fp32.")
         window_start = step
         if run.master:
             bar.set_postfix(loss=f"{values[n] / run.world_size:.4f}", lr=f"{run.lr_schedule[step - 1]:.4f}")
@@ -522,14 +529,18 @@ def make_output_dir(path):
 def resume_or_start(run, log_path, rank):
     """With --resume, loads the checkpoint into the model, optimizers and
     scaler and trims the log to it; writes args.json either way. Returns
-    (whole epochs done, global step, steps done of the next epoch)."""
+    (whole epochs done, global step, steps done of the next epoch, the sums of
+    that epoch's logged terms over those steps, or None)."""
     args = run.args
-    start = (0, 0, 0)
+    start = (0, 0, 0, None)
     if args.resume:
         ckpt = utils.resume_training_state(run.ckpt_path, args, RECIPE_FLAGS, rank, run.world_size, model=run.model,
                                            optimizer=run.optimizer, probe_optimizer=run.probe_optimizer,
                                            scaler=run.scaler)
-        start = ckpt["epoch"], ckpt["step"], ckpt["epoch_step"]
+        cut = ckpt.get("epoch_sums") if ckpt["epoch_step"] else None
+        if cut is not None:  # each process carries its share of the cut epoch's sums
+            cut = {k: torch.tensor(v / run.world_size, device=run.device) for k, v in cut.items()}
+        start = ckpt["epoch"], ckpt["step"], ckpt["epoch_step"], cut
         if run.master:
             print(f"resumed from {run.ckpt_path} at epoch {start[0]}" +
                   (f" + {start[2]} steps" if start[2] else "") + f" (step {start[1]})")
@@ -541,17 +552,19 @@ def resume_or_start(run, log_path, rank):
     return start
 
 
-def fit(run, monitor, log_path, rank, start_epoch, step, epoch_step):
+def fit(run, monitor, log_path, rank, start_epoch, step, epoch_step, cut_sums=None):
     """The epoch loop: train_one_epoch, then reduce the epoch's numbers, run the
     k-NN monitor, checkpoint and log; a stop part-way through an epoch saves
     where it stopped, for --resume."""
     args, master, device, model = run.args, run.master, run.device, run.model
 
-    def save(epoch, epoch_step=0, log_entry=None):
-        """Checkpoint after `epoch` whole epochs and `epoch_step` steps of the next."""
+    def save(epoch, epoch_step=0, log_entry=None, epoch_sums=None):
+        """Checkpoint after `epoch` whole epochs and `epoch_step` steps of the next
+        (with `epoch_sums`, all processes' sums of its logged terms so far)."""
         utils.save_training_state(run.ckpt_path, master, run.world_size, model=model, optimizer=run.optimizer,
                                   probe_optimizer=run.probe_optimizer, scaler=run.scaler, epoch=epoch,
-                                  epoch_step=epoch_step, step=step, args=vars(args), log_entry=log_entry)
+                                  epoch_step=epoch_step, step=step, args=vars(args), log_entry=log_entry,
+                                  epoch_sums=epoch_sums)
 
     def evaluate():
         return knn_monitor(model, *monitor, args.num_classes, args, device, rank, run.world_size)
@@ -563,10 +576,13 @@ def fit(run, monitor, log_path, rank, start_epoch, step, epoch_step):
     # ---- training loop --------------------------------------------------------------
     for epoch in range(start_epoch, args.epochs):
         t_epoch = time.time()
-        sums, count, step, why = train_one_epoch(run, epoch, step, epoch_step)
+        sums, count, step, why = train_one_epoch(run, epoch, step, epoch_step, cut_sums)
         train_time, done, epoch_step = time.time() - t_epoch, epoch_step + count, 0
+        # `sums` covers the steps before a resume too when the checkpoint carried them (not in older ones)
+        steps_in_sums = count if cut_sums is None else done
+        cut_sums = None
         if why is not None and done < run.steps_per_epoch:  # stopped part-way: save where it stopped
-            save(epoch, done)
+            save(epoch, done, epoch_sums=global_sums(sums) if steps_in_sums == done else None)
             if master:
                 print(f"stopped by {why} at epoch {epoch + 1}, step {step}; checkpoint saved to {run.ckpt_path}; "
                       f"continue with --resume")
@@ -574,7 +590,8 @@ def fit(run, monitor, log_path, rank, start_epoch, step, epoch_step):
 
         # ---- end of epoch: reduce metrics, evaluate, checkpoint, log -------------------
         entry = dict(epoch=epoch + 1, step=step, lr=float(run.lr_schedule[step - 1]),
-                     **epoch_means(sums, count, device), images_per_s=count * args.batch_size / max(train_time, 1e-9))
+                     **epoch_means(sums, steps_in_sums, device),
+                     images_per_s=count * args.batch_size / max(train_time, 1e-9))
         if monitor is not None and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
             entry.update(evaluate())
         entry["epoch_time"] = time.time() - t_epoch
@@ -621,20 +638,27 @@ def main(argv=None):
     make_output_dir(args.output_dir)
     run.ckpt_path = os.path.join(args.output_dir, "checkpoint.pt")
     log_path = os.path.join(args.output_dir, "log.jsonl")
-    start_epoch, step, epoch_step = resume_or_start(run, log_path, rank)
+    start_epoch, step, epoch_step, cut_sums = resume_or_start(run, log_path, rank)
     if master:
         print(f"{args.method} on {args.dataset} ({info['image_size']} px), {args.arch}, {world_size} process(es) "
               f"on {device.type}, {args.precision}, {args.aug} augmentation, {run.steps_per_epoch} steps/epoch")
 
     run.stopper = Stopper(args.max_steps)
     try:
-        fit(run, monitor, log_path, rank, start_epoch, step, epoch_step)
+        fit(run, monitor, log_path, rank, start_epoch, step, epoch_step, cut_sums)
     finally:  # Ctrl-C and SIGTERM go back to their handlers, also after an error line
         run.stopper.restore()
     utils.cleanup_distributed()
     if run.stopper.signal:  # stopped from outside: say so in the exit status (128 + signal, as a shell does)
         sys.exit(128 + run.stopper.signal)
     return model
+
+
+def global_sums(sums):
+    """The sums of the logged terms over all processes, as plain floats (one
+    all-reduce): what a checkpoint cut part-way through an epoch carries."""
+    keys = sorted(sums)
+    return dict(zip(keys, utils.all_reduce_sum(torch.stack([sums[k] for k in keys])).tolist())) if keys else {}
 
 
 def epoch_means(sums, count, device):

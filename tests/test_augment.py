@@ -581,8 +581,44 @@ def test_batched_order_is_distributed_samplers_for_one_process():
     ours = [y.tolist() for _, y in ld]
     sampler = data.ShardSampler(list(range(40)), num_replicas=1, rank=0, shuffle=True, seed=7, drop_last=True)
     sampler.set_epoch(3)
-    theirs = list(sampler)
+    theirs = [i for i, _ in sampler]  # the PIL path's sampler yields (index, seed) pairs
     assert ours == [theirs[i:i + 4] for i in range(0, 40, 4)]
+
+
+class RandomItems(torch.utils.data.Dataset):
+    """Item i is (two draws of torch's global generator, i), the way a
+    torchvision transform draws its parameters."""
+
+    def __len__(self):
+        return 24
+
+    def __getitem__(self, i):
+        return torch.rand(2), i
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_pil_loader_views_depend_on_seed_epoch_and_index_only(workers):
+    """On the PIL path a sample's random draws come from a generator seeded
+    with (seed, epoch, index): the same whichever process reads it and
+    whatever was drawn before, so a start 3 batches into the epoch (a resumed
+    run) gets the rest of the epoch's batches exactly; the training process's
+    own generator is left as it was."""
+    full = data.train_loader(RandomItems(), 4, workers, seed=7)
+    data.set_epoch(full, 2)
+    state = torch.get_rng_state()
+    batches = list(full)
+    assert torch.equal(torch.get_rng_state(), state)
+    for x, idx in batches:  # independently: each item's draws under its own seed
+        expected = [torch.Generator().manual_seed(data.step_seed(7, 2, i)) for i in idx.tolist()]
+        assert torch.equal(x, torch.stack([torch.rand(2, generator=g) for g in expected]))
+    resumed = data.train_loader(RandomItems(), 4, workers, seed=7)
+    data.set_epoch(resumed, 2, skip_steps=3)
+    torch.rand(5)  # the resumed process has drawn other numbers before
+    rest = list(resumed)
+    assert len(rest) == 3 and all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+                                  for a, b in zip(batches[3:], rest))
+    data.set_epoch(full, 3)
+    assert not torch.equal(next(iter(full))[0], batches[0][0])
 
 
 def test_two_processes_together_make_one_processs_views():

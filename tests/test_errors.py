@@ -253,11 +253,23 @@ def test_non_finite_loss_keeps_last_good_checkpoint(tmp_path):
     assert run_main("train.py", *flags(data_dir, out)).returncode == 0  # epoch 1: 3 steps
     before = digest(out)
     r = run_with_fault(tmp_path, "nan-loss", 2, *flags(data_dir, out, epochs=2), "--resume")  # the 2nd step of epoch 2
-    line = assert_clean_error(r, "non-finite loss", "epoch 2, step 4", "--precision fp32", "lower --lr")
+    line = assert_clean_error(r, "non-finite loss", "epoch 2, step 4", "still holds the last good state",
+                              "--resume --precision fp32", "new --output-dir with a lower --lr")
     after = digest(out)
     # args.json is rewritten at every start (it records this run's --epochs 2); the state is not touched
     assert {k: after[k] for k in ("checkpoint.pt", "log.jsonl")} == \
         {k: before[k] for k in ("checkpoint.pt", "log.jsonl")}, line
+
+
+def test_non_finite_loss_before_the_first_checkpoint_says_there_is_none(tmp_path):
+    """A run that diverges in its first epoch has no checkpoint to resume: the
+    line says so instead of pointing at a file that does not exist."""
+    data_dir = make_image_folder(tmp_path / "data")
+    out = str(tmp_path / "run")
+    r = run_with_fault(tmp_path, "nan-loss", 2, *flags(data_dir, out))
+    line = assert_clean_error(r, "non-finite loss", "epoch 1, step 1", "before the first checkpoint",
+                              "lower --lr", "--warmup-epochs")
+    assert "--resume" not in line and not os.path.exists(os.path.join(out, "checkpoint.pt"))
 
 
 def test_sigkill_during_checkpoint_write_then_resume(tmp_path):

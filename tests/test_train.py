@@ -416,23 +416,30 @@ def test_training_writes_log_args_and_checkpoint(image_folder, tmp_path):
 
 @pytest.mark.parametrize("aug", ["pil", "batched"])
 def test_resume_is_exact(aug, image_folder, tmp_path):
-    """2 epochs in one run == 1 epoch, then --resume for the 2nd (with 2 data
-    workers): the parameters agree to 1e-6 (same ops, same order, same random
-    draws; only float non-associativity could differ, and on the CPU it does not).
-    On both augmentation paths."""
+    """2 epochs in one run == 1 epoch and 1 step, then --resume for the rest
+    (with 2 data workers): the parameters agree to 1e-6 (same ops, same order,
+    same random draws; only float non-associativity could differ, and on the
+    CPU it does not), and so does the log, whose epoch-2 means cover the step
+    before the stop (the checkpoint carries its sums). On both augmentation
+    paths."""
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     flags = ["--eval-every", 0, "--epochs", 2, "--aug", aug]
     r = run_train(*common_flags(image_folder, a, workers=2), *flags)
     assert r.returncode == 0, r.stderr[-2000:]
-    r = run_train(*common_flags(image_folder, b, workers=2), *flags, "--max-steps", 3)
+    r = run_train(*common_flags(image_folder, b, workers=2), *flags, "--max-steps", 4)  # 3 steps an epoch
     assert r.returncode == 0, r.stderr[-2000:]
-    assert torch.load(os.path.join(b, "checkpoint.pt"), weights_only=True)["epoch"] == 1
+    cut = torch.load(os.path.join(b, "checkpoint.pt"), weights_only=True)
+    assert (cut["epoch"], cut["epoch_step"]) == (1, 1) and set(cut["epoch_sums"]) >= {"ssl_loss", "kl"}
     r = run_train(*common_flags(image_folder, b, workers=2), *flags, "--resume")
     assert r.returncode == 0, r.stderr[-2000:]
     pa = torch.load(os.path.join(a, "checkpoint.pt"), weights_only=True)["model"]
     pb = torch.load(os.path.join(b, "checkpoint.pt"), weights_only=True)["model"]
     diff = max((pa[k].float() - pb[k].float()).abs().max().item() for k in pa)
     assert diff <= 1e-6, diff
+    la, lb = ([json.loads(l) for l in open(os.path.join(d, "log.jsonl"))] for d in (a, b))
+    assert [l["epoch"] for l in la] == [l["epoch"] for l in lb] == [1, 2]
+    for key in ("loss", "dir", "rad", "kl", "probe_train_acc"):
+        assert lb[1][key] == pytest.approx(la[1][key], rel=1e-5, abs=1e-6), key
 
 
 def test_resume_refuses_changed_recipe(image_folder, tmp_path):
