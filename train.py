@@ -656,17 +656,16 @@ def main(argv=None):
 
 def global_sums(sums):
     """The sums of the logged terms over all processes, as plain floats (one
-    all-reduce): what a checkpoint cut part-way through an epoch carries."""
+    all-reduce, one sync): what a checkpoint cut part-way through an epoch
+    carries, and what epoch_means divides."""
     keys = sorted(sums)
-    return dict(zip(keys, utils.all_reduce_sum(torch.stack([sums[k] for k in keys])).tolist())) if keys else {}
+    return dict(zip(keys, utils.all_reduce_sum(torch.stack([sums[k] for k in keys])).tolist()))
 
 
 def epoch_means(sums, count, device):
     """The epoch's per-step means over all processes (one all-reduce, one sync):
     loss (the method's), each loss term, and the online probe's training accuracy."""
-    keys = sorted(sums)
-    totals = utils.all_reduce_sum(torch.stack([sums[k] for k in keys] + [torch.full((), float(count), device=device)]))
-    values = dict(zip(keys + ["steps"], totals.tolist()))
+    values = global_sums({**sums, "steps": torch.full((), float(count), device=device)})
     steps = values.pop("steps")
     out = {"loss": values.pop("ssl_loss") / steps}
     correct, labelled = values.pop("probe_correct", 0.0), values.pop("probe_count", 0.0)
