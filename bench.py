@@ -36,6 +36,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+import augment
 import data
 import losses
 import model as model_lib
@@ -43,7 +44,7 @@ import train
 import utils
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-METHODS = tuple(m for m in model_lib.METHODS if m in train.RECIPES)  # those train.py has a recipe for
+METHODS = tuple(model_lib.METHODS)
 # what each timed item includes, for the tables and the JSON
 INCLUDES = {
     "encoder": "model.encoder forward + backward on both views (B images each), one pass per view, loss "
@@ -93,7 +94,7 @@ def build_model(method, args, device):
     """An SSLModel of `method` with a 10-class probe, and train.py's arguments for it with the recipe's defaults."""
     targs = train.get_args(["--method", method, "--arch", args.arch, "--batch-size", str(args.batch_size),
                             "--image-size", str(args.image_size)])
-    net = model_lib.SSLModel(**model_lib.model_kwargs(dict(vars(targs), num_classes=10)))
+    net = model_lib.build(dict(vars(targs), num_classes=10))
     return net.to(device, memory_format=layout(device)).train(), targs
 
 
@@ -143,8 +144,8 @@ def loss_item(method, args, device, z):
     and VSSL's keep only their projector (the teacher encoder's forward is in the train step)."""
     heads, _ = build_model(method, args, device)
     heads.encoder = torch.nn.Identity()  # unused here
-    if method in ("byol", "vssl"):  # the teacher's encoder replaced by the identity, its layout kept
-        heads.teacher[0] = torch.nn.Identity()
+    if heads.teacher is not None and heads.teacher_encoder() is not heads.teacher:
+        heads.teacher[0] = torch.nn.Identity()  # a teacher encoder before its projector: the identity, layout kept
 
     def step():
         heads.zero_grad(set_to_none=True)
@@ -250,10 +251,23 @@ def steps_section(args, device, results):
     print("\n".join(f"  {n:<12} {text}" for n, text in INCLUDES.items()))
 
 
+def view_recipes(method, info):
+    """The two views of `method`'s recipe at the size of `info`."""
+    cls = model_lib.METHODS[method]
+    return data.view_recipes(cls.views, info["image_size"], interpolation=cls.recipe["interpolation"])
+
+
+def batched_loader(images, labels, method, info, batch_size, seed, make_views=None):
+    """augment.BatchedTwoViews with `method`'s views."""
+    return augment.BatchedTwoViews(images, labels, view_recipes(method, info), info["image_size"], info["mean"],
+                                   info["std"], batch_size, seed, make_views=make_views)
+
+
 def pil_pairs_per_s(method, workers, args, device):
     """Two-view pairs/s of data.train_loader over --data-path with `method`'s augmentations."""
     info = data.dataset_info("folder", args.data_path, args.image_size)
-    dataset = data.build_dataset("folder", args.data_path, "pretrain", data.two_view_transform(method, info))
+    transform = data.two_view_transform(view_recipes(method, info), info)
+    dataset = data.build_dataset("folder", args.data_path, "pretrain", transform)
     loader = data.train_loader(dataset, args.batch_size, workers, args.seed, device_type=device.type)
     if len(loader) < 2:
         utils.fail(f"'{args.data_path}' has {len(dataset)} training images: too few for two batches of "
@@ -277,13 +291,13 @@ def augmentation_section(args, device, results):
     """Views/s, batched (per torch thread count) against PIL (per loader-process
     count, none for 1 core). Returns the decoded images, for the feeds."""
     info = data.dataset_info("folder", args.data_path, args.image_size)
-    images, labels = data.images_as_tensor(data.build_dataset("folder", args.data_path, "pretrain", None),
+    images, labels = augment.images_as_tensor(data.build_dataset("folder", args.data_path, "pretrain", None),
                                            num_workers=max(args.workers), progress=False)
     images, threads, rows = images.to(device), torch.get_num_threads(), []
     for m in args.methods:
         for t in args.aug_threads:
             torch.set_num_threads(t)
-            loader = data.BatchedTwoViews(images, labels, m, info, args.batch_size, args.seed)
+            loader = batched_loader(images, labels, m, info, args.batch_size, args.seed)
             n = max(1, min(args.data_batches, len(loader) - 1))
             rows.append(dict(method=m, pipeline="batched", cores=t, threads=t, batches=n,
                              views_per_s=2 * n * args.batch_size / time_batches(loader, n, device)))
@@ -294,7 +308,7 @@ def augmentation_section(args, device, results):
                              views_per_s=2 * r["pairs_per_s"]))
     results["augmentation_views"] = rows
     print(f"\naugmentation: views/s, batch {args.batch_size}, {info['image_size']} px, on {device.type}; batched = "
-          f"data.BatchedTwoViews from the images in memory (torch threads = cores), pil = data.train_loader from "
+          f"augment.BatchedTwoViews from the images in memory (torch threads = cores), pil = data.train_loader from "
           f"the image files, decoding included (loader processes = cores, none for 1 core)\n"
           f"{'method':<10}{'pipeline':>10}{'cores':>7}{'views/s':>10}")
     for r in rows:
@@ -312,17 +326,17 @@ def feeds_section(images, labels, info, args, device, results):
                    f"lower --batch-size or --feed-steps")
     fixed = []  # the ceiling's batches: real images, normalized, no augmentation
     for k in range(min(4, len(images) // b)):
-        x = data.normalize_images(images[k * b:(k + 1) * b], info["mean"], info["std"])
+        x = augment.normalize_images(images[k * b:(k + 1) * b], info["mean"], info["std"])
         fixed.append(((x, x.roll(1, 0)), labels[k * b:(k + 1) * b]))
     eager = make_train_step(method, args, device)
-    batched = data.BatchedTwoViews(images, labels, method, info, b, args.seed)
+    batched = batched_loader(images, labels, method, info, b, args.seed)
     feeds = dict(ceiling=(fixed, eager), batched=(batched, eager))
-    pil_set = data.build_dataset("folder", args.data_path, "pretrain", data.two_view_transform(method, info))
+    pil_set = data.build_dataset("folder", args.data_path, "pretrain",
+                                 data.two_view_transform(view_recipes(method, info), info))
     for w in args.feed_workers:
         feeds[f"pil-w{w}"] = (data.train_loader(pil_set, b, w, args.seed, device_type=device.type), eager)
     if args.compile:  # as train.py --compile: the forward + loss and both views of a batch compiled
-        loader = data.BatchedTwoViews(images, labels, method, info, b, args.seed,
-                                      make_views=torch.compile(data.two_views))
+        loader = batched_loader(images, labels, method, info, b, args.seed, make_views=torch.compile(augment.two_views))
         results["compile"] = dict(model=True, augmentation=True)
         feeds["compiled"] = (loader, make_train_step(method, args, device, compile=True))
 
@@ -361,7 +375,7 @@ def feeds_section(images, labels, info, args, device, results):
     if args.compile:
         s, c = results["feeds"]["compiled"], results["compile"]  # noqa: the line below reads both
         s["throughput_vs_eager"] = results["feeds"]["batched"]["median_ms"] / s["median_ms"]
-        print(f"  compiled = batched, torch.compile of the model and of data.two_views: "
+        print(f"  compiled = batched, torch.compile of the model and of augment.two_views: "
               f"{s['throughput_vs_eager']:.3f} x eager; first two steps (compiling) {c['first_steps_s'][0]:.1f} s, "
               f"{c['first_steps_s'][1]:.1f} s")
 

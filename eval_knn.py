@@ -38,6 +38,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import augment
 import data
 import model as model_lib
 import utils
@@ -65,7 +66,7 @@ class TensorImages:
         if self.index is not None:
             rows = self.index[rows]
         for start in range(0, len(rows), batch_size):
-            yield data.normalize_images(self.images[rows[start:start + batch_size]], self.mean, self.std)
+            yield augment.normalize_images(self.images[rows[start:start + batch_size]], self.mean, self.std)
 
 
 def image_batches(images, rows, batch_size, num_workers, device):
@@ -192,25 +193,21 @@ def knn_accuracy(train_features, train_labels, test_features, test_labels, num_c
 # the script
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="Weighted k-NN accuracy of the frozen encoder of a train.py checkpoint.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description="Weighted k-NN accuracy of the frozen encoder of a train.py checkpoint.")
     utils.add_eval_flags(p, "eval_knn.py")
-    p.add_argument("--batch-size", type=utils.number(int, 1, 1 << 20), default=256,
-                   help="images per forward pass and process; 256 as in train.py's monitor, whose number this "
-                        "reproduces (other values change only the last float digits, and the speed)")
-    p.add_argument("--feature", default=None, choices=("z", "mu", "ema"),
-                   help="z: the encoder output (the protocol's feature, and the default); mu: VJE's posterior mean; "
-                        "ema: the target encoder of BYOL, VSSL or VJE with --target ema")
-    p.add_argument("--k", type=utils.number(int, 1, 1 << 20), nargs="+", default=[20, 200],
-                   help="neighbour counts, one result each; 20 is the headline number, 200 the other common one")
-    p.add_argument("--temperature", type=utils.number(float, 0, 100, low_open=True), default=0.07,
-                   help="T in the vote weight exp(similarity / T); 0.07 is the usual value, and train.py's")
-    p.add_argument("--save-features", default=None,
-                   help="also save the extracted features and labels to this .pt file, for --load-features")
-    p.add_argument("--load-features", default=None,
-                   help="use features saved with --save-features instead of running the network")
-    p.add_argument("--output", default=None, help="JSON file for the metrics; default: knn_<feature>.json beside "
-                                                  "the checkpoint")
+    add = utils.add_flag
+    add(p, "--batch-size", 256, "images per forward pass and process; 256 as train.py's monitor, whose number this "
+        "reproduces (other values change only the last float digits, and the speed)", type=utils.number(int, 1, 1 << 20))
+    add(p, "--feature", None, "z: the encoder output (the protocol's feature); mu: VJE's posterior mean; ema: the "
+        "target encoder of BYOL, VSSL or VJE with --target ema", default_text="z", choices=("z", "mu", "ema"))
+    add(p, "--k", [20, 200], "neighbour counts, one result each; 20 is the headline number, 200 the other common one",
+        type=utils.number(int, 1, 1 << 20), nargs="+")
+    add(p, "--temperature", 0.07, "T in the vote weight exp(similarity / T); 0.07 is the usual value, and "
+        "train.py's", type=utils.number(float, 0, 100, low_open=True))
+    add(p, "--save-features", None, "also save the extracted features and labels to this .pt file, for "
+        "--load-features")
+    add(p, "--load-features", None, "use features saved with --save-features instead of running the network")
+    add(p, "--output", None, "JSON file for the metrics", default_text="knn_<feature>.json beside the checkpoint")
     args = p.parse_args(argv)
     if args.save_features and args.load_features:
         p.error("--save-features and --load-features exclude each other")
@@ -261,7 +258,8 @@ def main(argv=None):
         bank_f, bank_y = extract_features(net, bank_set, desc="bank features", gather=bool(args.save_features), **kw)
         test_f, test_y = extract_features(net, test_set, desc="test features", **kw)
         meta = dict(model_lib.checkpoint_meta(args.checkpoint, ckpt, train_args), dataset=args.dataset,
-                    data_path=os.path.abspath(args.data_path), classes=args.classes, num_classes=info["num_classes"],
+                    data_path=os.path.abspath(args.data_path), classes=args.classes,
+                    num_classes=info["num_classes"],
                     feature=args.feature, precision=args.precision, extract_seconds=round(time.time() - t0, 1))
         if args.save_features:
             if master:

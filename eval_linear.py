@@ -49,37 +49,33 @@ RECIPE_FLAGS = ("feature", "dataset", "classes", "image_size", "batch_size", "lr
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="Linear probe on the frozen encoder of a train.py checkpoint: "
-                                            "top-1 and top-5 accuracy on the test split.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description="Linear probe on the frozen encoder of a train.py checkpoint: top-1 and "
+                                            "top-5 accuracy on the test split.")
     utils.add_eval_flags(p, "eval_linear.py")
-    p.add_argument("--batch-size", type=utils.number(int, 1, 1 << 20), default=256,
-                   help="global batch size of the probe's SGD, split over the processes; the learning rate "
-                        "scales with it")
-    p.add_argument("--feature", default="z", choices=("z", "mu", "ema"),
-                   help="what the linear layer reads: z, the encoder output (the protocol's); mu: VJE's posterior "
-                        "mean; ema: the target encoder")
-    p.add_argument("--epochs", type=utils.number(int, 1, 100_000), default=100, help="passes over the labelled training split")
-    p.add_argument("--lr", type=utils.number(float, 0, 100, low_open=True), default=0.1,
-                   help="learning rate for a global batch of 256, scaled linearly with --batch-size. 0.1 without "
-                        "weight decay is the usual SGD probe on raw ResNet features (solo-learn's offline recipe); "
-                        "DINO's 0.001 suits its layer-normed ViT tokens, and raw ResNet features want more. Sweep "
-                        "it (0.01 to 1) for a number to publish")
-    p.add_argument("--momentum", type=utils.number(float, 0, 1), default=0.9, help="SGD momentum")
-    p.add_argument("--weight-decay", type=utils.number(float, 0, 1), default=0.0,
-                   help="L2 on the linear layer; 0 is the usual choice, the frozen features are the regularizer")
-    p.add_argument("--eval-every", type=utils.number(int, 0, 100_000), default=1,
-                   help="measure test top-1/top-5 every N epochs (cheap: the test features are extracted once); "
-                        "0 measures the last epoch only. The last epoch is always measured and is the number "
-                        "reported (not the best one)")
-    p.add_argument("--seed", type=utils.number(int, 0, 2 ** 31 - 1), default=0, help="seeds the layer's initialization, crops and order")
-    p.add_argument("--output-dir", default=None,
-                   help="for args.json, log.jsonl and checkpoint.pt; default: linear_<feature>/ beside the checkpoint")
-    p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint.pt")
-    p.add_argument("--max-steps", type=utils.number(int, 1, 1 << 40), default=None,
-                   help="stop after this many steps in all (smoke tests); the checkpoint holds the last whole epoch")
-    p.add_argument("--output", default=None,
-                   help="JSON file for the final metrics; default: linear_<feature>.json beside the checkpoint")
+    add, number = utils.add_flag, utils.number
+    add(p, "--batch-size", 256, "global batch size of the probe's SGD, split over the processes; the learning rate "
+        "scales with it", type=number(int, 1, 1 << 20))
+    add(p, "--feature", "z", "what the linear layer reads: z, the encoder output (the protocol's); mu: VJE's "
+        "posterior mean; ema: the target encoder", choices=("z", "mu", "ema"))
+    add(p, "--epochs", 100, "passes over the labelled training split", type=number(int, 1, 100_000))
+    add(p, "--lr", 0.1, "learning rate for a global batch of 256, scaled linearly with --batch-size. 0.1 without "
+        "weight decay is the usual SGD probe on raw ResNet features (solo-learn's offline recipe); DINO's 0.001 "
+        "suits its layer-normed ViT tokens. Sweep it (0.01 to 1) for a number to publish",
+        type=number(float, 0, 100, low_open=True))
+    add(p, "--momentum", 0.9, "SGD momentum", type=number(float, 0, 1))
+    add(p, "--weight-decay", 0.0, "L2 on the linear layer; 0 is the usual choice, the frozen features are the "
+        "regularizer", type=number(float, 0, 1))
+    add(p, "--eval-every", 1, "measure test top-1/top-5 every N epochs (cheap: the test features are extracted "
+        "once); 0 measures the last epoch only. The last epoch is the number reported (not the best)",
+        type=number(int, 0, 100_000))
+    add(p, "--seed", 0, "seeds the layer's initialization, crops and order", type=number(int, 0, 2 ** 31 - 1))
+    add(p, "--output-dir", None, "for args.json, log.jsonl and checkpoint.pt",
+        default_text="linear_<feature>/ beside the checkpoint")
+    add(p, "--resume", False, "continue from OUTPUT_DIR/checkpoint.pt", action="store_true")
+    add(p, "--max-steps", None, "stop after this many steps in all (smoke tests); the checkpoint holds the last "
+        "whole epoch", type=number(int, 1, 1 << 40))
+    add(p, "--output", None, "JSON file for the final metrics", default_text="linear_<feature>.json beside the "
+        "checkpoint")
     return p.parse_args(argv)
 
 

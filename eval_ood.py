@@ -1,99 +1,64 @@
-"""Out-of-distribution detection with a frozen train.py checkpoint, on one or
-several OOD sets in one run.
+"""Out-of-distribution detection with a frozen train.py checkpoint, on one or several OOD sets in
+one run.
 
 One OOD set (one process; a GPU if there is one, else the CPU):
     python eval_ood.py --checkpoint runs/vje-cifar10-resnet18/checkpoint.pt --ood-sets cifar100
 Several sets, each a torchvision name or a folder of images (flat or nested):
     python eval_ood.py --checkpoint CKPT --ood-sets svhn mnist textures data/isun
-The OpenOOD v1.5 benchmark of the checkpoint's dataset (CIFAR-10 or
-CIFAR-100), its torchvision sets downloaded into --ood-root on first use:
+The OpenOOD v1.5 benchmark of the checkpoint's dataset (CIFAR-10 or CIFAR-100), its torchvision
+sets downloaded into --ood-root on first use; a set of one's own in a group of its own:
     python eval_ood.py --checkpoint CKPT --ood-sets openood --tin-path data/tin --ood-root data
-The CIFAR-10 list for a model trained on a folder copy of CIFAR-10, and a set
-of one's own in a group of its own:
     python eval_ood.py --checkpoint CKPT --ood-sets openood-cifar10 mine=data/my-ood --tin-path data/tin
-Held-out classes of the training data as OOD (the model was trained with
-train.py --classes bird,cat,deer,dog,frog,horse; in-distribution defaults to those):
+Held-out classes of the training data (trained with train.py --classes bird,cat,deer,dog,frog,horse):
     python eval_ood.py --checkpoint CKPT --ood-classes airplane,automobile,ship,truck
-Another dataset's test split as data.py reads it (the single-set flags of
-earlier versions):
+Another dataset's test split as data.py reads it:
     python eval_ood.py --checkpoint CKPT --ood-dataset folder --ood-data-path OTHER_TREE
-VJE's score from the EMA encoder of a checkpoint trained with --target ema:
-    python eval_ood.py --checkpoint CKPT --ood-sets openood --tin-path data/tin --score-encoder ema
-One node with 8 GPUs (features and scores are gathered across the processes):
-    torchrun --standalone --nproc_per_node=8 eval_ood.py --checkpoint CKPT --ood-sets openood --tin-path data/tin
+VJE's score from the EMA encoder of a checkpoint trained with --target ema, on 8 GPUs:
+    torchrun --standalone --nproc_per_node=8 eval_ood.py --checkpoint CKPT --ood-sets openood \
+        --tin-path data/tin --score-encoder ema
 
-In-distribution (ID) is the test split of --dataset (the checkpoint's by
-default, restricted to --classes). Its scores and the knn bank are computed
-once per run, whatever the number of OOD sets.
+In-distribution (ID) is the test split of --dataset (the checkpoint's by default, restricted to
+--classes); its scores and the knn bank are computed once per run.
 
 OOD sets (--ood-sets SET [SET ...]; a SET is one of):
-  a torchvision name, downloaded into --ood-root (default: the in-distribution
-  --data-path) on first use:
-    cifar10, cifar100    the test split (train=False)
-    stl10, svhn          split="test"
-    mnist, fashion-mnist the test split (train=False); gray, made 3-channel
-    textures             DTD, all of it: splits train, val and test of
-                         partition 1 (5,640 images), as OpenOOD uses the whole
-                         of Textures
-    places365            Places365 split="val", small=True (36,500 images)
+  a torchvision name, downloaded into --ood-root (default: the in-distribution --data-path):
+    cifar10, cifar100, mnist, fashion-mnist (the test split; gray images made 3-channel),
+    stl10, svhn (split "test"), textures (DTD, all of it: train, val and test of partition 1,
+    5,640 images, as OpenOOD uses it), places365 (split "val", small=True, 36,500 images);
   tin      Tiny ImageNet-200, read as a folder from --tin-path;
-  a folder every image of which (.jpg, .png, ...) is one OOD image, at any
-           depth: flat, in class folders or in train/ and test/ alike, so
-           point it at the part you mean (tiny-imagenet-200/val, not the
-           whole tree). A SET that is not a name above is a path; write
-           ./mnist for a folder called mnist;
-  openood  the OpenOOD v1.5 list of the in-distribution dataset: for CIFAR-10
-           near-OOD cifar100 and tin, far-OOD mnist, svhn, textures and
-           places365; for CIFAR-100 near-OOD cifar10 and tin, the same far
-           sets. openood-cifar10 and openood-cifar100 name a list directly
-           (a checkpoint trained on a folder copy of CIFAR has no name).
-OpenOOD reads each set from its own image list (Tiny ImageNet and Places365
-cleaned of images overlapping CIFAR's classes), so these sets are close to its
-benchmark but not the same images: compare with its tables with that in mind.
+  a folder every image of which is one OOD image, at any depth: point it at the part you mean
+           (tiny-imagenet-200/val, not the whole tree). Write ./mnist for a folder called mnist;
+  openood  the OpenOOD v1.5 list of the in-distribution dataset: for CIFAR-10 near-OOD cifar100
+           and tin, far-OOD mnist, svhn, textures and places365; for CIFAR-100 near-OOD cifar10
+           and tin, the same far sets; openood-cifar10 and openood-cifar100 name a list directly.
+OpenOOD reads each set from its own image list (Tiny ImageNet and Places365 cleaned of images
+overlapping CIFAR's classes), so these sets are close to its benchmark but not the same images.
 
-Groups: a preset's sets are in the groups near and far; every other set in
-the group other, or in the group GROUP for GROUP=SET (far=data/isun joins the
-preset's far sets). Each metric is reported per set and averaged over the sets
-of each group (the plain mean of the per-set numbers, as OpenOOD does).
+Groups: a preset's sets are in the groups near and far, every other set in the group other, or in
+GROUP for GROUP=SET. Each metric is reported per set and as the plain mean over each group's sets
+(as OpenOOD averages).
 
-Images: every OOD image is converted to RGB (MNIST's gray images to three
-equal channels), resized (shorter side) to the checkpoint's image size and
-centre-cropped to a square of it, as OpenOOD's test transform does for its
-32 px benchmarks (larger sizes: resized to 256/224 of it first, as ImageNet),
-then normalized with the in-distribution statistics. One un-augmented view
-per image, through the network in eval mode. Scores, higher = more OOD:
+Images: RGB, resized (shorter side) to the checkpoint's size and centre-cropped to it, as OpenOOD's
+test transform does at 32 px (larger sizes: resized to 256/224 of it first), normalized with the
+in-distribution statistics; one view per image, the network in eval mode. Scores, higher = more OOD:
+  vje      VJE's Eq. 39 (losses.vje_ood_score): directional + radial Student-t NLL of z under its
+           own posterior g(z), at s = mu; --score-encoder ema takes z from the EMA encoder.
+  vje-dir  its directional part alone.
+  knn      the distance from the normalized feature to its k-th nearest neighbour among the
+           normalized in-distribution training features (Sun et al., ICML 2022). Every method.
 
-  vje      VJE's Eq. 39: directional + radial Student-t NLL of the embedding z
-           under its own posterior N(mu, var) = g(z), at s = mu (no sampling),
-           with the checkpoint's nu. VJE checkpoints only. --score-encoder ema
-           takes z from the EMA (teacher) encoder and (mu, var) = g(z_ema).
-  vje-dir  its directional part alone. VJE checkpoints only.
-  kappa    -kappa, VI-SimSiam's concentration of the image's power spherical
-           posterior (Nakamura et al., ICCV 2023): kappa is its certainty, so
-           a low kappa (a high -kappa) flags OOD. VI-SimSiam checkpoints only.
-  knn      distance from the L2-normalized feature to its k-th nearest
-           neighbour among the normalized in-distribution training features
-           (Sun et al., "Out-of-Distribution Detection with Deep Nearest
-           Neighbors", ICML 2022). Every method.
-
-Metrics, in percent, computed with numpy below: AUROC; AUPR-In, the average
-precision of finding the in-distribution images (ID positive, lower score =
-more ID); AUPR-Out, that of finding the OOD images (OOD positive); FPR at 95 %
-TPR (OOD positive, as OpenOOD v1.5). OpenOOD integrates its precision-recall
-curves with the trapezoidal rule where this script takes average precision,
-so its AUPRs may differ slightly, most where scores tie. They go to --output
-as JSON (default: ood_<set>.json beside the checkpoint for one set,
-ood_<set>+<set>....json for several, a preset counting as one set):
-    {checkpoint, method, arch, checkpoint_epoch, in_distribution, nu, ood_k,
-     feature, score_encoder, precision, seconds,
-     sets:   {<set>:   {group, dataset, data_path, split, classes, num_images,
-                        scores: {<score>: {auroc, aupr_in, aupr_out, fpr95,
-                                           mean_id, mean_ood}}}},
-     groups: {<group>: {sets: [<set>, ...],
-                        scores: {<score>: {auroc, aupr_in, aupr_out, fpr95}}}},
+Metrics, in percent, with numpy: AUROC; AUPR-In (ID positive, lower score = more ID); AUPR-Out
+(OOD positive); FPR at 95 % TPR (OOD positive, as OpenOOD v1.5). OpenOOD integrates its
+precision-recall curves with the trapezoidal rule where this script takes average precision, so
+its AUPRs may differ slightly where scores tie. They go to --output as JSON (default
+ood_<set>[+<set>...].json beside the checkpoint, a preset counting as one set):
+    {checkpoint, method, arch, checkpoint_epoch, in_distribution, nu, ood_k, feature,
+     score_encoder, precision, seconds,
+     sets:   {<set>: {group, dataset, data_path, split, classes, num_images,
+                      scores: {<score>: {auroc, aupr_in, aupr_out, fpr95, mean_id, mean_ood}}}},
+     groups: {<group>: {sets: [<set>, ...], scores: {<score>: {auroc, aupr_in, aupr_out, fpr95}}}},
      ood, scores}
-where ood and scores, in a run of one set only, repeat that set's description
-and scores at the top as earlier versions wrote them.
+where ood and scores repeat the set's description and scores at the top in a run of one set.
 """
 import argparse
 import math
@@ -114,9 +79,7 @@ import model as model_lib
 import losses
 import utils
 
-SCORES = ("vje", "vje-dir", "kappa", "knn")
-# the scores evaluated when --scores is not given, by method (knn for the others)
-DEFAULT_SCORES = {"vje": ("vje", "vje-dir", "knn"), "vi-simsiam": ("kappa", "knn")}
+SCORES = ("vje", "vje-dir", "knn")
 METRICS = ("auroc", "aupr_in", "aupr_out", "fpr95")
 
 # OOD set name -> (its torchvision.datasets class, the keyword arguments of each
@@ -303,13 +266,12 @@ def kth_neighbour_distance(bank, queries, k, chunk=1024):
     return torch.cat(out)
 
 
-def score_forward(net, feature, scores, nu, score_encoder="online"):
-    """A function from a batch of images to every per-image quantity eval_ood
-    needs, computed in one forward pass and stacked as columns, and the
-    column range of each by name: "knn" (the feature, D columns), "vje",
-    "vje-dir" and "kappa" (one column each), for the scores asked for.
-    score_encoder: "online" reads VJE's scores off z = net.encoder(x), "ema"
-    off z = net.teacher(x), each with (mu, var) = net.head(z)."""
+def score_forward(net, feature, scores, score_encoder="online"):
+    """A function from a batch of images to every per-image quantity eval_ood needs, computed in
+    one forward pass and stacked as columns, and the column range of each by name: "knn" (the
+    feature, D columns) and each of the method's scores (net.ood_scores: VJE's "vje" and
+    "vje-dir", one column each), for the scores asked for. score_encoder: the method's scores
+    read z = net.encoder(x) ("online") or the teacher's ("ema")."""
     layout, width = {}, 0
     for name in scores:
         size = net.dim if name == "knn" else 1
@@ -317,32 +279,21 @@ def score_forward(net, feature, scores, nu, score_encoder="online"):
         width += size
 
     def forward(x):
-        embeddings, posteriors = {}, {}
+        embeddings = {}
 
         def embedding(encoder):  # each encoder runs at most once per batch
             if encoder not in embeddings:
                 embeddings[encoder] = net.encoder(x) if encoder == "online" else net.features(x, "ema")
             return embeddings[encoder]
 
-        def posterior(encoder):
-            if encoder not in posteriors:
-                posteriors[encoder] = net.head(embedding(encoder))
-            return posteriors[encoder]
-
         columns = {}
         if "knn" in scores:
-            columns["knn"] = posterior("online")[0] if feature == "mu" else \
-                embedding("ema" if feature == "ema" else "online")
-        # Eq. 39 at s = mu, one un-augmented view; taken in float32 (losses.py
-        # casts), whatever the autocast precision
+            columns["knn"] = embedding("ema") if feature == "ema" else \
+                net.embedding_feature(embedding("online"), feature)
+        # VJE's Eq. 39 at s = mu, one un-augmented view, in float32 whatever the autocast
         for name in ("vje", "vje-dir"):
             if name in scores:
-                z, (mu, var) = embedding(score_encoder), posterior(score_encoder)
-                columns[name] = losses.vje_ood_score(z, mu, var, nu, radial=name == "vje",
-                                                     center_var=net.center_var)[:, None]
-        # VI-SimSiam: kappa is the certainty, so -kappa is higher for OOD
-        if "kappa" in scores:
-            columns["kappa"] = -net.concentration(z=embedding("online"))[:, None]
+                columns[name] = net.ood_score(embedding(score_encoder), radial=name == "vje")[:, None]
         return torch.cat([columns[name].float() for name in layout], dim=1)
     return forward, layout
 
@@ -596,13 +547,13 @@ def build_sets(args, info, scores, local_rank=0):
     return id_test, ood_sets, bank
 
 
-def compute_scores(net, id_test, ood_sets, bank_set, scores, nu, args, device, rank, world_size, master):
+def compute_scores(net, id_test, ood_sets, bank_set, scores, args, device, rank, world_size, master):
     """Every score of the in-distribution images ({score: (n,) tensor}) and of
     each OOD set ({label: {score: tensor}}): one forward pass per image, the
     knn bank's features once."""
     kw = dict(batch_size=args.batch_size, device=device, num_workers=args.num_workers, rank=rank,
               world_size=world_size, precision=args.precision, progress=master)
-    forward, layout = score_forward(net, args.feature, scores, nu, args.score_encoder)
+    forward, layout = score_forward(net, args.feature, scores, args.score_encoder)
     bank = None
     if "knn" in scores:
         bank = eval_knn.extract_features(net, bank_set, source=args.feature, desc="knn bank", **kw)[0]
@@ -644,68 +595,51 @@ def default_output(args, ood_sets):
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="Out-of-distribution detection scores (VJE Eq. 39, its directional "
-                                            "part, VI-SimSiam's concentration, k-th nearest-neighbour distance) "
-                                            "of a train.py checkpoint on one or several OOD sets, with AUROC, "
-                                            "AUPR-In, AUPR-Out and FPR at 95 % TPR per set and per group.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                            "part, the k-th nearest-neighbour distance) of a train.py checkpoint "
+                                            "on one or several OOD sets: AUROC, AUPR-In, AUPR-Out and FPR at 95 % "
+                                            "TPR per set and per group.")
     utils.add_eval_flags(p, "eval_ood.py")
-    p.add_argument("--batch-size", type=utils.number(int, 1, 1 << 20), default=256,
-                   help="images per forward pass and process; it only changes speed and memory")
-    p.add_argument("--ood-sets", nargs="+", default=None, metavar="SET",
-                   help="the OOD sets, each one of: a torchvision name (" + ", ".join(TORCHVISION_SETS) +
-                        "), read from --ood-root; tin, the Tiny ImageNet folder at --tin-path; the path of a folder "
-                        "of images, flat or in subfolders; or a preset of OpenOOD v1.5's near- and far-OOD sets: "
-                        "openood (the in-distribution dataset's list, CIFAR-10 or CIFAR-100), openood-cifar10 or "
-                        "openood-cifar100. GROUP=SET puts a set in the group GROUP (a preset's sets are in near "
-                        "and far, the others in other). Default: the one set of the single-set flags below")
-    p.add_argument("--ood-root", default=None,
-                   help="the folder the torchvision sets of --ood-sets are read from, and downloaded into when "
-                        "absent; default: the in-distribution --data-path")
-    p.add_argument("--tin-path", default=None,
-                   help="the folder of Tiny ImageNet-200 images that the set tin (and so the openood presets) "
-                        "reads: every image in it and its subfolders, e.g. tiny-imagenet-200/val or OpenOOD's "
-                        "copy of it")
-    p.add_argument("--ood-dataset", default=None, choices=data.DATASETS,
-                   help="one OOD set named the way of earlier versions (with --ood-sets, one more set, in the "
-                        "group other): the test split of this dataset as data.py reads it; default: --dataset, "
-                        "which then needs --ood-classes or --classes to tell the two apart")
-    p.add_argument("--ood-data-path", default=None,
-                   help="where the --ood-dataset lives; default: --data-path when that is the OOD dataset's tree "
-                        "or a torchvision download folder")
-    p.add_argument("--ood-classes", default=None,
-                   help="comma-separated class names of the --ood-dataset to use; default: all of them, or, when "
-                        "the OOD dataset is the in-distribution one, the classes not in --classes")
-    p.add_argument("--scores", nargs="+", default=None, choices=SCORES,
-                   help="scores to evaluate; default: vje vje-dir knn for a VJE checkpoint, kappa knn for a "
-                        "VI-SimSiam checkpoint, knn otherwise")
-    p.add_argument("--score-encoder", default="online", choices=("online", "ema"),
-                   help="the encoder whose output z the vje and vje-dir scores read, with (mu, var) = VJE's head "
-                        "of that z: online, the trained encoder; ema, the EMA (teacher) encoder of a VJE "
-                        "checkpoint trained with --target ema")
-    p.add_argument("--ood-k", type=utils.number(int, 1, 1 << 20), default=50,
-                   help="k of the knn score. Sun et al. found 50 best on CIFAR-10 (50,000 training images) and "
-                        "use 1000 on ImageNet: scale it with the size of the training set")
-    p.add_argument("--feature", default="z", choices=("z", "mu", "ema"),
-                   help="feature of the knn score: z, the encoder output (Sun et al. use the penultimate layer, "
-                        "its equivalent); mu: VJE's posterior mean; ema: the target encoder")
-    p.add_argument("--output", default=None,
-                   help="JSON file for the metrics; default: ood_<set>.json beside the checkpoint, the sets "
-                        "joined by + when there are several (a preset's under its name)")
+    add = utils.add_flag
+    add(p, "--batch-size", 256, "images per forward pass and process; it only changes speed and memory",
+        type=utils.number(int, 1, 1 << 20))
+    add(p, "--ood-sets", None, "the OOD sets, each one of: a torchvision name (" + ", ".join(TORCHVISION_SETS) +
+        "), read from --ood-root; tin, the Tiny ImageNet folder at --tin-path; the path of a folder of images, "
+        "flat or in subfolders; or a preset of OpenOOD v1.5's near- and far-OOD sets: openood (the "
+        "in-distribution dataset's list), openood-cifar10 or openood-cifar100. GROUP=SET puts a set in the "
+        "group GROUP (a preset's sets are in near and far, the others in other)", nargs="+", metavar="SET",
+        default_text="the one set of --ood-dataset/--ood-data-path/--ood-classes")
+    add(p, "--ood-root", None, "the folder the torchvision sets are read from, and downloaded into when absent",
+        default_text="the in-distribution --data-path")
+    add(p, "--tin-path", None, "the folder of Tiny ImageNet-200 images that the set tin (and so the openood "
+        "presets) reads: every image in it and its subfolders, e.g. tiny-imagenet-200/val")
+    add(p, "--ood-dataset", None, "one more OOD set, in the group other: the test split of this dataset as "
+        "data.py reads it", default_text="--dataset, which then needs --ood-classes or --classes to tell the two "
+        "apart", choices=data.DATASETS)
+    add(p, "--ood-data-path", None, "where the --ood-dataset lives", default_text="--data-path when that is the "
+        "OOD dataset's tree or a torchvision download folder")
+    add(p, "--ood-classes", None, "comma-separated class names of the --ood-dataset to use", default_text="all, "
+        "or, when the OOD dataset is the in-distribution one, the classes not in --classes")
+    add(p, "--scores", None, "scores to evaluate", default_text="the method's own (vje vje-dir for VJE) and knn",
+        nargs="+", choices=SCORES)
+    add(p, "--score-encoder", "online", "the encoder whose output z the vje and vje-dir scores read, with "
+        "(mu, var) = VJE's head of that z: the trained encoder, or the EMA encoder of a VJE checkpoint trained "
+        "with --target ema", choices=("online", "ema"))
+    add(p, "--ood-k", 50, "k of the knn score. Sun et al. found 50 best on CIFAR-10 (50,000 training images) "
+        "and use 1000 on ImageNet: scale it with the size of the training set", type=utils.number(int, 1, 1 << 20))
+    add(p, "--feature", "z", "feature of the knn score: z, the encoder output (Sun et al. use the penultimate "
+        "layer); mu: VJE's posterior mean; ema: the target encoder", choices=("z", "mu", "ema"))
+    add(p, "--output", None, "JSON file for the metrics", default_text="ood_<set>.json beside the checkpoint, "
+        "the sets joined by + (a preset's under its name)")
     return p.parse_args(argv)
 
 
 def choose_scores(args, net):
-    """--scores, checked against the checkpoint: VJE's scores need VJE,
-    kappa needs VI-SimSiam."""
-    is_vje = net.method == "vje"
-    scores = list(dict.fromkeys(args.scores or DEFAULT_SCORES.get(net.method, ("knn",))))
-    vje_scores = [s for s in scores if s.startswith("vje")]
-    if vje_scores and not is_vje:
-        utils.fail(f"--scores {' '.join(vje_scores)} read VJE's posterior (Eq. 39); this checkpoint is "
-                   f"{net.method}. Use --scores knn")
-    if "kappa" in scores and net.method != "vi-simsiam":
-        utils.fail(f"--scores kappa reads VI-SimSiam's concentration head; this checkpoint is {net.method}. "
-                   f"Use --scores knn")
+    """--scores, checked against the checkpoint: all but knn are the method's own (net.ood_scores)."""
+    scores = list(dict.fromkeys(args.scores or (*net.ood_scores, "knn")))
+    foreign = [s for s in scores if s != "knn" and s not in net.ood_scores]
+    if foreign:
+        utils.fail(f"--scores {' '.join(foreign)} read VJE's posterior (Eq. 39); this checkpoint is "
+                   f"{net.name}. Use --scores knn")
     if "knn" in scores:
         model_lib.check_feature(net, args.feature)
     return scores
@@ -715,13 +649,12 @@ def check_score_encoder(args, net, scores):
     """--score-encoder ema needs VJE's scores and an EMA encoder to read."""
     if args.score_encoder == "online":
         return
-    if net.method != "vje":
-        utils.fail(f"--score-encoder ema scores VJE's posterior from its EMA encoder; this checkpoint is "
-                   f"{net.method}")
+    if not net.ood_scores:
+        utils.fail(f"--score-encoder ema scores VJE's posterior from its EMA encoder; this checkpoint is {net.name}")
     if net.teacher is None:
         utils.fail("--score-encoder ema needs an EMA encoder; this VJE checkpoint has none (VJE has one only "
                    "when trained with --target ema). Use --score-encoder online")
-    if not any(s.startswith("vje") for s in scores):
+    if not any(s in net.ood_scores for s in scores):
         utils.fail(f"--score-encoder ema changes the vje and vje-dir scores only; --scores {' '.join(scores)} "
                    f"has neither")
 
@@ -733,7 +666,7 @@ def main(argv=None):
     net, train_args, ckpt = model_lib.load_model(args.checkpoint)
     scores = choose_scores(args, net)
     check_score_encoder(args, net, scores)
-    nu = float(train_args.get("nu", 1.0))
+    nu = getattr(net, "nu", None)
     args.precision = utils.eval_precision(args.precision, train_args, device)
     net.to(device).eval()
     info = data.resolve_eval_data(args, train_args)
@@ -744,7 +677,7 @@ def main(argv=None):
               f"{args.dataset} test ({len(id_test)} images), OOD {listed}, scores {' '.join(scores)}, "
               f"{world_size} process(es) on {device.type}")
     t0 = time.time()
-    id_values, ood_values = compute_scores(net, id_test, ood_sets, bank_set, scores, nu, args, device, rank,
+    id_values, ood_values = compute_scores(net, id_test, ood_sets, bank_set, scores, args, device, rank,
                                            world_size, master)
     utils.cleanup_distributed()
     if not master:
@@ -753,7 +686,7 @@ def main(argv=None):
     # ---- metrics: per set, then the mean of each group ------------------------------------
     sets = {s.label: dict({k: v for k, v in s.entry.items() if k != "label"},
                           scores=set_scores(id_values, ood_values[s.label], scores, s.label)) for s in ood_sets}
-    vje_scored = any(name.startswith("vje") for name in scores)
+    vje_scored = any(name in net.ood_scores for name in scores)
     results = dict(model_lib.checkpoint_meta(args.checkpoint, ckpt, train_args),
                    in_distribution=dict(dataset=args.dataset, data_path=os.path.abspath(args.data_path),
                                         split="test", classes=args.classes, num_images=len(id_test)),
@@ -785,8 +718,6 @@ def describe(d):
 def score_label(name, args, nu):
     if name == "knn":
         return f"knn (distance to the k-th nearest neighbour, k={args.ood_k}, feature {args.feature})"
-    if name == "kappa":
-        return "kappa (-kappa, VI-SimSiam's concentration)"
     part = "Eq. 39" if name == "vje" else "Eq. 39, directional part"
     return f"{name} ({part}, nu={nu:g}, {args.score_encoder} encoder)"
 

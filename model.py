@@ -1,29 +1,21 @@
-"""Networks: encoders, the heads of each method, the EMA teacher, and building
-a network back from a checkpoint.
+"""Networks: the encoders, one class per method (its heads, its loss, its recipe and its views),
+batch norm across processes, and building a network back from a checkpoint.
 
-    from model import SSLModel
-    model = SSLModel("vje", arch="resnet18", image_size=32, num_classes=10)
-    loss, logs = model(x1, x2, labels)      # two augmented views, (B, 3, H, W) each
+    import model
+    net = model.build(dict(model.option_defaults("vje"), method="vje", arch="resnet18",
+                           image_size=32, num_classes=10, joint_bn=False))
+    loss, logs = net(x1, x2, labels)      # two augmented views, (B, 3, H, W) each
 
-One class, `SSLModel`, holds everything a method trains: the encoder, the
-method's heads, an EMA teacher where the method has one, and an online linear
-probe on detached encoder features of both views. Its forward returns
-the training loss, so that one DistributedDataParallel wrapper and one
-backward cover all of it; the probe's gradient never reaches the encoder.
-Each view goes through every network in its own pass (per-view batch-norm
-statistics, as in the authors' code); `joint_bn` runs both in one.
-
-Methods (the README's "Methods and recipes" gives the papers and equations):
-  vje      encoder -> inference network g -> (mu, var); no projector.
-           Target: the other view's raw embedding, detached (stop-gradient)
-           or produced by an EMA copy of the encoder (--target ema).
-  vssl     student encoder -> projector -> (mu, var) -> predictor -> posterior;
-           teacher = EMA encoder + projector -> prior; denoiser on a sample.
-  byol     encoder -> projector -> predictor; EMA teacher encoder + projector.
-  simsiam  encoder -> projector -> predictor; target = own projection, detached.
-  vi-simsiam  SimSiam's networks, plus a concentration head on the projection:
-           kappa = softplus(Linear(2048 -> 1)) + 1e-3; power spherical
-           posterior PS(predictor output, kappa), target as SimSiam's.
+A method is one class: `VJE`, `VSSL`, `BYOL`, `SimSiam`. Each holds, as data, its `recipe` (the
+optimizer, learning rate, schedule, EMA momentum, epochs and warm-up that train.py's flags
+default to, the crop interpolation and the normalization constants), its `views` (the two
+augmentations, read by data.py), and its `options` (its own flags, with their defaults and help);
+and, as code, its heads and `embedding_loss`, the wiring of the losses.py functions. The base
+class `Method` holds what all share: the encoder, an EMA teacher where the method has one, and an
+online linear probe on detached features. Its forward returns the training loss, so that one
+DistributedDataParallel wrapper and one backward cover all of it. Each view goes through every
+network in its own pass (per-view batch-norm statistics, as in the authors' code); `joint_bn`
+runs both in one.
 """
 import copy
 import os
@@ -37,28 +29,28 @@ import torchvision
 import losses
 import utils
 
-METHODS = ("vje", "vssl", "byol", "simsiam", "vi-simsiam")
 ARCHS = ("tiny", "resnet18", "resnet50")
+number = utils.number
 
 
 # -----------------------------------------------------------------------------
-# encoders
+# encoders and heads
 
 def tiny_encoder():
-    """The CPU benchmark network: four 3x3 conv layers (no bias) with 32, 64,
-    128, 256 channels and strides 1, 2, 2, 2, each followed by BatchNorm and
-    ReLU, then global average pooling to a 256-d embedding (0.39 M parameters)."""
+    """The CPU network: four 3x3 conv layers (no bias) of 32, 64, 128, 256 channels, strides 1, 2,
+    2, 2, each with BatchNorm and ReLU, then global average pooling to 256-d (0.39 M parameters)."""
     layers, c_in = [], 3
     for c_out, stride in zip((32, 64, 128, 256), (1, 2, 2, 2)):
-        layers += [nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+        layers += [nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out),
+                   nn.ReLU(inplace=True)]
         c_in = c_out
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
 
 
 def build_encoder(arch, image_size):
-    """Returns (encoder, embedding size D). ResNets lose their `fc`; for images
-    of 64 px or less they get the CIFAR stem (3x3 conv, stride 1, no max-pool),
-    since the ImageNet stem would shrink a 32 px image to 8 px before layer1."""
+    """Returns (encoder, embedding size D). ResNets lose their `fc`; for images of 64 px or less
+    they get the CIFAR stem (3x3 conv, stride 1, no max-pool): the ImageNet stem would shrink a
+    32 px image to 8 px before layer1."""
     if arch == "tiny":
         return tiny_encoder(), 256
     if arch not in ("resnet18", "resnet50"):
@@ -72,13 +64,9 @@ def build_encoder(arch, image_size):
     return net, dim
 
 
-# -----------------------------------------------------------------------------
-# heads
-
 def mlp(in_dim, hidden_dim, out_dim, num_layers=2, last_bn=False):
-    """Linear -> BN -> ReLU blocks, then a final Linear (BYOL / SimSiam / VSSL
-    projector and predictor shape). `last_bn` adds a non-affine BatchNorm on
-    the output, as SimSiam's projector has."""
+    """Linear -> BN -> ReLU blocks, then a final Linear: the BYOL / SimSiam / VSSL projector and
+    predictor. `last_bn` adds a non-affine BatchNorm on the output, as SimSiam's projector has."""
     layers, d = [], in_dim
     for _ in range(num_layers - 1):
         layers += [nn.Linear(d, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True)]
@@ -90,21 +78,16 @@ def mlp(in_dim, hidden_dim, out_dim, num_layers=2, last_bn=False):
 
 
 class InferenceNetwork(nn.Module):
-    """VJE's inference network g: raw embedding z (B, D) -> (mu, var), each (B, D).
+    """VJE's inference network g: the raw embedding z (B, D) -> (mu, var), each (B, D).
 
-    Linear(D,H,no bias) -> LayerNorm -> ReLU -> Linear(H,H,no bias) -> LayerNorm
-    -> ReLU, then a mean head Linear(H,D) and a variance head
-    Softplus(Linear(H,D)) + 1e-5, with H = round(D / 4). LayerNorm rather than
-    BatchNorm keeps the posterior of one image independent of its batch.
-    `isotropic` (the VJE paper's isotropic-variance ablation, in its
-    appendix): one variance per image, shared by all D dimensions, var (B, 1),
-    Softplus(mean over d of Linear(H,D)) + 1e-5. That is one linear map, as a
-    single-output head would be, but its gradient is scaled as the diagonal
-    head's: the loss sums D per-dimension terms of the shared variance, and a
-    single output row, taking all D of their gradients, moved D times as far
-    per step as each row of the diagonal head; at the recipe's rate it then
-    swung across three orders of magnitude within a few steps and the loss
-    became infinite in the first warm-up epoch (subset, `tiny`)."""
+    Linear(D,H,no bias) -> LayerNorm -> ReLU -> Linear(H,H,no bias) -> LayerNorm -> ReLU, then a
+    mean head Linear(H,D) and a variance head Softplus(Linear(H,D)) + 1e-5, H = round(D / 4).
+    LayerNorm keeps one image's posterior independent of its batch. `isotropic` (the paper's
+    appendix ablation): one variance per image, var (B, 1) = Softplus(mean over d of Linear(H,D))
+    + 1e-5. That is one linear map, as a single-output head would be, but its gradient is scaled
+    as the diagonal head's: a single output row takes the gradients of all D per-dimension terms
+    of the loss, steps D times as far, and at the recipe's rate made the loss infinite within the
+    first warm-up epoch."""
 
     def __init__(self, dim, isotropic=False):
         super().__init__()
@@ -125,20 +108,436 @@ class InferenceNetwork(nn.Module):
 
 
 def split_gaussian(out, positive):
-    """Splits a head's (B, 2d) output into (mu, var), each (B, d). VSSL's cosine
-    forms see only the direction of the variance vector (Eqs. 9-10), so there
-    the variance stays an unconstrained linear output; the Gaussian forms need
-    var > 0 and get softplus(.) + 1e-5."""
+    """A head's (B, 2d) output as (mu, var), each (B, d). VSSL's cosine forms see only the
+    direction of the variance vector (Eqs. 9-10), so there it stays an unconstrained linear
+    output; the Gaussian forms need var > 0 and get softplus(.) + 1e-5."""
     mu, var = out.chunk(2, dim=1)
     return mu, (F.softplus(var) + 1e-5 if positive else var)
+
+
+# -----------------------------------------------------------------------------
+# what every method shares
+
+class Method(nn.Module):
+    """Encoder + the method's heads (`build`) + EMA teacher (or None) + online linear probe.
+
+    forward(x1, x2, labels) returns (loss, logs): the method's objective plus the probe's
+    cross-entropy (on detached features: the sum trains both without mixing them); logs holds
+    detached 0-dim tensors. A subclass sets the class attributes below and defines `build` and
+    `embedding_loss`."""
+
+    name = None
+    recipe = {}    # train.py's recipe flags: optimizer, nesterov, lr, weight_decay, epochs, ...
+    views = {}     # jitter, and the two views' crop scale, blur p, solarize p ("small" < 96 px, "large")
+    options = {}   # the method's own flags: name -> dict(default=..., help=..., type / choices)
+    ood_scores = ()  # eval_ood.py scores besides knn, from `ood_score`
+    monitored = ("knn_acc",)  # the k-NN monitor's log keys, one per block of `monitor_features`
+
+    def __init__(self, arch, image_size, num_classes, joint_bn, **options):
+        super().__init__()
+        self.joint_bn = joint_bn  # both views in one pass: one set of batch-norm statistics
+        self.encoder, self.dim = build_encoder(arch, image_size)
+        self.teacher = None
+        self.build(**options)
+        if self.teacher is not None:
+            for p in self.teacher.parameters():
+                p.requires_grad_(False)
+        self.probe = nn.Linear(self.dim, num_classes) if num_classes > 0 else None
+
+    def forward(self, x1, x2, labels=None):
+        x = torch.cat([x1, x2])
+        z = self.per_view(self.encoder, x)
+        loss, logs = self.embedding_loss(z, x)
+        logs["ssl_loss"] = loss.detach()
+        if self.probe is not None:  # on both views, as solo-learn's online probe
+            loss = loss + self.probe_loss(z, None if labels is None else labels.repeat(2), logs)
+        return loss, logs
+
+    def per_view(self, net, x):
+        """`net` on the two views of x (2B, ...), view 1's B rows then view 2's, one pass each, so
+        that batch norm normalizes each view with its own statistics: the VJE notebook calls
+        model(x1), then model(x2); solo-learn runs each crop on its own. With joint_bn one pass."""
+        if self.joint_bn:
+            return net(x)
+        first, second = x.chunk(2)
+        return torch.cat([net(first), net(second)])
+
+    def probe_loss(self, z, labels, logs):
+        """Cross-entropy of the online probe on detached features, over the labelled images
+        (label -1: unlabelled, as STL-10's extra images). It is always in the graph, zero when no
+        image is labelled, so that every parameter gets a gradient at every step (DDP needs it)
+        and nothing branches on the labels' values."""
+        logits = self.probe(z.detach().float())  # z: (N, D), labels (N,)
+        if labels is None:
+            return 0.0 * logits.sum()
+        known = labels >= 0
+        count = known.sum()
+        nll = F.cross_entropy(logits, labels.clamp_min(0), reduction="none")
+        denominator = count.float()
+        if utils.distributed():
+            # DDP averages the processes' gradients: dividing by the global count over the process
+            # count makes that average the gradient of the global batch's mean, also when a
+            # process has fewer labelled images (or none). A collective, not a host sync.
+            denominator = denominator.detach().clone()
+            dist.all_reduce(denominator)
+            denominator = denominator / dist.get_world_size()
+        loss = (nll * known).sum() / denominator.clamp_min(1e-6)
+        logs["probe_loss"] = loss.detach()
+        logs["probe_correct"] = ((logits.argmax(1) == labels) & known).sum().detach()
+        logs["probe_count"] = count.detach()
+        return loss
+
+    # -- the teacher ---------------------------------------------------------------------------
+    def student_for_teacher(self):
+        """The student modules whose EMA the teacher is, in the teacher's order."""
+        return nn.Sequential(self.encoder, self.projector, *([self.predictor] if len(self.teacher) == 3 else []))
+
+    @torch.no_grad()
+    def update_teacher(self, momentum):
+        """teacher <- m * teacher + (1 - m) * student for the parameters (one multi-tensor lerp);
+        the buffers (batch-norm statistics and counts) are copied, as the VJE notebook does: its
+        EMA encoder runs in eval mode, where statistics averaged with the weights' momentum would
+        lag far behind the encoder's. BYOL's and VSSL's teachers run in train mode (batch
+        statistics), so their buffers only matter to `--feature ema` at evaluation."""
+        if self.teacher is None:
+            return
+        student = self.student_for_teacher()
+        torch._foreach_lerp_(list(self.teacher.parameters()), list(student.parameters()), 1.0 - momentum)
+        torch._foreach_copy_(list(self.teacher.buffers()), list(student.buffers()))
+
+    def teacher_encoder(self):
+        return self.teacher[0]
+
+    # -- features for evaluation -----------------------------------------------------------
+    def feature_sources(self):
+        """The --feature values this network gives: z (the encoder), mu (VJE), ema (a teacher)."""
+        return ("z",) + ("ema",) * (self.teacher is not None)
+
+    @torch.no_grad()
+    def features(self, x, source="z"):
+        """Evaluation features of images x: `z` the encoder output, `mu` VJE's posterior mean,
+        `ema` the teacher encoder's output."""
+        if source not in self.feature_sources():
+            needs = {"mu": "a VJE checkpoint", "ema": "a target encoder"}.get(source, "another network")
+            raise ValueError(f"feature '{source}' needs {needs}; this {self.name} network has none")
+        return self.teacher_encoder()(x) if source == "ema" else self.embedding_feature(self.encoder(x), source)
+
+    def embedding_feature(self, z, source):
+        """The feature `source` (z, or VJE's mu) of encoder outputs z."""
+        return z
+
+    def monitor_features(self, x):
+        """What the k-NN monitor scores, from one encoder pass: (B, D) per `monitored` key, side by side."""
+        return self.encoder(x)
+
+
+def projector_options():
+    """The projector and predictor widths of BYOL and VSSL."""
+    return dict(proj_hidden=dict(default=4096, type=number(int, 1, 1 << 16),
+                                 help="hidden width of the projector and the predictor"),
+                proj_dim=dict(default=256, type=number(int, 1, 1 << 16),
+                              help="projection size (BYOL); latent size d of the Gaussians (VSSL)"))
+
+
+# -----------------------------------------------------------------------------
+# VJE
+
+class VJE(Method):
+    """VJE (Oji & Fieguth, TMLR 2026): encoder -> inference network g -> posterior N(mu, diag var)
+    of the embedding, no projector. The target is the other view's raw embedding, detached
+    (stop-gradient, the paper's CIFAR run) or from an EMA copy of the encoder (target "ema")."""
+
+    name = "vje"
+    # the VJE authors' notebook: SGD with Nesterov momentum, the rate set once an epoch
+    recipe = dict(optimizer="sgd", nesterov=True, lr=0.05, weight_decay=5e-4, epochs=200, warmup_epochs=10,
+                  lr_schedule="epoch", ema_momentum=0.996, interpolation="bilinear", constants="notebook")
+    # the notebook's views: BYOL's asymmetric augmentation, crop scale 0.2-1 at 32 px
+    views = dict(jitter=(0.4, 0.4, 0.2, 0.1),
+                 small=(dict(crop_scale=(0.2, 1.0), blur_p=1.0, solarize_p=0.0),
+                        dict(crop_scale=(0.2, 1.0), blur_p=0.1, solarize_p=0.2)),
+                 large=(dict(crop_scale=(0.08, 1.0), blur_p=1.0, solarize_p=0.0),
+                        dict(crop_scale=(0.08, 1.0), blur_p=0.1, solarize_p=0.2)))
+    options = dict(
+        nu=dict(default=1.0, type=number(float, 0, 1e6, low_open=True, allow_inf=True),
+                help="Student-t degrees of freedom of both likelihoods; inf gives Gaussians"),
+        beta=dict(default=1.0, type=number(float, 0, 1e6), help="weight of the KL to the prior"),
+        target=dict(default="stopgrad", choices=("stopgrad", "ema"),
+                    help="the other view's embedding detached (the paper's CIFAR run) or from an EMA encoder"),
+        radial=dict(default=True, help="the radial likelihood in the loss (it is logged either way)"),
+        center_var=dict(default=False, help="unit geometric-mean variances in the directional term (App. A.2)"),
+        mc_samples=dict(default=1, type=number(int, 1, 1024),
+                        help="posterior samples per view, the likelihood averaged over them (appendix ablation)"),
+        isotropic=dict(default=False, help="one posterior variance per image for all dimensions (appendix "
+                                           "ablation)"))
+    ood_scores = ("vje", "vje-dir")
+    monitored = ("knn_acc", "knn_acc_mu")  # the notebook monitors z and mu
+
+    def build(self, nu, beta, target, radial, center_var, mc_samples, isotropic):
+        self.nu, self.beta, self.target, self.radial = nu, beta, target, radial
+        self.center_var, self.mc_samples = center_var, mc_samples
+        self.head = InferenceNetwork(self.dim, isotropic)
+        if target == "ema":
+            self.teacher = copy.deepcopy(self.encoder)
+
+    def embedding_loss(self, z, x):
+        """losses.vje_loss of view 1's posterior against view 2's target and back. z: (2B, D),
+        view 1's rows then view 2's; x: (2B, 3, H, W), the views an EMA target encodes."""
+        b = z.shape[0] // 2
+        mu, var = self.head(z)
+        if self.teacher is None:
+            t = z.detach()
+        else:
+            with torch.no_grad():
+                t = self.per_view(self.teacher, x)
+        loss, terms = losses.vje_loss(mu[:b], var[:b], mu[b:], var[b:], t[:b], t[b:], nu=self.nu, beta=self.beta,
+                                      radial=self.radial, center_var=self.center_var, mc_samples=self.mc_samples,
+                                      validate=False)
+        terms = dict(terms)
+        terms["kl"] = self.beta * terms["kl"]  # logged as it enters the loss, β·KL, as the notebook logs it
+        return loss, terms
+
+    def student_for_teacher(self):
+        return self.encoder
+
+    def teacher_encoder(self):
+        return self.teacher
+
+    def train(self, mode=True):
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()  # the notebook keeps its EMA target in eval mode
+        return self
+
+    def feature_sources(self):
+        return ("z", "mu") + ("ema",) * (self.teacher is not None)
+
+    def embedding_feature(self, z, source):
+        return self.head(z)[0] if source == "mu" else z
+
+    def monitor_features(self, x):
+        z = self.encoder(x)
+        return torch.cat([z, self.head(z)[0]], 1)
+
+    def ood_score(self, z, radial=True):
+        """VJE's Eq. 39 of embeddings z (B, D) under their own posterior g(z), at s = mu."""
+        mu, var = self.head(z)
+        return losses.vje_ood_score(z, mu, var, self.nu, radial=radial, center_var=self.center_var)
+
+
+# -----------------------------------------------------------------------------
+# BYOL, the baseline VSSL's recipe comes from
+
+class BYOL(Method):
+    """BYOL (Grill et al., NeurIPS 2020): encoder -> projector -> predictor; the teacher is an EMA
+    copy of encoder and projector, not of the predictor (as solo-learn's BYOL)."""
+
+    name = "byol"
+    # solo-learn's CIFAR BYOL recipe: LARS, the rate set at every step
+    recipe = dict(optimizer="lars", lars_clip=True, nesterov=False, lr=1.0, weight_decay=1e-5, epochs=1000,
+                  warmup_epochs=10, lr_schedule="step", ema_momentum=0.99, interpolation="bicubic",
+                  constants="solo-learn")
+    # solo-learn's BYOL views: crop 0.08-1, no blur at 32 px (BYOL's 1.0 / 0.1 from 96 px)
+    views = dict(jitter=(0.4, 0.4, 0.2, 0.1),
+                 small=(dict(crop_scale=(0.08, 1.0), blur_p=0.0, solarize_p=0.0),
+                        dict(crop_scale=(0.08, 1.0), blur_p=0.0, solarize_p=0.2)),
+                 large=(dict(crop_scale=(0.08, 1.0), blur_p=1.0, solarize_p=0.0),
+                        dict(crop_scale=(0.08, 1.0), blur_p=0.1, solarize_p=0.2)))
+    options = projector_options()
+
+    def build(self, proj_hidden, proj_dim):
+        self.projector = mlp(self.dim, proj_hidden, proj_dim)
+        self.predictor = mlp(proj_dim, proj_hidden, proj_dim)
+        self.teacher = nn.Sequential(copy.deepcopy(self.encoder), copy.deepcopy(self.projector))
+
+    def embedding_loss(self, z, x):
+        b = z.shape[0] // 2
+        p = self.per_view(self.predictor, self.per_view(self.projector, z))
+        with torch.no_grad():
+            t = self.per_view(self.teacher, x)
+        return losses.byol_loss(p[:b], t[b:]) + losses.byol_loss(p[b:], t[:b]), {}
+
+
+# -----------------------------------------------------------------------------
+# VSSL
+
+class VSSL(Method):
+    """VSSL (Yavuz & Yanikoglu, 2025): student encoder -> projector -> (mu, var) -> predictor ->
+    posterior; teacher = EMA encoder + projector -> prior; a denoiser on a posterior sample. Our
+    readings of the paper (we could not consult its code), each an option:
+    - the likelihood denoises a sample of the student posterior of view a and scores the
+      teacher's distribution of view b, the other view (Algorithm 1 and the figures;
+      likelihood_view "other"), or of view a, the view the posterior read (Eq. 8 taken
+      literally, the textbook ELBO's E_q(z|x)[log p(x|z)]; "same");
+    - the cosine forms see only the direction of the variance vector, so it stays an
+      unconstrained linear output, or a positive one with positive_var (as the Gaussian forms need);
+    - the prior is read off the teacher's projector, or after an EMA copy of the predictor
+      (teacher_predictor, Algorithm 1, lines 11-12)."""
+
+    name = "vssl"
+    recipe, views = BYOL.recipe, BYOL.views  # VSSL was run on solo-learn's CIFAR BYOL recipe
+    options = dict(
+        vssl_form=dict(default="cosine", choices=("cosine", "gaussian"),
+                       help="the paper's cosine KL and likelihood (Eqs. 9-10) or the textbook Gaussian ELBO"),
+        vssl_sampling=dict(default="paper", choices=("paper", "standard"),
+                           help="the paper's z = mu + var*|eps|, or the textbook mu + sqrt(var)*eps"),
+        vssl_same_view=dict(default=False, help="add the same-view pairs of Eq. 8's double sum"),
+        vssl_positive_var=dict(default=False, help="positive variances (softplus) in the cosine form too"),
+        vssl_teacher_predictor=dict(default=False, help="an EMA copy of the predictor in the teacher, the prior "
+                                                        "read after it (Algorithm 1, lines 11-12)"),
+        vssl_likelihood_view=dict(default="other", choices=("other", "same"),
+                                  help="the likelihood scores the teacher's distribution of the other view "
+                                       "(Algorithm 1) or of the posterior's own view (Eq. 8 taken literally)"),
+        vssl_kl_beta=dict(default=3.0, type=number(float, 0, 1e3, low_open=True),
+                          help="beta of softplus_beta in the cosine KL (Eq. 9)"),
+        vssl_nll_beta=dict(default=1.0, type=number(float, 0, 1e3, low_open=True),
+                           help="beta of softplus_beta in the cosine likelihood (Eq. 10)"),
+        **projector_options())
+
+    @staticmethod
+    def check(options):
+        """The reason a set of options cannot train, or None."""
+        if options["vssl_sampling"] == "standard" and options["vssl_form"] == "cosine" \
+                and not options["vssl_positive_var"]:
+            return ("--vssl-sampling standard takes sqrt(var) and needs positive variances: add "
+                    "--vssl-positive-var or use --vssl-form gaussian")
+        return None
+
+    def build(self, vssl_form, vssl_sampling, vssl_same_view, vssl_positive_var, vssl_teacher_predictor,
+              vssl_likelihood_view, vssl_kl_beta, vssl_nll_beta, proj_hidden, proj_dim):
+        self.form, self.sampling, self.same_view = vssl_form, vssl_sampling, vssl_same_view
+        self.positive = vssl_form == "gaussian" or vssl_positive_var
+        self.likelihood_view, self.kl_beta, self.nll_beta = vssl_likelihood_view, vssl_kl_beta, vssl_nll_beta
+        # projector -> (mu, var) of size d; the predictor reads [mu, var] (Algorithm 1, line 6)
+        self.projector = mlp(self.dim, proj_hidden, 2 * proj_dim)
+        self.predictor = mlp(2 * proj_dim, proj_hidden, 2 * proj_dim)
+        # the denoiser D_phi: one MLP for the mean, one for the variance, each reading a sample
+        self.denoiser_mu = mlp(proj_dim, proj_hidden, proj_dim)
+        self.denoiser_var = mlp(proj_dim, proj_hidden, proj_dim)
+        parts = [self.encoder, self.projector] + [self.predictor] * vssl_teacher_predictor
+        self.teacher = nn.Sequential(*(copy.deepcopy(m) for m in parts))
+
+    def embedding_loss(self, z, x):
+        """losses.vssl_loss (Eq. 8) summed over the ordered pairs of views."""
+        b = z.shape[0] // 2
+        mu_s, var_s = split_gaussian(self.per_view(self.projector, z), self.positive)
+        mu_q, var_q = split_gaussian(self.per_view(self.predictor, torch.cat([mu_s, var_s], dim=1)), self.positive)
+        with torch.no_grad():
+            mu_p, var_p = split_gaussian(self.per_view(self.teacher[:2], x), self.positive)
+            if len(self.teacher) == 3:  # the momentum predictor reads [mu, var] as the student's does
+                prior = self.per_view(self.teacher[2], torch.cat([mu_p, var_p], dim=1))
+                mu_p, var_p = split_gaussian(prior, self.positive)
+        sample = losses.vssl_sample(mu_q.float(), var_q.float(), mode=self.sampling, validate=False)
+        mu_r = self.per_view(self.denoiser_mu, sample)
+        var_r = self.per_view(self.denoiser_var, sample)
+        if self.positive:
+            var_r = F.softplus(var_r) + 1e-5
+        first, second = slice(0, b), slice(b, 2 * b)
+        pairs = [(first, second), (second, first)]  # (student view, teacher view)
+        if self.same_view:  # the paper's double sum also has same-view pairs
+            pairs += [(first, first), (second, second)]
+        total, kl, nll = 0.0, 0.0, 0.0
+        for student, teacher in pairs:
+            scored = teacher if self.likelihood_view == "other" else student
+            pair_loss, terms = losses.vssl_loss(mu_q[student], var_q[student], mu_p[teacher], var_p[teacher],
+                                                mu_r[student], var_r[student], form=self.form,
+                                                kl_beta=self.kl_beta, nll_beta=self.nll_beta,
+                                                mu_t=mu_p[scored], var_t=var_p[scored], validate=False)
+            total, kl, nll = total + pair_loss, kl + terms["kl"], nll + terms["nll"]
+        return total, {"kl": kl, "nll": nll}
+
+
+# -----------------------------------------------------------------------------
+# SimSiam, the other baseline
+
+class SimSiam(Method):
+    """SimSiam (Chen & He, CVPR 2021): encoder -> projector (3 layers of 2048, BN on the output)
+    -> predictor (2048 -> 512 -> 2048); the target is the other view's projection, detached."""
+
+    name = "simsiam"
+    # the SimSiam paper's CIFAR recipe: SGD, lr 0.05, weight decay 5e-4, 800 epochs
+    recipe = dict(optimizer="sgd", nesterov=False, lr=0.05, weight_decay=5e-4, epochs=800, warmup_epochs=10,
+                  lr_schedule="step", interpolation="bicubic", constants="solo-learn")
+    # the SimSiam paper's views (not solo-learn's, which crop 0.08-1 and blur p 0.5 at 32 px):
+    # symmetric, crop 0.2-1, no blur at 32 px (p 0.5 from 96 px), no solarize
+    views = dict(jitter=(0.4, 0.4, 0.4, 0.1),
+                 small=(dict(crop_scale=(0.2, 1.0), blur_p=0.0, solarize_p=0.0),) * 2,
+                 large=(dict(crop_scale=(0.2, 1.0), blur_p=0.5, solarize_p=0.0),) * 2)
+
+    def build(self):
+        self.projector = mlp(self.dim, 2048, 2048, num_layers=3, last_bn=True)
+        self.predictor = mlp(2048, 512, 2048)
+
+    def embedding_loss(self, z, x):
+        b = z.shape[0] // 2
+        h = self.per_view(self.projector, z)
+        p = self.per_view(self.predictor, h)
+        return 0.5 * (losses.simsiam_loss(p[:b], h[b:]) + losses.simsiam_loss(p[b:], h[:b])), {}
+
+
+METHODS = {m.name: m for m in (VJE, VSSL, BYOL, SimSiam)}
+
+
+# -----------------------------------------------------------------------------
+# building a network: from resolved arguments, from a checkpoint
+
+def option_defaults(method):
+    """The defaults of a method's own options."""
+    return {k: o["default"] for k, o in METHODS[method].options.items()}
+
+
+def build(args):
+    """The network of a resolved train.py argument set (a dict): nothing here takes a default."""
+    cls = METHODS[args["method"]]
+    options = {k: args[k] for k in cls.options}
+    return cls(arch=args["arch"], image_size=args["image_size"], num_classes=args["num_classes"],
+               joint_bn=args["joint_bn"], **options)
+
+
+def load_model(path):
+    """The network a train.py checkpoint describes, with its weights, on the CPU: (model, args,
+    checkpoint). The file is read with utils.load_checkpoint (tensors and plain values only);
+    anything that does not fit stops with one line."""
+    ckpt = utils.load_checkpoint(path)
+    try:
+        args = ckpt["args"]
+        for key in ("dataset", "data_path", "image_size", "normalize"):  # what the evaluations read
+            args[key]
+        net = build(args)
+        net.load_state_dict(ckpt["model"])
+    except KeyError as e:
+        utils.fail(f"checkpoint '{path}' was written by another version of this project (its arguments have no "
+                   f"{e}); evaluate it with that version")
+    except (RuntimeError, ValueError, TypeError) as e:
+        first = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
+        utils.fail(f"checkpoint '{path}' is not a train.py checkpoint this version can build: {first[:200]}")
+    return net, args, ckpt
+
+
+def checkpoint_meta(path, ckpt, train_args):
+    """What a result was computed from, for the evaluation scripts' JSON files."""
+    return dict(checkpoint=os.path.abspath(path), method=train_args["method"], arch=train_args["arch"],
+                checkpoint_epoch=ckpt.get("epoch"))
+
+
+def check_feature(net, feature):
+    """Stops with one line if `net` cannot give this --feature source."""
+    sources = net.feature_sources()
+    if feature in sources:
+        return
+    if feature == "mu":
+        utils.fail(f"--feature mu is VJE's posterior mean; this checkpoint is {net.name}. "
+                   f"Use --feature {' or '.join(sources)}")
+    hint = " (it has one only when trained with --target ema)" if "target" in net.options else ""
+    utils.fail(f"--feature ema needs a target encoder; this {net.name} checkpoint has none{hint}. "
+               f"Use --feature {' or '.join(sources)}")
 
 
 # -----------------------------------------------------------------------------
 # batch norm across processes
 
 class _AllReduceSum(torch.autograd.Function):
-    """Sum over processes whose backward is again a sum over processes (the
-    gradient of every process's loss with respect to the shared statistic)."""
+    """Sum over processes whose backward is again a sum over processes (the gradient of every
+    process's loss with respect to the shared statistic)."""
 
     @staticmethod
     def forward(ctx, x, group):
@@ -155,13 +554,10 @@ class _AllReduceSum(torch.autograd.Function):
 
 
 class DistBatchNorm(nn.modules.batchnorm._BatchNorm):
-    """BatchNorm whose batch statistics are taken over all processes.
-
-    torch.nn.SyncBatchNorm only runs on GPUs; this is its CPU (gloo) stand-in,
-    so that a DDP run on the CPU normalizes over the global batch exactly as one
-    process would. Its collectives run on a process group of their own: on the
-    default group they could interleave with DDP's gradient all-reduces in a
-    different order on each process and mix up the two."""
+    """BatchNorm whose batch statistics are taken over all processes: torch.nn.SyncBatchNorm
+    runs on GPUs only, and this is its CPU (gloo) stand-in. Its collectives run on a process
+    group of their own: on the default group they could interleave with DDP's gradient
+    all-reduces in another order on each process and mix the two up."""
 
     group = None  # set by convert_batchnorm
 
@@ -170,7 +566,7 @@ class DistBatchNorm(nn.modules.batchnorm._BatchNorm):
             raise ValueError(f"expected 2D-5D input, got {x.dim()}D")
 
     def forward(self, x):
-        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        if not (self.training and utils.distributed()):
             return super().forward(x)
         c = x.shape[1]
         dims = [0] + list(range(2, x.dim()))
@@ -194,16 +590,16 @@ class DistBatchNorm(nn.modules.batchnorm._BatchNorm):
 
 
 def convert_batchnorm(module, device_type, group=None):
-    """Makes every BatchNorm layer normalize over the global batch under DDP:
-    torch's SyncBatchNorm on CUDA, DistBatchNorm elsewhere. Every process must
-    call it (it creates a process group on the CPU)."""
+    """Every BatchNorm layer normalizing over the global batch under DDP: torch's SyncBatchNorm
+    on CUDA, DistBatchNorm elsewhere. Every process must call it (it makes a process group)."""
     if device_type == "cuda":
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
-    if group is None and dist.is_available() and dist.is_initialized():
+    if group is None and utils.distributed():
         group = dist.new_group()
     out = module
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, DistBatchNorm):
-        out = DistBatchNorm(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
+        out = DistBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                            module.track_running_stats)
         out.load_state_dict(module.state_dict())
         out.train(module.training)
     if isinstance(out, DistBatchNorm):
@@ -214,365 +610,17 @@ def convert_batchnorm(module, device_type, group=None):
 
 
 def wrap_ddp(model, device):
-    """BatchNorm over the global batch, then DistributedDataParallel. The
-    teacher is left out of DDP's bookkeeping: every process updates it from
-    identical student weights, so it needs no syncing, and with its
-    batch-norm collectives inside DDP's forward the gradients of the two
-    processes came out different on gloo."""
+    """Batch norm over the global batch, then DistributedDataParallel. The teacher is left out of
+    DDP's bookkeeping: every process updates it from identical student weights, so it needs no
+    syncing (with its batch-norm collectives inside DDP's forward, the gradients of the two
+    processes came out different on gloo)."""
     model = convert_batchnorm(model, device.type).to(device)
     ignore = [n for n, _ in list(model.named_parameters()) + list(model.named_buffers()) if n.startswith("teacher.")]
     nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignore)
     ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    # DDP has just copied rank 0's student to every process; the teacher, which
-    # it does not manage, must start from rank 0's copy too (each process drew
-    # its own initial weights)
+    # DDP has copied rank 0's student to every process; the teacher, which it does not manage,
+    # must start from rank 0's copy too (each process drew its own initial weights)
     if model.teacher is not None:
         for t in model.teacher.state_dict().values():
             dist.broadcast(t, 0)
     return model, ddp
-
-
-# -----------------------------------------------------------------------------
-# the model
-
-class SSLModel(nn.Module):
-    """Encoder + the heads of one method + EMA teacher + online linear probe.
-
-    forward(x1, x2, labels) returns (loss, logs): `loss` is the method's
-    objective plus the probe's cross-entropy (probe on detached features, so
-    the sum trains both without mixing them); `logs` holds detached scalars.
-    """
-
-    def __init__(self, method, arch="resnet18", image_size=32, num_classes=0, target="stopgrad",
-                 nu=1.0, beta=1.0, radial=True, center_var=False,
-                 vssl_form="cosine", vssl_sampling="paper", vssl_same_view=False, vssl_positive_var=False,
-                 vssl_teacher_predictor=False, vssl_likelihood_view="other", vssl_kl_beta=3.0, vssl_nll_beta=1.0,
-                 proj_hidden=4096, proj_dim=256, mc_samples=1, isotropic=False, joint_bn=False):
-        super().__init__()
-        if method not in METHODS:
-            raise ValueError(f"unknown method '{method}'; choose one of {', '.join(METHODS)}")
-        self.method, self.target = method, target
-        self.nu, self.beta, self.radial, self.center_var = nu, beta, radial, center_var
-        self.mc_samples = mc_samples  # VJE: posterior samples per view (the paper's Monte Carlo ablation)
-        self.vssl_form, self.vssl_sampling, self.vssl_same_view = vssl_form, vssl_sampling, vssl_same_view
-        self.vssl_positive_var, self.vssl_likelihood_view = vssl_positive_var, vssl_likelihood_view
-        self.vssl_kl_beta, self.vssl_nll_beta = vssl_kl_beta, vssl_nll_beta
-        self.joint_bn = joint_bn  # both views in one pass (one set of batch-norm statistics); see per_view
-        self.encoder, self.dim = build_encoder(arch, image_size)
-        d = self.dim
-        self.teacher = None
-        if method == "vje":
-            self.head = InferenceNetwork(d, isotropic)
-            if target == "ema":
-                self.teacher = copy.deepcopy(self.encoder)
-        elif method == "byol":
-            self.projector = mlp(d, proj_hidden, proj_dim)
-            self.predictor = mlp(proj_dim, proj_hidden, proj_dim)
-        elif method in ("simsiam", "vi-simsiam"):
-            self.projector = mlp(d, 2048, 2048, num_layers=3, last_bn=True)
-            self.predictor = mlp(2048, 512, 2048)
-            if method == "vi-simsiam":
-                self.kappa_head = nn.Linear(2048, 1)  # the concentration head, see kappa()
-        elif method == "vssl":
-            # projector -> (mu, var) of size d; predictor reads [mu, var]
-            # (Algorithm 1, line 6) and gives the posterior (mu_hat, var_hat).
-            self.projector = mlp(d, proj_hidden, 2 * proj_dim)
-            self.predictor = mlp(2 * proj_dim, proj_hidden, 2 * proj_dim)
-            # Denoiser D_phi: one MLP for the mean, one for the variance, each
-            # reading a latent sample drawn from the student posterior.
-            self.denoiser_mu = mlp(proj_dim, proj_hidden, proj_dim)
-            self.denoiser_var = mlp(proj_dim, proj_hidden, proj_dim)
-        if method in ("byol", "vssl"):
-            # Teacher = EMA copy of encoder and projector, not the predictor
-            # (BYOL's asymmetry, as solo-learn's BYOL). VSSL's Algorithm 1
-            # (lines 11-12) also names a momentum predictor: with
-            # vssl_teacher_predictor the teacher holds an EMA copy of the
-            # predictor too and the prior is read after it.
-            parts = [self.encoder, self.projector]
-            if method == "vssl" and vssl_teacher_predictor:
-                parts.append(self.predictor)
-            self.teacher = nn.Sequential(*(copy.deepcopy(m) for m in parts))
-        if self.teacher is not None:
-            for p in self.teacher.parameters():
-                p.requires_grad_(False)
-        self.probe = nn.Linear(d, num_classes) if num_classes > 0 else None
-
-    # -- the teacher ---------------------------------------------------------
-    def student_for_teacher(self):
-        """The student modules whose EMA the teacher is, in the teacher's order."""
-        if self.method == "vje":
-            return self.encoder
-        return nn.Sequential(self.encoder, self.projector, *([self.predictor] if len(self.teacher) == 3 else []))
-
-    @torch.no_grad()
-    def update_teacher(self, momentum):
-        """teacher <- m * teacher + (1 - m) * student for the parameters (one
-        multi-tensor lerp), and the buffers (batch-norm running statistics and
-        counts) copied from the student, as the VJE notebook does: its EMA
-        encoder runs in eval mode, where statistics averaged with the weights'
-        momentum would lag far behind the encoder's. BYOL's and VSSL's teachers
-        run in train mode (batch statistics), so their buffers only matter to
-        `--feature ema` at evaluation."""
-        if self.teacher is None:
-            return
-        student = self.student_for_teacher()
-        torch._foreach_lerp_(list(self.teacher.parameters()), list(student.parameters()), 1.0 - momentum)
-        torch._foreach_copy_(list(self.teacher.buffers()), list(student.buffers()))
-
-    def train(self, mode=True):
-        super().train(mode)
-        if self.method == "vje" and self.teacher is not None:
-            self.teacher.eval()  # VJE's EMA target is kept in eval mode
-        return self
-
-    # -- forward ---------------------------------------------------------------
-    def forward(self, x1, x2, labels=None):
-        x = torch.cat([x1, x2])
-        z = self.per_view(self.encoder, x)
-        loss, logs = self.embedding_loss(z, x)
-        logs["ssl_loss"] = loss.detach()
-        if self.probe is not None:  # on both views, as solo-learn's online probe
-            loss = loss + self.probe_loss(z, None if labels is None else labels.repeat(2), logs)
-        return loss, logs
-
-    def per_view(self, net, x):
-        """`net` on the two views of x (2B, ...) in two passes, view 1's B rows
-        then view 2's, so that batch norm normalizes each view with its own
-        statistics: the authors' code runs each view through the network on its
-        own (the VJE notebook calls model(x1), then model(x2); solo-learn, on
-        which VSSL and BYOL were run, each crop). With joint_bn (--joint-bn)
-        both views go through in one pass and share one set of statistics."""
-        if self.joint_bn:
-            return net(x)
-        first, second = x.chunk(2)
-        return torch.cat([net(first), net(second)])
-
-    def probe_loss(self, z, labels, logs):
-        """Cross-entropy of the online linear probe on detached features, over
-        the labelled images (label -1 = unlabelled, as STL-10's extra images).
-        It is always part of the graph, zero when no image of the batch is
-        labelled, so that every parameter gets a gradient at every step (DDP
-        requires it) and nothing branches on the labels' values."""
-        logits = self.probe(z.detach().float())  # z: (N, D), labels (N,)
-        if labels is None:
-            return 0.0 * logits.sum()
-        known = labels >= 0
-        count = known.sum()
-        nll = F.cross_entropy(logits, labels.clamp_min(0), reduction="none")
-        denominator = count.float()
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            # DDP averages the processes' gradients: dividing by the global count
-            # over the process count makes that average the gradient of the
-            # global batch's mean, also when one process has fewer labelled images
-            # (or none). A collective, not a host sync.
-            denominator = denominator.detach().clone()
-            dist.all_reduce(denominator)
-            denominator = denominator / dist.get_world_size()
-        loss = (nll * known).sum() / denominator.clamp_min(1e-6)
-        logs["probe_loss"] = loss.detach()
-        logs["probe_correct"] = ((logits.argmax(1) == labels) & known).sum().detach()
-        logs["probe_count"] = count.detach()
-        return loss
-
-    def embedding_loss(self, z, x):
-        """The method's heads and objective on the encoder output of both views.
-
-        z: (2B, D), view 1's embeddings then view 2's; x: (2B, 3, H, W) the
-        views themselves, which an EMA teacher encodes. Returns (loss, logs)
-        with logs holding detached 0-dim terms. bench.py times this alone."""
-        if self.method == "vje":
-            return self.vje_loss(z, x)
-        if self.method == "vssl":
-            return self.vssl_loss(z, x)
-        if self.method == "byol":
-            return self.byol_loss(z, x)
-        if self.method == "vi-simsiam":
-            return self.vi_simsiam_loss(z)
-        return self.simsiam_loss(z)
-
-    def vje_loss(self, z, x):
-        b = z.shape[0] // 2
-        mu, var = self.head(z)
-        if self.teacher is None:
-            t = z.detach()
-        else:
-            with torch.no_grad():
-                t = self.per_view(self.teacher, x)
-        loss, terms = losses.vje_loss(mu[:b], var[:b], mu[b:], var[b:], t[:b], t[b:], nu=self.nu, beta=self.beta,
-                                      radial=self.radial, center_var=self.center_var, mc_samples=self.mc_samples,
-                                      validate=False)
-        terms = dict(terms)
-        terms["kl"] = self.beta * terms["kl"]  # logged as it enters the loss, β·KL, as the notebook logs it
-        return loss, terms
-
-    def byol_loss(self, z, x):
-        b = z.shape[0] // 2
-        p = self.per_view(self.predictor, self.per_view(self.projector, z))
-        with torch.no_grad():
-            t = self.per_view(self.teacher, x)
-        return losses.byol_loss(p[:b], t[b:]) + losses.byol_loss(p[b:], t[:b]), {}
-
-    def simsiam_loss(self, z):
-        b = z.shape[0] // 2
-        h = self.per_view(self.projector, z)
-        p = self.per_view(self.predictor, h)
-        return 0.5 * (losses.simsiam_loss(p[:b], h[b:]) + losses.simsiam_loss(p[b:], h[:b])), {}
-
-    def vi_simsiam_loss(self, z):
-        b = z.shape[0] // 2
-        h = self.per_view(self.projector, z)
-        p = self.per_view(self.predictor, h)
-        kappa = self.kappa(h)
-        loss, terms = losses.vi_simsiam_loss(p[:b], kappa[:b], p[b:], kappa[b:], h[:b], h[b:], validate=False)
-        return loss, dict(terms)
-
-    def kappa(self, h):
-        """VI-SimSiam's concentration kappa > 0, (N,), from projections h (N, 2048).
-
-        softplus(Linear(h)) + 1e-3. Interpretation: the paper gives the power
-        spherical posterior a kappa from an extra head; we read the projection,
-        the predictor's input, with one linear layer. Softplus keeps the
-        gradient alive for small kappa (exp would explode, ReLU would die), and
-        the floor 1e-3 keeps kappa > 0 in float32. The head runs in float32
-        with autocast off: kappa grows to the thousands, where bf16 keeps
-        only two or three digits, and it is one 2048 -> 1 layer."""
-        with torch.autocast(h.device.type, enabled=False):
-            return F.softplus(self.kappa_head(h.float()).squeeze(-1)) + 1e-3
-
-    def vssl_loss(self, z, x):
-        """VSSL, Eq. 8, summed over the ordered pairs of views. Our readings of
-        the paper (we could not consult its code), each a switch:
-        - the likelihood term denoises a sample of the student posterior of
-          view a and scores the teacher's distribution of view b, the other
-          view (Algorithm 1 and the figures; vssl_likelihood_view="other"), or
-          of view a itself, the view the posterior read (Eq. 8 taken
-          literally, the textbook ELBO's E_q(z|x)[log p(x|z)]; "same");
-        - the cosine forms see only the direction of the variance vector, so
-          it stays an unconstrained linear output, or, with
-          vssl_positive_var, a positive one (softplus), as the Gaussian forms
-          need;
-        - the prior is read off the teacher's projector, or after an EMA copy
-          of the predictor (vssl_teacher_predictor, Algorithm 1 lines 11-12).
-        """
-        b = z.shape[0] // 2
-        positive = self.vssl_form == "gaussian" or self.vssl_positive_var
-        mu_s, var_s = split_gaussian(self.per_view(self.projector, z), positive)
-        mu_q, var_q = split_gaussian(self.per_view(self.predictor, torch.cat([mu_s, var_s], dim=1)), positive)
-        with torch.no_grad():
-            mu_p, var_p = split_gaussian(self.per_view(self.teacher[:2], x), positive)
-            if len(self.teacher) == 3:  # the momentum predictor reads [mu, var] as the student's does
-                mu_p, var_p = split_gaussian(self.per_view(self.teacher[2], torch.cat([mu_p, var_p], dim=1)), positive)
-        sample = losses.vssl_sample(mu_q.float(), var_q.float(), mode=self.vssl_sampling, validate=False)
-        mu_r = self.per_view(self.denoiser_mu, sample)
-        var_r = self.per_view(self.denoiser_var, sample)
-        if positive:
-            var_r = F.softplus(var_r) + 1e-5
-        first, second = slice(0, b), slice(b, 2 * b)
-        pairs = [(first, second), (second, first)]  # (student view, teacher view)
-        if self.vssl_same_view:  # the paper's double sum also has same-view pairs
-            pairs += [(first, first), (second, second)]
-        total, kl, nll = 0.0, 0.0, 0.0
-        for student, teacher in pairs:
-            scored = teacher if self.vssl_likelihood_view == "other" else student
-            pair_loss, terms = losses.vssl_loss(mu_q[student], var_q[student], mu_p[teacher], var_p[teacher],
-                                                mu_r[student], var_r[student], form=self.vssl_form,
-                                                kl_beta=self.vssl_kl_beta, nll_beta=self.vssl_nll_beta,
-                                                mu_t=mu_p[scored], var_t=var_p[scored], validate=False)
-            total, kl, nll = total + pair_loss, kl + terms["kl"], nll + terms["nll"]
-        return total, {"kl": kl, "nll": nll}
-
-    # -- features for evaluation ---------------------------------------------------
-    @torch.no_grad()
-    def features(self, x, source="z"):
-        """Evaluation features: `z` the encoder output, `mu` VJE's posterior
-        mean, `ema` the teacher encoder's output."""
-        if source == "z":
-            return self.encoder(x)
-        if source == "mu":
-            if self.method != "vje":
-                raise ValueError(f"feature 'mu' needs a VJE checkpoint, this one is {self.method}")
-            return self.head(self.encoder(x))[0]
-        if source == "ema":
-            if self.teacher is None:
-                raise ValueError(f"feature 'ema' needs a target encoder; this {self.method} model has none")
-            enc = self.teacher if self.method == "vje" else self.teacher[0]
-            return enc(x)
-        raise ValueError(f"unknown feature source '{source}'; choose z, mu or ema")
-
-    @torch.no_grad()
-    def concentration(self, x=None, z=None):
-        """VI-SimSiam's kappa (N,) for images x (N, 3, H, W), or for their
-        encoder output z (N, D) when the caller has it already. Call it with
-        the network in eval mode, as features(): the projector's BatchNorm
-        then uses its running statistics. High kappa = certain; eval_ood.py's
-        "kappa" score is -kappa."""
-        if self.method != "vi-simsiam":
-            raise ValueError(f"the concentration kappa needs a VI-SimSiam checkpoint, this one is {self.method}")
-        if z is None:
-            z = self.encoder(x)
-        return self.kappa(self.projector(z))
-
-
-def model_kwargs(args):
-    """The SSLModel arguments that a train.py argument set defines."""
-    return dict(method=args["method"], arch=args["arch"], image_size=args["image_size"],
-                num_classes=args.get("num_classes", 0), target=args.get("target", "stopgrad"),
-                nu=args.get("nu", 1.0), beta=args.get("beta", 1.0), radial=args.get("radial", True),
-                center_var=args.get("center_var", False), vssl_form=args.get("vssl_form", "cosine"),
-                vssl_sampling=args.get("vssl_sampling", "paper"),
-                vssl_same_view=args.get("vssl_same_view", False),
-                vssl_positive_var=args.get("vssl_positive_var", False),
-                vssl_teacher_predictor=args.get("vssl_teacher_predictor", False),
-                vssl_likelihood_view=args.get("vssl_likelihood_view", "other"),
-                vssl_kl_beta=args.get("vssl_kl_beta", 3.0), vssl_nll_beta=args.get("vssl_nll_beta", 1.0),
-                proj_hidden=args.get("proj_hidden", 4096), proj_dim=args.get("proj_dim", 256),
-                mc_samples=args.get("mc_samples", 1), isotropic=args.get("isotropic", False),
-                # checkpoints of earlier versions ran both views in one pass
-                joint_bn=args.get("joint_bn", True))
-
-
-def load_model(path):
-    """Builds the network a train.py checkpoint describes and loads its weights,
-    on the CPU. Returns (model, args, checkpoint). The file is read with
-    utils.load_checkpoint (tensors and plain values only); anything that does
-    not fit stops with one clear line."""
-    ckpt = utils.load_checkpoint(path)
-    try:
-        args = ckpt["args"]
-        model = SSLModel(**model_kwargs(args))
-        model.load_state_dict(ckpt["model"])
-    except (RuntimeError, KeyError, ValueError, TypeError) as e:
-        first = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
-        utils.fail(f"checkpoint '{path}' is not a train.py checkpoint this version can build: {first[:200]}")
-    return model, args, ckpt
-
-
-def checkpoint_meta(path, ckpt, train_args):
-    """What a result was computed from, for the evaluation scripts' JSON files."""
-    return dict(checkpoint=os.path.abspath(path), method=train_args["method"], arch=train_args["arch"],
-                checkpoint_epoch=ckpt.get("epoch"))
-
-
-def check_feature(net, feature):
-    """Stops with one line if `net` cannot give this --feature source."""
-    if feature == "mu" and net.method != "vje":
-        utils.fail(f"--feature mu is VJE's posterior mean; this checkpoint is {net.method}. "
-                   f"Use --feature z" + (" or ema" if net.teacher is not None else ""))
-    if feature == "ema" and net.teacher is None:
-        hint = " (VJE has one only when trained with --target ema)" if net.method == "vje" else ""
-        utils.fail(f"--feature ema needs a target encoder; this {net.method} checkpoint has none{hint}. "
-                   f"Use --feature z")
-
-
-def count_parameters(module):
-    return sum(p.numel() for p in module.parameters())
-
-
-if __name__ == "__main__":
-    # quick look at the sizes: python model.py
-    for arch in ARCHS:
-        enc, d = build_encoder(arch, 32)
-        print(f"{arch:9s} D={d:5d} params={count_parameters(enc) / 1e6:.2f}M")
-    for m in METHODS:
-        net = SSLModel(m, arch="tiny", image_size=32, num_classes=10)
-        print(f"{m:8s} trainable={sum(p.numel() for p in net.parameters() if p.requires_grad) / 1e6:.2f}M")

@@ -1,4 +1,4 @@
-"""Self-supervised pre-training with VJE, VSSL, BYOL, SimSiam or VI-SimSiam.
+"""Self-supervised pre-training with VJE, VSSL, BYOL or SimSiam.
 
 One process (a GPU if there is one, else the CPU):
     python train.py --method vje --dataset cifar10
@@ -7,13 +7,14 @@ One node with 8 GPUs:
 Two nodes with 8 GPUs each (run on both, --node_rank 0 on the first, 1 on the second):
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=HOST --master_port=29500 \
         train.py --method vje --dataset imagenet --data-path /data/imagenet --arch resnet50
-A check that learning happens, on the CPU in about half an hour (the README
-says how to build cifar10-subset):
+A check that learning happens, on the CPU in about half an hour (the README says how to build
+cifar10-subset):
     python train.py --method vje --dataset folder --data-path cifar10-subset --arch tiny --epochs 30
 
-Everything a run writes goes to --output-dir: args.json (the resolved
-arguments), log.jsonl (one JSON line per epoch) and checkpoint.pt (after every
-epoch, written atomically). `--resume` continues from checkpoint.pt exactly.
+Every default is the method's recipe (model.py: each method's class holds its recipe, views and
+options) or a general one below; `--help` lists them. Everything a run writes goes to
+--output-dir: args.json (the resolved arguments), log.jsonl (one JSON line per epoch) and
+checkpoint.pt (after every epoch, written atomically). `--resume` continues from checkpoint.pt.
 """
 import argparse
 import json
@@ -28,172 +29,151 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import augment
 import data
 import eval_knn
 import model as model_lib
 import utils
 
-# Each method's recipe (the README's "Methods and recipes"). --lr is the rate
-# for a batch of 256; the rate used is lr * batch_size / 256.
-# lr_schedule: "epoch" changes the rate once an epoch, as the VJE notebook
-# does; "step" at every step, as solo-learn (BYOL, VSSL) does.
-RECIPES = {
-    "vje": dict(optimizer="sgd", lr=0.05, weight_decay=5e-4, ema_momentum=0.996, epochs=200, lr_schedule="epoch"),
-    "vssl": dict(optimizer="lars", lr=1.0, weight_decay=1e-5, ema_momentum=0.99, epochs=1000, lr_schedule="step"),
-    "byol": dict(optimizer="lars", lr=1.0, weight_decay=1e-5, ema_momentum=0.99, epochs=1000, lr_schedule="step"),
-    "simsiam": dict(optimizer="sgd", lr=0.05, weight_decay=5e-4, ema_momentum=0.0, epochs=800, lr_schedule="step"),
-    "vi-simsiam": dict(optimizer="sgd", lr=0.05, weight_decay=5e-4, ema_momentum=0.0, epochs=800,  # SimSiam's
-                       lr_schedule="step"),
-}
-# flags that define what is being trained: --resume refuses to change them
-RECIPE_FLAGS = ("method", "dataset", "classes", "aug", "arch", "batch_size", "lr", "weight_decay", "warmup_epochs", "nu",
-                "beta", "target", "radial", "center_var", "mc_samples", "isotropic", "vssl_form", "vssl_sampling",
-                "vssl_same_view", "vssl_positive_var", "vssl_teacher_predictor", "vssl_likelihood_view",
-                "vssl_kl_beta", "vssl_nll_beta", "seed", "ema_momentum", "ema_schedule", "image_size", "proj_hidden",
-                "proj_dim", "joint_bn", "blur", "interpolation", "normalize", "lr_schedule", "lars_clip")
+RECIPE = "recipe"  # a flag's default is the method's recipe (model.py)
+# what --resume may change: how the run is carried out, not what it trains
+MAY_CHANGE_ON_RESUME = ("resume", "output_dir", "epochs", "max_steps", "data_path", "num_workers", "device",
+                        "precision", "compile", "log_every", "eval_every", "knn_k", "knn_temperature")
+
+
+# -----------------------------------------------------------------------------
+# flags: built from the general defaults below and each method's recipe and options
+
+def build_parser():
+    """The parser, and each flag's default (RECIPE: the method's recipe). The defaults are
+    suppressed when parsing, so that the parsed flags are the ones given."""
+    number, methods = utils.number, model_lib.METHODS
+    p = argparse.ArgumentParser(description="Self-supervised pre-training (VJE, VSSL, BYOL, SimSiam). Every "
+                                            "default is the method's recipe (see the README) or the one shown.")
+    utils.one_line_errors(p, "train.py")
+    defaults = {}
+
+    def flag(group, name, default, help, **kw):
+        if default == RECIPE:
+            key = name[2:].replace("-", "_")
+            values = {m: utils.show_default(name, cls.recipe[key]) for m, cls in methods.items()
+                      if cls.recipe.get(key) is not None}
+            kw["default_text"] = ", ".join(f"{m} {v}" for m, v in values.items())
+            if len(set(values.values())) == 1 and len(values) == len(methods):
+                kw["default_text"] = f"{values['vje']}, every method's recipe"
+        action = utils.add_flag(group, name, default, help, **kw)
+        defaults[action.dest] = default
+
+    g = p.add_argument_group("training")
+    flag(g, "--method", "vje", ", ".join(methods))
+    flag(g, "--arch", "resnet18", "resnet18, resnet50, or tiny (the 0.4 M-parameter CPU network)")
+    flag(g, "--epochs", RECIPE, "passes over the data", type=number(int, 1, 100_000))
+    flag(g, "--warmup-epochs", RECIPE, "linear learning-rate warm-up before the cosine decay",
+         type=number(int, 0, 100_000))
+    flag(g, "--batch-size", 256, "global batch size, split over the processes", type=number(int, 2, 1 << 20))
+    flag(g, "--lr", RECIPE, "learning rate for a batch of 256, scaled linearly with --batch-size (SGD for vje "
+         "and simsiam, LARS for vssl and byol)", type=number(float, 0, 100, low_open=True))
+    flag(g, "--weight-decay", RECIPE, "on weights only, never on norm layers and biases", type=number(float, 0, 1))
+    flag(g, "--lr-schedule", RECIPE, "warm-up and cosine evaluated once an epoch (the VJE notebook) or at every "
+         "step (solo-learn)", choices=("epoch", "step"))
+    flag(g, "--ema-momentum", RECIPE, "teacher momentum at the start, raised to 1 on a cosine",
+         type=number(float, 0, 1))
+    flag(g, "--ema-schedule", "cosine", "teacher momentum raised to 1 on a per-step cosine (the authors' "
+         "codes), or kept constant", choices=("cosine", "constant"))
+    flag(g, "--lars-clip", RECIPE, "LARS: solo-learn's clip_lr (each layer's step is min(lr, trust ratio)); "
+         "--no-lars-clip scales the step by the trust ratio unclipped", action=argparse.BooleanOptionalAction)
+    flag(g, "--probe-lr", 0.1, "online linear probe's SGD rate (batch 256)", type=number(float, 0, 100, low_open=True))
+    flag(g, "--joint-bn", False, "both views through the networks in one pass, sharing batch-norm statistics, "
+         "instead of one pass per view as in the authors' code")
+    flag(g, "--seed", 0, "seeds the weights, the views and the order", type=number(int, 0, 2 ** 31 - 1))
+
+    g = p.add_argument_group("data")
+    flag(g, "--dataset", "cifar10", ", ".join(data.DATASETS))
+    flag(g, "--data-path", "./data", "download folder for cifar10/cifar100/stl10; for imagenet/folder a tree "
+         "with train/ and test/ (or val/)")
+    flag(g, "--image-size", None, "image size in px", default_text="the dataset's", type=number(int, 8, 1024))
+    flag(g, "--classes", None, "train (and evaluate) on these classes only, comma-separated names, e.g. the "
+         "six animal classes of CIFAR-10 for an out-of-distribution study: bird,cat,deer,dog,frog,horse",
+         default_text="all")
+    flag(g, "--aug", "auto", "how the views are made: 'batched' on the training device from the whole dataset "
+         "held as one uint8 tensor, 'pil' per image in --num-workers loader processes; auto: batched for "
+         "cifar10/cifar100/stl10 and folders of images up to 96 px, else pil", choices=("auto", "batched", "pil"))
+    flag(g, "--blur", "pil", "Gaussian blur of the views: PIL's GaussianBlur(radius=sigma), as the authors' "
+         "code, or a torchvision kernel of 2*int(0.05*size)+1 px (3 px at 32 px: about 2.5x weaker at sigma 2)",
+         choices=data.BLURS)
+    flag(g, "--interpolation", RECIPE, "the random resized crop's resampling", choices=data.INTERPOLATIONS)
+    flag(g, "--normalize", "auto", "mean/std constants: auto = the recipe's code's for the dataset (VJE the "
+         "notebook's, the others solo-learn's; ImageNet's for imagenet and folder); a dataset name for a folder "
+         "holding that dataset's images (e.g. cifar10 for a CIFAR-10 subset)", choices=data.NORMALIZE_CHOICES)
+    flag(g, "--num-workers", min(4, os.cpu_count() or 1), "data-loading processes per training process; on a "
+         "2-core CPU 0 or 2 are the sensible values", type=number(int, 0, 256))
+
+    g = p.add_argument_group("k-NN monitor")
+    flag(g, "--eval-every", 5, "the k-NN monitor every N epochs (and at initialization); 0 turns it off",
+         type=number(int, 0, 100_000))
+    flag(g, "--knn-k", 20, "neighbours of the k-NN monitor", type=number(int, 1, 100_000))
+    flag(g, "--knn-temperature", 0.07, "T of the k-NN vote weights exp(similarity / T)",
+         type=number(float, 0, 100, low_open=True))
+
+    g = p.add_argument_group("the run (these may change on --resume)")
+    flag(g, "--output-dir", None, "where args.json, log.jsonl and checkpoint.pt go",
+         default_text="runs/<method>-<dataset>-<arch>")
+    flag(g, "--resume", False, "continue from OUTPUT_DIR/checkpoint.pt", action="store_true")
+    flag(g, "--max-steps", None, "stop after this many steps in all, saving a checkpoint that --resume "
+         "continues from", type=number(int, 1, 1 << 40))
+    flag(g, "--device", "auto", "auto takes a GPU when one is visible", choices=("auto", "cuda", "cpu"))
+    flag(g, "--precision", None, "autocast precision; fp16 uses a GradScaler. The losses are computed in "
+         "float32 in every case", default_text="bf16 on GPUs that support it, else fp32",
+         choices=("fp32", "bf16", "fp16"))
+    flag(g, "--compile", False, "torch.compile the forward + loss and the batched augmentation (the first "
+         "steps are slow)", action="store_true")
+    flag(g, "--log-every", 50, "steps between the only host syncs of an epoch: the finite-loss check, the stop "
+         "flag (Ctrl-C, SIGTERM) and the progress bar", type=number(int, 1, 1 << 20))
+
+    for name, cls in methods.items():  # each method's own options; a shared one is added once
+        g = p.add_argument_group(f"{name} options")
+        for key, option in cls.options.items():
+            if key not in defaults:
+                owners = [m for m, c in methods.items() if key in c.options]
+                kw = {k: v for k, v in option.items() if k not in ("default", "help")}
+                shared = f" ({' and '.join(owners)})" if len(owners) > 1 else ""
+                flag(g, "--" + key.replace("_", "-"), option["default"], option["help"] + shared, **kw)
+    for action in p._actions:
+        action.default = argparse.SUPPRESS
+    return p, defaults
 
 
 def get_args(argv=None):
-    number = utils.number
-    p = argparse.ArgumentParser(description="Self-supervised pre-training (VJE, VSSL, BYOL, SimSiam, VI-SimSiam). "
-                                            "Unset flags take the method's recipe (see the README).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    utils.one_line_errors(p, "train.py")
-    p.add_argument("--method", default="vje", help="vje, vssl, byol, simsiam or vi-simsiam")
-    p.add_argument("--dataset", default="cifar10", help="cifar10, cifar100, stl10, imagenet or folder")
-    p.add_argument("--data-path", default="./data",
-                   help="download folder for cifar10/cifar100/stl10; for imagenet/folder a tree with train/ and test/ (or val/)")
-    p.add_argument("--arch", default="resnet18", help="resnet18, resnet50, or tiny (the 0.4 M-parameter CPU network)")
-    p.add_argument("--image-size", type=number(int, 8, 1024), default=None, help="override the dataset's image size (px)")
-    p.add_argument("--classes", default=None,
-                   help="train (and evaluate) on these classes only, comma-separated names, e.g. the six animal "
-                        "classes of CIFAR-10 for an out-of-distribution study: bird,cat,deer,dog,frog,horse")
-    p.add_argument("--epochs", type=number(int, 1, 100_000), default=None,
-                   help="default: the recipe's (VJE 200, BYOL/VSSL 1000, SimSiam and VI-SimSiam 800)")
-    p.add_argument("--warmup-epochs", type=number(int, 0, 100_000), default=10,
-                   help="linear learning-rate warm-up before the cosine decay")
-    p.add_argument("--batch-size", type=number(int, 2, 1 << 20), default=256,
-                   help="global batch size, split over the processes")
-    p.add_argument("--lr", type=number(float, 0, 100, low_open=True), default=None,
-                   help="learning rate for a batch of 256, scaled linearly with --batch-size "
-                        "(default: VJE/SimSiam 0.05 with SGD, BYOL/VSSL 1.0 with LARS)")
-    p.add_argument("--weight-decay", type=number(float, 0, 1), default=None,
-                   help="on weights only, never on norm layers and biases (default: 5e-4 SGD, 1e-5 LARS)")
-    p.add_argument("--ema-momentum", type=number(float, 0, 1), default=None,
-                   help="teacher momentum at the start, raised to 1 on a cosine (default: VJE 0.996, BYOL/VSSL 0.99)")
-    p.add_argument("--ema-schedule", default="cosine", choices=("cosine", "constant"),
-                   help="teacher momentum raised to 1 on a per-step cosine (the authors' codes), or kept constant")
-    p.add_argument("--lr-schedule", default=None, choices=("epoch", "step"),
-                   help="warm-up and cosine evaluated once an epoch (default for VJE: the notebook's) or at every "
-                        "step (default for the others: solo-learn's)")
-    p.add_argument("--no-lars-clip", dest="lars_clip", action="store_false",
-                   help="LARS: scale each layer's step by the trust ratio unclipped, instead of solo-learn's "
-                        "clip_lr (the step is min(lr, trust ratio))")
-    p.add_argument("--probe-lr", type=number(float, 0, 100, low_open=True), default=0.1,
-                   help="online linear probe's SGD rate (batch 256)")
-    p.add_argument("--output-dir", default=None, help="default: runs/<method>-<dataset>-<arch>")
-    p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint.pt")
-    p.add_argument("--seed", type=number(int, 0, 2 ** 31 - 1), default=0)
-    p.add_argument("--num-workers", type=number(int, 0, 256), default=min(4, os.cpu_count() or 1),
-                   help="data-loading processes per training process; on a 2-core CPU 0 or 2 are the sensible values")
-    p.add_argument("--aug", default="auto", choices=("auto", "batched", "pil"),
-                   help="how the two views are made: 'batched' on the training device from the whole dataset held "
-                        "as one uint8 tensor (small images), 'pil' per image in --num-workers loader processes; "
-                        "auto: batched for cifar10/cifar100/stl10 and folders of images up to 96 px, else pil")
-    p.add_argument("--joint-bn", action="store_true",
-                   help="both views through the networks in one pass, sharing batch-norm statistics; by default "
-                        "each view has its own pass, as in the authors' code")
-    p.add_argument("--blur", default="pil", choices=("pil", "kernel"),
-                   help="Gaussian blur of the views: PIL's GaussianBlur(radius=sigma) as the authors' code, or a "
-                        "torchvision kernel of 2*int(0.05*size)+1 px (3 px at 32 px: about 2.5x weaker at sigma 2)")
-    p.add_argument("--interpolation", default="recipe", choices=("recipe", "bilinear", "bicubic"),
-                   help="random resized crop's resampling; recipe: bilinear for VJE (the notebook's torchvision "
-                        "default), bicubic for the others (solo-learn)")
-    p.add_argument("--normalize", default="auto", choices=data.NORMALIZE_CHOICES,
-                   help="mean/std constants: auto = the recipe's for the dataset (VJE the notebook's, the others "
-                        "solo-learn's; ImageNet's for imagenet and folder); a dataset name for a folder holding "
-                        "that dataset's images (e.g. cifar10 for a CIFAR-10 subset)")
-    p.add_argument("--precision", default=None, choices=("fp32", "bf16", "fp16"),
-                   help="autocast precision; default bf16 on GPUs that support it, fp32 on the CPU. "
-                        "fp16 uses a GradScaler. Losses are computed in float32 in every case.")
-    p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the forward + loss and the batched augmentation (first steps are slow)")
-    p.add_argument("--log-every", type=number(int, 1, 1 << 20), default=50,
-                   help="steps between the only host syncs of an epoch: the finite-loss check, the stop flag "
-                        "(Ctrl-C, SIGTERM) and the progress bar")
-    p.add_argument("--eval-every", type=number(int, 0, 100_000), default=5,
-                   help="run the k-NN monitor every N epochs (and at initialization); 0 turns it off")
-    p.add_argument("--knn-k", type=number(int, 1, 100_000), default=20)
-    p.add_argument("--knn-temperature", type=number(float, 0, 100, low_open=True), default=0.07)
-    p.add_argument("--max-steps", type=number(int, 1, 1 << 40), default=None,
-                   help="stop after this many steps in all, saving a checkpoint that --resume continues from")
-    add_method_flags(p)
-    args = p.parse_args(argv)
-    if args.method not in RECIPES:
-        p.error(f"unknown method '{args.method}'; choose one of {', '.join(RECIPES)}")
-    if args.dataset not in data.DATASETS:
-        p.error(f"unknown dataset '{args.dataset}'; choose one of {', '.join(data.DATASETS)}")
-    if args.arch not in model_lib.ARCHS:
-        p.error(f"unknown architecture '{args.arch}'; choose one of {', '.join(model_lib.ARCHS)}")
-    if args.vssl_form == "cosine" and args.vssl_sampling == "standard" and args.method == "vssl" \
-            and not args.vssl_positive_var:
-        p.error("--vssl-sampling standard takes sqrt(var) and needs positive variances: add --vssl-positive-var "
-                "or use --vssl-form gaussian; the cosine form's variance vectors are unconstrained by default")
-    recipe = RECIPES[args.method]
-    for key in ("lr", "weight_decay", "ema_momentum", "epochs", "lr_schedule"):
-        if getattr(args, key) is None:
-            setattr(args, key, recipe[key])
-    args.optimizer = recipe["optimizer"]
-    if args.output_dir is None:
-        args.output_dir = os.path.join("runs", f"{args.method}-{args.dataset}-{args.arch}")
-    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
-        p.error(f"--output-dir '{args.output_dir}' is a file; name a folder")
-    return args
-
-
-def add_method_flags(p):
-    """The flags of one method only (VJE, VSSL, BYOL/VSSL heads)."""
-    number = utils.number
-    # VJE
-    p.add_argument("--nu", type=number(float, 0, 1e6, low_open=True, allow_inf=True), default=1.0,
-                   help="VJE: Student-t degrees of freedom; 'inf' for Gaussian")
-    p.add_argument("--beta", type=number(float, 0, 1e6), default=1.0, help="VJE: weight of the KL to the prior")
-    p.add_argument("--target", default="stopgrad", choices=("stopgrad", "ema"),
-                   help="VJE: the other view's embedding detached (paper's CIFAR run) or from an EMA encoder")
-    p.add_argument("--no-radial", dest="radial", action="store_false",
-                   help="VJE: leave the radial likelihood out of the loss (it is still logged)")
-    p.add_argument("--center-var", action="store_true",
-                   help="VJE: unit geometric-mean variances inside the directional term (App. A.2)")
-    p.add_argument("--mc-samples", type=number(int, 1, 1024), default=1,
-                   help="VJE: posterior samples per view, the ELBO averaged over them (the paper's Monte Carlo "
-                        "sampling ablation, in its appendix)")
-    p.add_argument("--isotropic", action="store_true",
-                   help="VJE: one posterior variance per image shared by all dimensions, instead of one per "
-                        "dimension (the paper's isotropic-variance ablation, in its appendix)")
-    # VSSL
-    p.add_argument("--vssl-form", default="cosine", choices=("cosine", "gaussian"),
-                   help="VSSL: the paper's cosine KL/likelihood (Eqs. 9-10) or the textbook Gaussian ELBO")
-    p.add_argument("--vssl-sampling", default="paper", choices=("paper", "standard"),
-                   help="VSSL: paper's z = mu + var*|eps|, or the textbook mu + sqrt(var)*eps")
-    p.add_argument("--vssl-same-view", action="store_true", help="VSSL: add the same-view pairs of Eq. 8's double sum")
-    p.add_argument("--vssl-positive-var", action="store_true",
-                   help="VSSL: positive variances (softplus) in the cosine form too, instead of the unconstrained "
-                        "vectors the paper's Eqs. 9-10 allow; needed for --vssl-sampling standard with it")
-    p.add_argument("--vssl-teacher-predictor", action="store_true",
-                   help="VSSL: the teacher also has an EMA copy of the predictor and the prior is read after it "
-                        "(Algorithm 1, lines 11-12); by default it has none, as BYOL")
-    p.add_argument("--vssl-likelihood-view", default="other", choices=("other", "same"),
-                   help="VSSL: the likelihood scores the teacher's distribution of the other view (Algorithm 1 and "
-                        "the figures) or of the view the posterior read (Eq. 8 taken literally)")
-    p.add_argument("--vssl-kl-beta", type=number(float, 0, 1e3, low_open=True), default=3.0,
-                   help="VSSL: beta of softplus_beta in the cosine KL (Eq. 9)")
-    p.add_argument("--vssl-nll-beta", type=number(float, 0, 1e3, low_open=True), default=1.0,
-                   help="VSSL: beta of softplus_beta in the cosine likelihood (Eq. 10)")
-    p.add_argument("--proj-hidden", type=number(int, 1, 1 << 16), default=4096,
-                   help="hidden width of BYOL/VSSL projector and predictor")
-    p.add_argument("--proj-dim", type=number(int, 1, 1 << 16), default=256,
-                   help="BYOL: projection size; VSSL: latent size d (the Gaussian's dimensions)")
+    """The resolved arguments: the flags given, the method's options and recipe, the general defaults."""
+    p, defaults = build_parser()
+    given = vars(p.parse_args(argv))
+    method = given.get("method", defaults["method"])
+    if method not in model_lib.METHODS:
+        p.error(f"unknown method '{method}'; choose one of {', '.join(model_lib.METHODS)}")
+    cls = model_lib.METHODS[method]
+    options = {k for c in model_lib.METHODS.values() for k in c.options}
+    for key in given:
+        flag = "--" + key.replace("_", "-")
+        if key in options and key not in cls.options:
+            p.error(f"{flag} is not an option of --method {method}")
+        if defaults[key] == RECIPE and cls.recipe.get(key) is None:
+            p.error(f"{flag} does not apply to --method {method}, whose recipe has none")
+    args = {k: cls.recipe.get(k) if v == RECIPE else v for k, v in defaults.items() if k not in options}
+    args.update(model_lib.option_defaults(method), **given)
+    args.update(optimizer=cls.recipe["optimizer"], nesterov=cls.recipe["nesterov"])
+    if args["dataset"] not in data.DATASETS:
+        p.error(f"unknown dataset '{args['dataset']}'; choose one of {', '.join(data.DATASETS)}")
+    if args["arch"] not in model_lib.ARCHS:
+        p.error(f"unknown architecture '{args['arch']}'; choose one of {', '.join(model_lib.ARCHS)}")
+    reason = cls.check(args) if hasattr(cls, "check") else None
+    if reason:
+        p.error(reason)
+    args["normalize"] = data.normalization(args["normalize"], args["dataset"], cls.recipe["constants"])
+    if args["output_dir"] is None:
+        args["output_dir"] = os.path.join("runs", f"{method}-{args['dataset']}-{args['arch']}")
+    if os.path.exists(args["output_dir"]) and not os.path.isdir(args["output_dir"]):
+        p.error(f"--output-dir '{args['output_dir']}' is a file; name a folder")
+    return argparse.Namespace(**args)
 
 
 # -----------------------------------------------------------------------------
@@ -261,9 +241,7 @@ def build_optimizer(model, args):
     groups = [dict(params=decay), dict(params=no_decay, weight_decay=0.0, lars=False)]
     if args.optimizer == "lars":
         return LARS(groups, lr=0.0, momentum=0.9, weight_decay=args.weight_decay, eta=0.02, clip=args.lars_clip)
-    # VJE's recipe: SGD with Nesterov momentum; SimSiam's: plain momentum
-    return torch.optim.SGD(groups, lr=0.0, momentum=0.9, weight_decay=args.weight_decay,
-                           nesterov=args.method == "vje")
+    return torch.optim.SGD(groups, lr=0.0, momentum=0.9, weight_decay=args.weight_decay, nesterov=args.nesterov)
 
 
 def cosine_schedule(base, final, total_steps, warmup_steps=0, warmup_start=0.0):
@@ -299,9 +277,9 @@ def ema_momentum_schedule(base, total_steps, constant=False):
 # -----------------------------------------------------------------------------
 # data
 
-def build_data(args, info, rank, world_size, device, master):
-    """The training loader (batched on the device, or PIL in loader processes)
-    and the k-NN monitor's (bank, test) image sources, or None."""
+def build_data(args, info, views, rank, world_size, device, master):
+    """The training loader (batched on the device, or PIL in loader processes) and the k-NN
+    monitor's (bank, test) image sources, or None."""
     def split(name, transform):
         ds = data.build_dataset(args.dataset, args.data_path, name, transform)
         return data.select_classes(ds, args.classes) if args.classes else ds
@@ -310,7 +288,8 @@ def build_data(args, info, rank, world_size, device, master):
     if args.aug == "auto":  # batched where the dataset fits in memory as one tensor (bench.py measures both)
         args.aug = "batched" if args.dataset != "imagenet" and args.image_size <= 96 else "pil"
     train_set = split("pretrain", None)
-    if args.aug == "batched" and not data.uniform_size(train_set):
+    sizes = data.image_sizes(train_set) if args.aug == "batched" else None
+    if sizes is not None and len(sizes) > 1:
         if requested == "batched":
             utils.fail(f"the images of '{args.data_path}' differ in size; the batched augmentation needs one "
                        f"size: pass --aug pil")
@@ -320,23 +299,24 @@ def build_data(args, info, rank, world_size, device, master):
     if args.batch_size > len(train_set):
         utils.fail(f"--batch-size {args.batch_size} is larger than the dataset ({len(train_set)} images); lower it")
     per_rank_batch = args.batch_size // world_size
+    recipes = data.view_recipes(views, info["image_size"], args.blur, args.interpolation)
     monitor = None
     tf = data.eval_transform(info)
     if args.aug == "batched":  # decoded once, augmented on the device a batch at a time
-        images, labels = data.images_as_tensor(train_set, args.num_workers, progress=master)
+        images, labels = augment.images_as_tensor(train_set, args.num_workers, progress=master)
         images = images.to(device)
-        loader = data.BatchedTwoViews(images, labels, args.method, info, per_rank_batch, args.seed, rank, world_size,
-                                      blur=args.blur, interpolation=args.interpolation)
+        loader = augment.BatchedTwoViews(images, labels, recipes, info["image_size"], info["mean"], info["std"],
+                                         per_rank_batch, args.seed, rank, world_size)
         if args.eval_every > 0:  # the monitor reads the same device tensor; the test split is decoded once too
             known = (labels >= 0).nonzero().squeeze(1)  # set-up, not a training step
             bank = eval_knn.TensorImages(images, labels.to(device), info, known.to(device))
             try:
-                test_images, test_labels = data.images_as_tensor(split("test", None), args.num_workers, master)
+                test_images, test_labels = augment.images_as_tensor(split("test", None), args.num_workers, master)
                 monitor = (bank, eval_knn.TensorImages(test_images.to(device), test_labels.to(device), info))
-            except data.MixedSizes:  # a test split of several sizes is read through the eval transform
+            except augment.MixedSizes:  # a test split of several sizes is read through the eval transform
                 monitor = (bank, split("test", tf))
     else:
-        train_set.transform = data.two_view_transform(args.method, info, args.blur, args.interpolation)
+        data.set_transform(train_set, data.two_view_transform(recipes, info))
         loader = data.train_loader(train_set, per_rank_batch, args.num_workers, args.seed, rank, world_size,
                                    device.type)
         if args.eval_every > 0:
@@ -455,21 +435,16 @@ def train_one_epoch(run, epoch, step, first_step, sums=None):
 
 @torch.no_grad()
 def knn_monitor(model, bank, test, num_classes, args, device, rank, world_size):
-    """k-NN accuracy on un-augmented images, with the network in eval mode, on
-    each feature the method has, as the VJE notebook monitors: the encoder
-    output z ("knn_acc"), VJE's posterior mean mu ("knn_acc_mu", from the same
-    pass) and the EMA target encoder's output ("knn_acc_ema"); and the online
-    probe's test accuracy. `bank` and `test` are datasets or, on the batched
-    path, eval_knn.TensorImages already on the device."""
+    """k-NN accuracy on un-augmented images, with the network in eval mode, on each feature the
+    method monitors (model.monitor_features: the encoder output z, "knn_acc", and VJE's posterior
+    mean mu, "knn_acc_mu", side by side from one pass) and on the EMA target encoder's ("knn_acc_ema"), as the
+    VJE notebook monitors; and the online probe's test accuracy. `bank` and `test` are datasets
+    or, on the batched path, eval_knn.TensorImages already on the device."""
     was_training = model.training
     model.eval()
     kw = dict(batch_size=max(256, args.batch_size // world_size), device=device, num_workers=args.num_workers,
               rank=rank, world_size=world_size, precision=args.precision, progress=rank == 0)
-    def z_and_mu(x):  # VJE: z and mu side by side, from one encoder pass
-        z = model.encoder(x)
-        return torch.cat([z, model.head(z)[0]], 1)
-
-    sources = [(["knn_acc", "knn_acc_mu"], z_and_mu) if model.method == "vje" else (["knn_acc"], model.encoder)]
+    sources = [(model.monitored, model.monitor_features)]
     if model.teacher is not None:
         sources.append((["knn_acc_ema"], lambda x: model.features(x, "ema")))
     out = {}
@@ -490,7 +465,7 @@ def knn_monitor(model, bank, test, num_classes, args, device, rank, world_size):
 
 def build_networks(args, device, world_size):
     """The model, its DDP (and torch.compile) wrapper, and the two optimizers."""
-    model = model_lib.SSLModel(**model_lib.model_kwargs(vars(args))).to(device)
+    model = model_lib.build(vars(args)).to(device)
     if device.type == "cuda":  # NHWC convolutions use the tensor cores best
         model = model.to(memory_format=torch.channels_last)
     ddp_model = model
@@ -514,7 +489,7 @@ def build_schedules(args, steps_per_epoch):
     else:
         lr = cosine_schedule(args.lr * scale, 0.0, total_steps, args.warmup_epochs * steps_per_epoch)
     return (lr, cosine_schedule(args.probe_lr * scale, 0.0, total_steps),
-            ema_momentum_schedule(args.ema_momentum, total_steps, constant=args.ema_schedule == "constant"))
+            ema_momentum_schedule(args.ema_momentum or 0.0, total_steps, constant=args.ema_schedule == "constant"))
 
 
 def make_output_dir(path):
@@ -534,7 +509,8 @@ def resume_or_start(run, log_path, rank):
     args = run.args
     start = (0, 0, 0, None)
     if args.resume:
-        ckpt = utils.resume_training_state(run.ckpt_path, args, RECIPE_FLAGS, rank, run.world_size, model=run.model,
+        recipe_flags = [k for k in vars(args) if k not in MAY_CHANGE_ON_RESUME]
+        ckpt = utils.resume_training_state(run.ckpt_path, args, recipe_flags, rank, run.world_size, model=run.model,
                                            optimizer=run.optimizer, probe_optimizer=run.probe_optimizer,
                                            scaler=run.scaler)
         cut = ckpt.get("epoch_sums") if ckpt["epoch_step"] else None
@@ -546,7 +522,6 @@ def resume_or_start(run, log_path, rank):
                   (f" + {start[2]} steps" if start[2] else "") + f" (step {start[1]})")
             trim_log(log_path, start[0], ckpt.get("log_entry"))
     if run.master:
-        print(json.dumps(vars(args), indent=2, sort_keys=True))
         with open(os.path.join(args.output_dir, "args.json"), "w") as f:
             json.dump(vars(args), f, indent=2, sort_keys=True)
     return start
@@ -617,13 +592,14 @@ def main(argv=None):
 
     # ---- data (downloaded by the first process of each node) -----------------------
     with utils.node_leader_first(local_rank):
-        info = data.dataset_info(args.dataset, args.data_path, args.image_size, args.method, args.normalize)
+        info = data.dataset_info(args.dataset, args.data_path, args.image_size, args.normalize)
         args.image_size, args.num_classes = info["image_size"], info["num_classes"]
         if args.classes:
             args.num_classes = len(data.class_list(args.classes))
-        loader, monitor = build_data(args, info, rank, world_size, device, master)
-    if args.compile and isinstance(loader, data.BatchedTwoViews):
-        loader.make_views = torch.compile(data.two_views)  # both views of a batch as one compiled graph
+        loader, monitor = build_data(args, info, model_lib.METHODS[args.method].views, rank, world_size, device,
+                                     master)
+    if args.compile and isinstance(loader, augment.BatchedTwoViews):
+        loader.make_views = torch.compile(augment.two_views)  # both views of a batch as one compiled graph
 
     # ---- networks, optimizers, schedules; what train_one_epoch reads, in one place ---
     model, ddp_model, optimizer, probe_optimizer = build_networks(args, device, world_size)

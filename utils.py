@@ -263,14 +263,14 @@ def resume_training_state(path, args, recipe_flags, rank, world_size, **objects)
         fail(f"--resume but '{path}' does not exist; check --output-dir, or leave out --resume to start a new run")
     ckpt = load_checkpoint(path)
     old = ckpt.get("args", {})
+    changed = [f"--{k.replace('_', '-')} ({old[k]} -> {getattr(args, k)})"
+               for k in recipe_flags if k in old and old[k] != getattr(args, k)]
+    if changed:
+        fail(f"--resume with changed recipe flags: {', '.join(changed)}; use the original flags or a new --output-dir")
     missing = [f"--{k.replace('_', '-')}" for k in recipe_flags if k not in old]
     if missing:  # a flag this version added: the old run trained another way
         fail(f"checkpoint '{path}' was written by an earlier version of this project, which had no "
              f"{', '.join(missing)}; continue it with that version, or start a new --output-dir")
-    changed = [f"--{k.replace('_', '-')} ({old.get(k)} -> {getattr(args, k)})"
-               for k in recipe_flags if old[k] != getattr(args, k)]
-    if changed:
-        fail(f"--resume with changed recipe flags: {', '.join(changed)}; use the original flags or a new --output-dir")
     for name, obj in objects.items():
         if ckpt.get(name) is None or obj is None:
             continue
@@ -315,29 +315,46 @@ def number(kind=float, low=None, high=None, low_open=False, allow_inf=False):
     return parse
 
 
+def show_default(name, value):
+    """A default as a user types it: --x / --no-x for a switch, inf, words for lists."""
+    if isinstance(value, bool):
+        return name if value else "--no-" + name[2:]
+    if isinstance(value, (list, tuple)):
+        return " ".join(map(str, value))
+    return "none" if value is None else str(value)
+
+
+def add_flag(group, name, default, help, default_text=None, **kw):
+    """Adds a flag whose help ends with its default, said once in the form a user types it (or
+    `default_text`); a boolean default makes a --x / --no-x switch, unless it is a store_true."""
+    if isinstance(default, bool):
+        kw.setdefault("action", argparse.BooleanOptionalAction)
+    action = group.add_argument(name, default=default, **kw)
+    shown = default_text or ("off" if kw.get("action") == "store_true" else show_default(name, default))
+    action.help = f"{help} (default: {shown})".replace("%", "%%")  # argparse formats help with %
+    return action
+
+
 def add_eval_flags(p, script):
-    """The flags every evaluation script has: the checkpoint, its dataset (each
-    defaulting to what the checkpoint was trained on), and how to run."""
+    """The flags every evaluation script has: the checkpoint, its dataset (each defaulting to what
+    the checkpoint was trained on), and how to run."""
     one_line_errors(p, script)
     p.add_argument("--checkpoint", required=True, help="the checkpoint.pt written by train.py")
-    p.add_argument("--dataset", default=None,
-                   help="cifar10, cifar100, stl10, imagenet or folder; default: the one the checkpoint was trained on")
-    p.add_argument("--data-path", default=None,
-                   help="download folder (cifar10/cifar100/stl10) or a tree with train/ and test/ (imagenet/folder); "
-                        "default: the checkpoint's")
-    p.add_argument("--image-size", type=number(int, 8, 1024), default=None,
-                   help="image size in px; default: the checkpoint's. Keep it unless you know the encoder copes")
-    p.add_argument("--classes", default=None,
-                   help="comma-separated class names: evaluate on these classes only, labels re-indexed in this "
-                        "order; 'all' for every class. Default: the classes the checkpoint was trained on "
-                        "(train.py --classes), else all")
-    p.add_argument("--num-workers", type=number(int, 0, 256), default=min(4, os.cpu_count() or 1),
-                   help="data-loading processes per process; on a 2-core CPU 0 or 2 are the sensible values")
-    p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"),
-                   help="auto takes a GPU when one is visible")
-    p.add_argument("--precision", default=None, choices=("fp32", "bf16", "fp16"),
-                   help="autocast precision of the frozen network; default: the checkpoint's training precision "
-                        "(fp32 where this device cannot run it), so that train.py's logged numbers are reproduced")
+    add_flag(p, "--dataset", None, "cifar10, cifar100, stl10, imagenet or folder",
+             default_text="the checkpoint's")
+    add_flag(p, "--data-path", None, "download folder (cifar10/cifar100/stl10) or a tree with train/ and test/ "
+             "(imagenet/folder)", default_text="the checkpoint's")
+    add_flag(p, "--image-size", None, "image size in px; keep it unless you know the encoder copes",
+             default_text="the checkpoint's", type=number(int, 8, 1024))
+    add_flag(p, "--classes", None, "comma-separated class names: evaluate on these classes only, labels "
+             "re-indexed in this order; 'all' for every class", default_text="the classes the checkpoint was "
+             "trained on (train.py --classes), else all")
+    add_flag(p, "--num-workers", min(4, os.cpu_count() or 1), "data-loading processes per process; on a 2-core "
+             "CPU 0 or 2 are the sensible values", type=number(int, 0, 256))
+    add_flag(p, "--device", "auto", "auto takes a GPU when one is visible", choices=("auto", "cuda", "cpu"))
+    add_flag(p, "--precision", None, "autocast precision of the frozen network", choices=("fp32", "bf16", "fp16"),
+             default_text="the checkpoint's training precision (fp32 where this device cannot run it), so that "
+             "train.py's logged numbers are reproduced")
 
 
 def one_line_errors(parser, script):

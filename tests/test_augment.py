@@ -1,4 +1,4 @@
-"""data.py's batched augmentation: each op against torchvision's functional op
+"""augment.py's batched augmentation: each op against torchvision's functional op
 applied to one image at a time, the drawn parameters against torchvision's own
 get_params, and the batched loader's order, sharding and resumption."""
 import math
@@ -14,9 +14,19 @@ from torchvision.transforms.v2 import functional as F
 
 from conftest import make_image_folder
 
+import augment
 import data
+import model as model_lib
+import tools
 
 N_DRAWS = 10_000
+METHODS = tuple(model_lib.METHODS)
+
+
+def view_recipes(method, size, blur="pil", interpolation=None):
+    """data.view_recipes of a method's views, with its recipe's interpolation unless given."""
+    cls = model_lib.METHODS[method]
+    return data.view_recipes(cls.views, size, blur, interpolation or cls.recipe["interpolation"])
 
 
 @pytest.fixture(autouse=True)
@@ -41,10 +51,10 @@ def per_image(fn, x, *params):
 # each op against torchvision, given fixed per-sample parameters
 
 @pytest.mark.parametrize("ours, theirs, low, high", [
-    (data.adjust_brightness, F.adjust_brightness, 0.0, 2.0),
-    (data.adjust_contrast, F.adjust_contrast, 0.0, 2.0),
-    (data.adjust_saturation, F.adjust_saturation, 0.0, 2.0),
-    (data.adjust_hue, F.adjust_hue, -0.5, 0.5),
+    (augment.adjust_brightness, F.adjust_brightness, 0.0, 2.0),
+    (augment.adjust_contrast, F.adjust_contrast, 0.0, 2.0),
+    (augment.adjust_saturation, F.adjust_saturation, 0.0, 2.0),
+    (augment.adjust_hue, F.adjust_hue, -0.5, 0.5),
 ])
 def test_colour_ops_match_torchvision_per_image(ours, theirs, low, high):
     x = images()
@@ -55,11 +65,11 @@ def test_colour_ops_match_torchvision_per_image(ours, theirs, low, high):
 
 def test_grayscale_and_solarize_match_torchvision():
     x = images()
-    assert (data.grayscale(x).expand_as(x) - F.rgb_to_grayscale(x, num_output_channels=3)).abs().max() <= 1e-6
+    assert (augment.grayscale(x).expand_as(x) - F.rgb_to_grayscale(x, num_output_channels=3)).abs().max() <= 1e-6
     # RandomSolarize(threshold=128) on uint8 images == threshold 128/255 on float ones
     u8 = (x * 255).round().to(torch.uint8)
     expected = F.solarize(u8, 128).float() / 255
-    assert (data.solarize(u8.float() / 255) - expected).abs().max() <= 1e-6
+    assert (augment.solarize(u8.float() / 255) - expected).abs().max() <= 1e-6
 
 
 @pytest.mark.parametrize("kernel", [3, 9, 23])
@@ -67,7 +77,7 @@ def test_gaussian_blur_matches_torchvision(kernel):
     x = images(size=32)
     sigma = torch.tensor([0.1, 0.3, 0.8, 1.2, 1.7, 2.0])
     expected = per_image(lambda img, s: F.gaussian_blur(img, [kernel, kernel], [s.item(), s.item()]), x, sigma)
-    assert (data.gaussian_blur(x, sigma, kernel) - expected).abs().max() <= 1e-5
+    assert (augment.gaussian_blur(x, sigma, kernel) - expected).abs().max() <= 1e-5
 
 
 def structured_u8(h, w, seed):
@@ -113,13 +123,13 @@ def test_pil_gaussian_blur_matches_pillow_within_its_rounding(h, w):
     u8 = np.stack([structured_u8(h, w, seed) for seed in range(len(BLUR_SIGMAS))])
     x = torch.from_numpy(u8).permute(0, 3, 1, 2).float() / 255
     sigma = torch.tensor(BLUR_SIGMAS)
-    ours = data.pil_gaussian_blur(x, sigma, 2.0)
+    ours = augment.pil_gaussian_blur(x, sigma, 2.0)
     ref = torch.from_numpy(np.stack([pil_blur(img, s) for img, s in zip(u8, BLUR_SIGMAS)])).permute(0, 3, 1, 2) / 255
     diff = (ours - ref).abs()
     assert diff.amax((1, 2, 3)).max() <= BLUR_TOL, diff.amax((1, 2, 3)) * 255
     assert diff.mean() <= 1 / 255, diff.mean() * 255
     if h == w == 32:
-        kernel = data.gaussian_blur(x[-1:], sigma[-1:], data.blur_kernel_size(32))  # sigma 2, 3 taps
+        kernel = augment.gaussian_blur(x[-1:], sigma[-1:], data.blur_kernel_size(32))  # sigma 2, 3 taps
         assert (kernel - ref[-1:]).abs().max() > BLUR_TOL
 
 
@@ -128,11 +138,11 @@ def test_pil_gaussian_blur_is_the_identity_at_sigma_0_and_keeps_flat_images():
     zeros); a flat image stays flat whatever sigma (each pass's weights sum to
     1 and the edges are replicated); a sigma above max_sigma is clamped to it."""
     x = torch.rand(3, 3, 12, 9, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(data.pil_gaussian_blur(x, torch.zeros(3), 2.0), x)
+    assert torch.equal(augment.pil_gaussian_blur(x, torch.zeros(3), 2.0), x)
     flat = torch.full((2, 3, 12, 9), 0.3)
-    assert (data.pil_gaussian_blur(flat, torch.tensor([0.7, 2.0]), 2.0) - 0.3).abs().max() <= 1e-6
-    assert torch.equal(data.pil_gaussian_blur(x[:1], torch.tensor([5.0]), 2.0),
-                       data.pil_gaussian_blur(x[:1], torch.tensor([2.0]), 2.0))
+    assert (augment.pil_gaussian_blur(flat, torch.tensor([0.7, 2.0]), 2.0) - 0.3).abs().max() <= 1e-6
+    assert torch.equal(augment.pil_gaussian_blur(x[:1], torch.tensor([5.0]), 2.0),
+                       augment.pil_gaussian_blur(x[:1], torch.tensor([2.0]), 2.0))
 
 
 def pillow_box_blur_u8(img, radius):
@@ -164,7 +174,7 @@ def pillow_box_blur_u8(img, radius):
 
 def test_pillows_gaussian_blur_is_three_box_passes_of_pil_box_radius():
     """The algorithm pil_gaussian_blur follows, checked bit for bit against the
-    installed Pillow: with data.pil_box_radius (float32, as Pillow computes
+    installed Pillow: with augment.pil_box_radius (float32, as Pillow computes
     it) as the radius, `pillow_box_blur_u8` (box taps as box_blur_matrix
     weighs them, rows before columns, edge pixels replicated, three passes
     each) equals PIL's GaussianBlur exactly, on images smaller and larger than
@@ -173,7 +183,7 @@ def test_pillows_gaussian_blur_is_three_box_passes_of_pil_box_radius():
     for h, w, seed in ((32, 32, 0), (20, 45, 1), (7, 5, 2), (3, 40, 3)):
         img = structured_u8(h, w, seed)
         for s in np.linspace(0.05, 6, 24):
-            r = data.pil_box_radius(torch.tensor([s], dtype=torch.float32)).item()
+            r = augment.pil_box_radius(torch.tensor([s], dtype=torch.float32)).item()
             assert np.array_equal(pillow_box_blur_u8(img, r), pil_blur(img, float(s))), (h, w, s)
 
 
@@ -199,17 +209,17 @@ def test_pil_gaussian_blur_spreads_an_impulse_by_sigma_as_pillow(sigma):
     cuts the faint tails (an impulse of 255 spread over ~2 pi sigma^2 pixels
     leaves a few grey levels in them): within 5 % of ours (measured: 0.494 at
     0.5, 0.971 at 1, 2.034 at 2). The 3-tap kernel blur spreads 0.80 px at
-    most, whatever sigma: at sigma 2 under half of Pillow's. data.impulse_spread
+    most, whatever sigma: at sigma 2 under half of Pillow's. tools.impulse_spread
     (blur-check's) measures the same."""
     img = impulse()
     x = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255
-    ours = data.pil_gaussian_blur(x, torch.tensor([sigma]), 2.0)[0, 0].numpy()
+    ours = augment.pil_gaussian_blur(x, torch.tensor([sigma]), 2.0)[0, 0].numpy()
     theirs = pil_blur(img, sigma)[:, :, 0]
     assert abs(spread(ours) - sigma) <= 1e-4
     assert abs(spread(theirs) - spread(ours)) <= 0.05 * sigma
-    assert abs(data.impulse_spread(ours) - spread(ours)) <= 1e-9
+    assert abs(tools.impulse_spread(ours) - spread(ours)) <= 1e-9
     if sigma == 2.0:
-        kernel = data.gaussian_blur(x, torch.tensor([sigma]), data.blur_kernel_size(33))[0, 0].numpy()
+        kernel = augment.gaussian_blur(x, torch.tensor([sigma]), data.blur_kernel_size(33))[0, 0].numpy()
         assert spread(kernel) < 0.5 * spread(theirs)
 
 
@@ -241,32 +251,30 @@ def pil_path_ops(transform):
 
 
 def test_recipes_blur_and_interpolation_reach_both_paths():
-    """The VJE notebook crops bilinear, solo-learn (BYOL, VSSL, SimSiam,
-    VI-SimSiam) bicubic; both blur with PIL's GaussianBlur. The recipe's keys
-    say so, the PIL path builds those ops, and "kernel" / an interpolation
-    override replace them; an unknown value stops with one line."""
-    for method, mode in (("vje", "bilinear"), ("vssl", "bicubic"), ("byol", "bicubic"), ("simsiam", "bicubic"),
-                         ("vi-simsiam", "bicubic")):
-        for v in data.view_recipes(method, 96):
+    """The VJE notebook crops bilinear, solo-learn (BYOL, VSSL) and our SimSiam bicubic; both blur
+    with PIL's GaussianBlur. The recipe's keys say so, the PIL path builds those ops, and
+    "kernel" / an interpolation override replace them; an unknown value stops with one line."""
+    for method, mode in (("vje", "bilinear"), ("vssl", "bicubic"), ("byol", "bicubic"), ("simsiam", "bicubic")):
+        for v in view_recipes(method, 96):
             assert v["interpolation"] == mode and v["blur"] == "pil" and v["blur_sigma"] == (0.1, 2.0)
-        assert data.view_recipes(method, 32, "kernel", "bilinear")[0]["interpolation"] == "bilinear"
-        assert data.view_recipes(method, 32, "kernel", "bicubic")[1]["blur"] == "kernel"
-    info = dict(image_size=96, mean=data.IMAGENET_MEAN, std=data.IMAGENET_STD)
-    (crop1, blur1), (crop2, blur2) = pil_path_ops(data.two_view_transform("vje", info))
+        assert view_recipes(method, 32, "kernel", "bilinear")[0]["interpolation"] == "bilinear"
+        assert view_recipes(method, 32, "kernel", "bicubic")[1]["blur"] == "kernel"
+    info = dict(image_size=96, mean=data.NORMALIZATION['imagenet'][0], std=data.NORMALIZATION['imagenet'][1])
+    (crop1, blur1), (crop2, blur2) = pil_path_ops(data.two_view_transform(view_recipes("vje", 96), info))
     assert crop1.interpolation == crop2.interpolation == InterpolationMode.BILINEAR
     assert isinstance(blur1, data.PILGaussianBlur) and isinstance(blur2, data.PILGaussianBlur)
     assert blur1.sigma == blur2.sigma == (0.1, 2.0)
-    (crop1, blur1), _ = pil_path_ops(data.two_view_transform("byol", info))
+    (crop1, blur1), _ = pil_path_ops(data.two_view_transform(view_recipes("byol", 96), info))
     assert crop1.interpolation == InterpolationMode.BICUBIC and isinstance(blur1, data.PILGaussianBlur)
-    (crop1, blur1), _ = pil_path_ops(data.two_view_transform("vje", info, "kernel", "bicubic"))
+    (crop1, blur1), _ = pil_path_ops(data.two_view_transform(view_recipes("vje", 96, "kernel", "bicubic"), info))
     assert crop1.interpolation == InterpolationMode.BICUBIC
     assert isinstance(blur1, T.GaussianBlur) and blur1.kernel_size == (9, 9)
     torch.manual_seed(0)
-    v1, v2 = data.two_view_transform("vje", info)(Image.fromarray(structured_u8(120, 100, 0)))
+    v1, v2 = data.two_view_transform(view_recipes("vje", 96), info)(Image.fromarray(structured_u8(120, 100, 0)))
     assert v1.shape == v2.shape == (3, 96, 96) and v1.dtype == torch.float32
     for bad in (dict(blur="box"), dict(interpolation="nearest")):
         with pytest.raises(SystemExit, match="^error: unknown (blur|interpolation)"):
-            data.view_recipes("vje", 32, **bad)
+            data.view_recipes(model_lib.VJE.views, 32, **bad)
 
 
 BOXES = [  # (top, left, height, width) in a 16 x 16 image, flip
@@ -291,7 +299,7 @@ def test_resized_crop_matches_torchvision_antialiased_resize(size, interpolation
     x = 0.25 + 0.5 * images()
     box = torch.tensor([b for b, _ in BOXES])
     flip = torch.tensor([f for _, f in BOXES])
-    out = data.resized_crop(x, *box.unbind(1), size, flip, interpolation)
+    out = augment.resized_crop(x, *box.unbind(1), size, flip, interpolation)
     expected = []
     for img, (t, l, h, w), f in zip(x, box.tolist(), flip.tolist()):
         y = F.resized_crop(img, t, l, h, w, [size, size], MODES[interpolation], antialias=True)
@@ -316,7 +324,7 @@ def test_resized_crop_matches_the_pil_path_within_rounding(size, interpolation, 
     x = images()
     u8 = (x * 255).round().to(torch.uint8)
     box = torch.tensor([b for b, _ in BOXES])
-    out = data.resized_crop(u8.float() / 255, *box.unbind(1), size, None, interpolation)
+    out = augment.resized_crop(u8.float() / 255, *box.unbind(1), size, None, interpolation)
     for img, (t, l, h, w), y in zip(u8, box.tolist(), out):
         pil = Image.fromarray(img.permute(1, 2, 0).numpy())
         ref = np.array(T.functional.resized_crop(pil, t, l, h, w, [size, size], MODES[interpolation]))
@@ -340,7 +348,7 @@ def test_colour_jitter_applies_each_samples_ops_in_its_order():
             for j in o.tolist():
                 img = ops[j](img, fs[j].item())
         expected.append(img)
-    out = data.color_jitter(x, factors, order, apply)
+    out = augment.color_jitter(x, factors, order, apply)
     assert (out - torch.stack(expected)).abs().max() <= 1e-4
     assert torch.equal(out[2], x[2])
 
@@ -353,7 +361,7 @@ def per_sample_jitter(x, factors, order, apply):
         img = x[i:i + 1]
         if apply[i]:
             for j in order[i].tolist():
-                img = data.JITTER_OPS[j](img, factors[i:i + 1, j])
+                img = augment.JITTER_OPS[j](img, factors[i:i + 1, j])
         out.append(img)
     return torch.cat(out)
 
@@ -370,7 +378,7 @@ def test_batched_colour_jitter_equals_a_per_sample_loop():
                            torch.rand(64, generator=g) * 2, torch.rand(64, generator=g) - 0.5], 1)
     order = torch.rand(64, 4, generator=g).argsort(1)
     apply = torch.rand(64, generator=g) < 0.8
-    out = data.color_jitter(x, factors, order, apply)
+    out = augment.color_jitter(x, factors, order, apply)
     assert (out - per_sample_jitter(x, factors, order, apply)).abs().max() <= 1e-6
     assert torch.equal(out[~apply], x[~apply])  # untouched samples are exactly themselves
 
@@ -381,24 +389,24 @@ def test_render_view_equals_a_per_sample_loop(method, blur):
     the recipe's blur with p 0.5, solarize) made for the batch at once against
     the same single-op functions applied to one image at a time, only where
     its draws say so: 1e-6 (see above)."""
-    recipe = dict(data.view_recipes(method, 32, blur)[1], blur_p=0.5)
+    recipe = dict(view_recipes(method, 32, blur)[1], blur_p=0.5)
     g = torch.Generator().manual_seed(6)
     u8 = torch.randint(0, 256, (32, 3, 32, 32), dtype=torch.uint8, generator=g)
-    p = data.draw_view_params(32, recipe, 32, 32, g, "cpu")
+    p = augment.draw_view_params(32, recipe, 32, 32, g, "cpu")
     assert p["blur"].any() and not p["blur"].all() and p["solarize"].any() and p["gray"].any()
-    out = data.render_view(u8, p, recipe, 32, data.CIFAR_MEAN, data.CIFAR_STD)
+    out = augment.render_view(u8, p, recipe, 32, data.CIFAR_MEAN, data.CIFAR_STD)
     for i in range(32):
         one = {k: v[i:i + 1] for k, v in p.items()}
-        img = data.resized_crop(u8[i:i + 1].float() / 255, one["top"], one["left"], one["height"], one["width"],
+        img = augment.resized_crop(u8[i:i + 1].float() / 255, one["top"], one["left"], one["height"], one["width"],
                                 32, one["flip"], recipe["interpolation"])
         img = per_sample_jitter(img, one["factors"], one["order"], one["jitter"])
         if one["gray"]:
-            img = data.grayscale(img).expand_as(img)
+            img = augment.grayscale(img).expand_as(img)
         if one["blur"]:
-            img = (data.pil_gaussian_blur(img, one["sigma"], 2.0) if blur == "pil" else
-                   data.gaussian_blur(img, one["sigma"], recipe["blur_kernel"]))
+            img = (augment.pil_gaussian_blur(img, one["sigma"], 2.0) if blur == "pil" else
+                   augment.gaussian_blur(img, one["sigma"], recipe["blur_kernel"]))
         if one["solarize"]:
-            img = data.solarize(img)
+            img = augment.solarize(img)
         img = F.normalize(img, data.CIFAR_MEAN, data.CIFAR_STD)
         assert (out[i:i + 1] - img).abs().max() <= 1e-6, i
 
@@ -410,11 +418,11 @@ def test_render_view_equals_the_ops_in_the_pil_paths_order(interpolation):
     that the resize never leaves [0, 1]; see the tests above). The blur is the
     recipe's "kernel" one, which torchvision has as a tensor op (PIL's blur
     is checked on its own above)."""
-    recipe = dict(data.view_recipes("vje", 32, "kernel", interpolation)[1], blur_p=0.5)
+    recipe = dict(view_recipes("vje", 32, "kernel", interpolation)[1], blur_p=0.5)
     g = torch.Generator().manual_seed(5)
     u8 = torch.randint(64, 192, (8, 3, 32, 32), dtype=torch.uint8, generator=g)
-    p = data.draw_view_params(8, recipe, 32, 32, g, "cpu")
-    out = data.render_view(u8, p, recipe, 32, data.CIFAR_MEAN, data.CIFAR_STD)
+    p = augment.draw_view_params(8, recipe, 32, 32, g, "cpu")
+    out = augment.render_view(u8, p, recipe, 32, data.CIFAR_MEAN, data.CIFAR_STD)
     ops = (F.adjust_brightness, F.adjust_contrast, F.adjust_saturation, F.adjust_hue)
     for i in range(8):
         img = F.resized_crop(u8[i].float() / 255, p["top"][i].item(), p["left"][i].item(), p["height"][i].item(),
@@ -462,7 +470,7 @@ def test_crop_area_and_aspect_ratio_follow_torchvision(scale, in_h, in_w):
     img = torch.zeros(1, in_h, in_w)
     ref = np.array([T.RandomResizedCrop.get_params(img, scale, ratio) for _ in range(N_DRAWS)])
     g = torch.Generator().manual_seed(1)
-    top, left, h, w = (t.numpy() for t in data.crop_params(N_DRAWS, in_h, in_w, scale, ratio, g, "cpu"))
+    top, left, h, w = (t.numpy() for t in augment.crop_params(N_DRAWS, in_h, in_w, scale, ratio, g, "cpu"))
     assert ((top >= 0) & (left >= 0) & (top + h <= in_h) & (left + w <= in_w) & (h > 0) & (w > 0)).all()
     area, ref_area = h * w / (in_h * in_w), ref[:, 2] * ref[:, 3] / (in_h * in_w)
     assert ks_statistic(area, ref_area) < KS_LIMIT
@@ -477,8 +485,8 @@ def test_jitter_factors_order_and_blur_sigma_follow_torchvision():
     cj = T.ColorJitter(*jitter)
     ref = [T.ColorJitter.get_params(cj.brightness, cj.contrast, cj.saturation, cj.hue) for _ in range(N_DRAWS)]
     ref_sigma = [T.GaussianBlur.get_params(0.1, 2.0) for _ in range(N_DRAWS)]
-    recipe = dict(data.view_recipes("vje", 32)[0], jitter=jitter)
-    p = data.draw_view_params(N_DRAWS, recipe, 32, 32, torch.Generator().manual_seed(2), "cpu")
+    recipe = dict(view_recipes("vje", 32)[0], jitter=jitter)
+    p = augment.draw_view_params(N_DRAWS, recipe, 32, 32, torch.Generator().manual_seed(2), "cpu")
     for j in range(4):
         assert ks_statistic(p["factors"][:, j].numpy(), [r[j + 1] for r in ref]) < KS_LIMIT, j
     assert ks_statistic(p["sigma"].numpy(), ref_sigma) < KS_LIMIT
@@ -502,8 +510,8 @@ def test_flip_and_apply_rates_follow_torchvision_transforms():
         "blur_p": lambda: not torch.equal(T.RandomApply([T.Lambda(lambda x: x + 1)], p=0.1)(marker), marker),
         "solarize_p": lambda: not torch.equal(T.RandomSolarize(0.5, p=0.2)(marker), marker),
     }
-    recipe = data.view_recipes("vje", 32)[1]  # flip 0.5, jitter 0.8, gray 0.2, blur 0.1, solarize 0.2
-    p = data.draw_view_params(N_DRAWS, recipe, 32, 32, torch.Generator().manual_seed(4), "cpu")
+    recipe = view_recipes("vje", 32)[1]  # flip 0.5, jitter 0.8, gray 0.2, blur 0.1, solarize 0.2
+    p = augment.draw_view_params(N_DRAWS, recipe, 32, 32, torch.Generator().manual_seed(4), "cpu")
     names = dict(flip_p="flip", jitter_p="jitter", gray_p="gray", blur_p="blur", solarize_p="solarize")
     for key, fires in fired.items():
         theirs = np.mean([fires() for _ in range(N_DRAWS)])
@@ -518,20 +526,20 @@ def test_images_as_tensor_decodes_a_folder_and_reads_cifar_arrays(tmp_path):
     root = make_image_folder(tmp_path / "d", classes=2, train_per_class=3, size=8)
     ds = data.build_dataset("folder", root, "pretrain", None)
     rng = torch.get_rng_state()
-    x, y = data.images_as_tensor(ds, progress=False)
+    x, y = augment.images_as_tensor(ds, progress=False)
     # the global RNG is untouched: the network built next starts as on the PIL path
     assert torch.equal(torch.get_rng_state(), rng)
     assert x.dtype == torch.uint8 and x.shape == (6, 3, 8, 8) and y.tolist() == [0, 0, 0, 1, 1, 1]
     path, label = ds.samples[4]
     assert torch.equal(x[4], torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1))
     sub = data.select_classes(data.build_dataset("folder", root, "pretrain", None), "class1")
-    xs, ys = data.images_as_tensor(sub, progress=False)
+    xs, ys = augment.images_as_tensor(sub, progress=False)
     assert torch.equal(xs, x[3:]) and ys.tolist() == [0, 0, 0]
 
     class FakeCifar:  # torchvision's CIFAR holds (N, H, W, 3) uint8 and a list of targets
         data = np.random.default_rng(0).integers(0, 256, (5, 4, 4, 3), dtype=np.uint8)
         targets = [1, 0, 1, 2, 0]
-    xc, yc = data.images_as_tensor(FakeCifar(), progress=False)
+    xc, yc = augment.images_as_tensor(FakeCifar(), progress=False)
     assert torch.equal(xc, torch.from_numpy(FakeCifar.data).permute(0, 3, 1, 2)) and yc.tolist() == FakeCifar.targets
 
 
@@ -540,38 +548,38 @@ def test_images_of_different_sizes_give_one_line(tmp_path):
     fall back on the PIL path or stop."""
     root = make_image_folder(tmp_path / "d", classes=2, train_per_class=2, size=8)
     Image.new("RGB", (9, 8)).save(tmp_path / "d" / "train" / "class0" / "odd.png")
-    with pytest.raises(data.MixedSizes, match="differ in size") as e:
-        data.images_as_tensor(data.build_dataset("folder", root, "pretrain", None), progress=False)
+    with pytest.raises(augment.MixedSizes, match="differ in size") as e:
+        augment.images_as_tensor(data.build_dataset("folder", root, "pretrain", None), progress=False)
     assert isinstance(e.value, ValueError) and str(tmp_path / "d" / "train") in str(e.value)
     assert "\n" not in str(e.value)
 
 
-def test_uniform_size_reads_the_image_headers_only(tmp_path, monkeypatch):
-    """uniform_size tells mixed sizes apart before any decoding: with PIL's
+def test_image_sizes_reads_the_image_headers_only(tmp_path, monkeypatch):
+    """data.image_sizes tells mixed sizes apart before any decoding: with PIL's
     pixel decoding made to fail it still answers, for a whole folder and for
-    the classes of a ClassSubset; arrays (CIFAR) have one size."""
+    the classes of a ClassSubset; arrays (CIFAR) have one size (None)."""
     root = make_image_folder(tmp_path / "d", classes=3, train_per_class=2, size=8)
 
     def no_decoding(self):
-        raise AssertionError("uniform_size decoded pixels")
+        raise AssertionError("image_sizes decoded pixels")
     monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
-    assert data.uniform_size(data.build_dataset("folder", root, "pretrain", None))
+    assert data.image_sizes(data.build_dataset("folder", root, "pretrain", None)) == {(8, 8): 6}
     Image.new("RGB", (9, 8)).save(tmp_path / "d" / "train" / "class0" / "odd.png")
     ds = data.build_dataset("folder", root, "pretrain", None)
-    assert not data.uniform_size(ds)
-    assert data.uniform_size(data.select_classes(ds, "class1,class2"))
-    assert not data.uniform_size(data.select_classes(ds, "class0"))
+    assert data.image_sizes(ds) == {(8, 8): 6, (9, 8): 1}
+    assert data.image_sizes(data.select_classes(ds, "class1,class2")) == {(8, 8): 4}
+    assert len(data.image_sizes(data.select_classes(ds, "class0"))) == 2
 
     class FakeCifar:
         data = np.zeros((4, 8, 8, 3), dtype=np.uint8)
         targets = [0, 1, 0, 1]
-    assert data.uniform_size(FakeCifar())
+    assert data.image_sizes(FakeCifar()) is None
 
 
 def loader(n=40, batch=4, rank=0, world=1, seed=7, method="vje"):
     x = torch.randint(0, 256, (n, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    info = dict(image_size=8, mean=data.CIFAR_MEAN, std=data.CIFAR_STD)
-    return data.BatchedTwoViews(x, torch.arange(n), method, info, batch, seed, rank, world)
+    return augment.BatchedTwoViews(x, torch.arange(n), view_recipes(method, 8), 8, data.CIFAR_MEAN, data.CIFAR_STD,
+                                   batch, seed, rank, world)
 
 
 def test_batched_order_is_distributed_samplers_for_one_process():
@@ -660,17 +668,14 @@ def test_a_step_draws_view_1_then_view_2_from_one_seeded_generator():
     (v1, v2), y = next(iter(ld))
     g = torch.Generator().manual_seed(data.step_seed(7, 4, 0))
     for view, recipe in zip((v1, v2), ld.recipes):
-        p = data.draw_view_params(8, recipe, 8, 8, g, "cpu")
-        assert torch.equal(view, data.render_view(ld.images[y], p, recipe, 8, data.CIFAR_MEAN, data.CIFAR_STD))
-
-
-METHODS = ["vje", "vssl", "byol", "simsiam"]
+        p = augment.draw_view_params(8, recipe, 8, 8, g, "cpu")
+        assert torch.equal(view, augment.render_view(ld.images[y], p, recipe, 8, data.CIFAR_MEAN, data.CIFAR_STD))
 
 
 def loader_32px(method, blur="pil"):
     x = torch.randint(0, 256, (32, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    info = dict(image_size=32, mean=data.CIFAR_MEAN, std=data.CIFAR_STD)
-    return data.BatchedTwoViews(x, torch.arange(32), method, info, 8, seed=3, rank=1, world_size=2, blur=blur)
+    return augment.BatchedTwoViews(x, torch.arange(32), view_recipes(method, 32, blur), 32, data.CIFAR_MEAN,
+                                   data.CIFAR_STD, 8, seed=3, rank=1, world_size=2)
 
 
 @pytest.mark.parametrize("method, blur", [(m, "pil") for m in METHODS] + [("vje", "kernel")])
@@ -682,7 +687,7 @@ def test_both_views_of_a_batch_are_one_graph(method, blur):
     outside: dynamo breaks the graph at any op given a torch.Generator. VJE's
     view 1 is always blurred, so its case traces the blur too."""
     ld = loader_32px(method, blur)
-    u = torch.rand(2, data.UNIFORMS_PER_SAMPLE * 16, generator=torch.Generator().manual_seed(0))
+    u = torch.rand(2, augment.UNIFORMS_PER_SAMPLE * 16, generator=torch.Generator().manual_seed(0))
     torch._dynamo.reset()
     explained = torch._dynamo.explain(ld.make_views)(ld.images[:8], u, ld.recipes, ld.size, ld.mean, ld.std,
                                                      slice(8, 16))

@@ -14,7 +14,11 @@ from PIL import Image
 
 from conftest import ROOT, make_image_folder
 
+import augment
 import data
+import model as model_lib
+import tools
+import train
 
 
 @pytest.fixture(autouse=True)
@@ -93,7 +97,7 @@ def test_resolve_eval_data_fills_what_was_left_unset(tmp_path):
     """From the checkpoint: dataset, path, image size, and its classes when the
     data is the checkpoint's own (num_classes counts them)."""
     root = make_image_folder(tmp_path / "d", classes=3, train_per_class=2, test_per_class=2, size=16)
-    train_args = dict(dataset="folder", data_path=root, image_size=16, classes="class2,class0")
+    train_args = dict(dataset="folder", data_path=root, image_size=16, classes="class2,class0", normalize="imagenet")
     args = eval_args()
     info = data.resolve_eval_data(args, train_args)
     assert (args.dataset, args.data_path, args.image_size) == ("folder", root, 16)
@@ -116,7 +120,8 @@ def test_resolve_eval_data_keeps_the_classes_to_the_checkpoints_own_data(tmp_pat
     """Other data (another folder): the checkpoint's class names are not carried over."""
     root = make_image_folder(tmp_path / "d", classes=3, train_per_class=2, test_per_class=2, size=16)
     other = make_image_folder(tmp_path / "other", classes=4, train_per_class=1, test_per_class=1, size=16)
-    train_args = dict(dataset="folder", data_path=root, image_size=16, classes=["class2", "class0"])
+    train_args = dict(dataset="folder", data_path=root, image_size=16, classes=["class2", "class0"],
+                      normalize="imagenet")
     args = eval_args(data_path=other)
     info = data.resolve_eval_data(args, train_args)
     assert args.classes is None and info["num_classes"] == 4
@@ -134,14 +139,14 @@ def test_normalize_images_equals_eval_transform_image_by_image(tmp_path):
     root = make_image_folder(tmp_path / "d", classes=2, train_per_class=1, test_per_class=4, size=16)
     info = data.dataset_info("folder", root)
     assert info["image_size"] == 16
-    images, _ = data.images_as_tensor(data.build_dataset("folder", root, "test", None), progress=False)
+    images, _ = augment.images_as_tensor(data.build_dataset("folder", root, "test", None), progress=False)
     mean, std = torch.tensor(info["mean"]), torch.tensor(info["std"])
-    ours = data.normalize_images(images, mean, std)
+    ours = augment.normalize_images(images, mean, std)
     expected = data.build_dataset("folder", root, "test", data.eval_transform(info))
     theirs = torch.stack([expected[i][0] for i in range(len(expected))])
     assert ours.dtype == torch.float32 and ours.shape == (8, 3, 16, 16)
     assert (ours - theirs).abs().max() <= 1e-6
-    assert (data.normalize_images(images, info["mean"], info["std"]) - theirs).abs().max() <= 1e-6  # tuples too
+    assert (augment.normalize_images(images, info["mean"], info["std"]) - theirs).abs().max() <= 1e-6  # tuples too
 
 
 # -----------------------------------------------------------------------------
@@ -165,7 +170,7 @@ def source_tree(root, classes=("cat", "dog"), train=5, test=3):
 def test_make_subset_copies_the_first_files_by_name_byte_for_byte(tmp_path):
     src = source_tree(tmp_path / "src")
     dst = str(tmp_path / "dst")
-    assert data.make_subset(src, dst, 3, 2) == 10
+    assert tools.make_subset(src, dst, 3, 2) == 10
     for split, n in (("train", 3), ("test", 2)):
         for c in ("cat", "dog"):
             names = sorted(os.listdir(os.path.join(dst, split, c)))
@@ -181,22 +186,22 @@ def test_make_subset_copies_the_first_files_by_name_byte_for_byte(tmp_path):
 def test_make_subset_refuses_before_copying_anything(tmp_path):
     src = source_tree(tmp_path / "src", train=5, test=3)
     with pytest.raises(SystemExit, match=r"test/cat' has 3 images, fewer than the 4 asked for"):
-        data.make_subset(src, str(tmp_path / "dst"), 5, 4)
+        tools.make_subset(src, str(tmp_path / "dst"), 5, 4)
     assert not os.path.exists(tmp_path / "dst")  # the train/ copies had not started
     os.makedirs(tmp_path / "full" / "x")
     (tmp_path / "full" / "x" / "f").write_text("")
     with pytest.raises(SystemExit, match="already holds files"):
-        data.make_subset(src, str(tmp_path / "full"), 1, 1)
+        tools.make_subset(src, str(tmp_path / "full"), 1, 1)
     os.makedirs(tmp_path / "empty")
-    assert data.make_subset(src, str(tmp_path / "empty"), 1, 1) == 4  # an empty folder is fine
+    assert tools.make_subset(src, str(tmp_path / "empty"), 1, 1) == 4  # an empty folder is fine
     with pytest.raises(SystemExit, match="no train/ folder"):
-        data.make_subset(str(tmp_path / "empty" / "test"), str(tmp_path / "dst2"), 1, 1)
+        tools.make_subset(str(tmp_path / "empty" / "test"), str(tmp_path / "dst2"), 1, 1)
 
 
 def test_make_subset_command_line(tmp_path):
-    """python data.py make-subset SRC DST ...: copies, or one `error:` line and exit code 1."""
+    """python tools.py make-subset SRC DST ...: copies, or one `error:` line and exit code 1."""
     source_tree(tmp_path / "src")
-    run = lambda *a: subprocess.run([sys.executable, os.path.join(ROOT, "data.py"), *a], capture_output=True,
+    run = lambda *a: subprocess.run([sys.executable, os.path.join(ROOT, "tools.py"), *a], capture_output=True,
                                     text=True, cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"))
     ok = run("make-subset", "src", "dst", "--train-per-class", "2", "--test-per-class", "1")
     assert ok.returncode == 0, ok.stderr
@@ -222,7 +227,14 @@ SOLO = {  # solo-learn, the code of the BYOL / VSSL recipe
     "stl10": ((0.4914, 0.4823, 0.4466), (0.247, 0.243, 0.261)),
 }
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-METHODS = ("vje", "vssl", "byol", "simsiam", "vi-simsiam")
+METHODS = tuple(model_lib.METHODS)
+
+
+def normalization(method, dataset, choice="auto"):
+    """The row (name, mean, std) a method's run normalizes with: data.normalization of the
+    constants of the method's recipe, as train.py resolves --normalize."""
+    row = data.normalization(choice, dataset, model_lib.METHODS[method].recipe["constants"])
+    return (row, *data.NORMALIZATION[row])
 
 
 def test_normalization_follows_each_methods_code():
@@ -234,62 +246,66 @@ def test_normalization_follows_each_methods_code():
     for method in METHODS:
         for dataset in ("cifar10", "cifar100", "stl10"):
             table, row = (NOTEBOOK, dataset) if method == "vje" else (SOLO, dataset + "-solo")
-            assert data.normalization(method, dataset) == (row, *table[dataset]), (method, dataset)
+            assert normalization(method, dataset) == (row, *table[dataset]), (method, dataset)
             for other in ("folder", "imagenet", "cifar10"):
-                assert data.normalization(method, other, dataset) == (row, *table[dataset])
-            assert data.normalization(method, "folder", dataset + "-solo") == (dataset + "-solo", *SOLO[dataset])
+                assert normalization(method, other, dataset) == (row, *table[dataset])
+            assert normalization(method, "folder", dataset + "-solo") == (dataset + "-solo", *SOLO[dataset])
         for dataset in ("imagenet", "folder"):
-            assert data.normalization(method, dataset) == ("imagenet", *IMAGENET)
-        assert data.normalization(method, "cifar10", "imagenet") == ("imagenet", *IMAGENET)
+            assert normalization(method, dataset) == ("imagenet", *IMAGENET)
+        assert normalization(method, "cifar10", "imagenet") == ("imagenet", *IMAGENET)
     assert data.CIFAR_MEAN == SOLO["cifar10"][0] and data.CIFAR_STD == SOLO["cifar10"][1]
-    assert (data.IMAGENET_MEAN, data.IMAGENET_STD) == IMAGENET
+    assert data.NORMALIZATION["imagenet"] == IMAGENET
     assert set(data.NORMALIZE_CHOICES) == {"auto", *data.NORMALIZATION}
     for bad in (("vje", "cifar10", "cifar10-notebook"), ("vje", "mnist", "auto")):
         with pytest.raises(SystemExit) as e:
-            data.normalization(*bad)
+            normalization(*bad)
         assert str(e.value).startswith("error: unknown") and "\n" not in str(e.value)
 
 
 def test_dataset_info_normalizes_per_method(tmp_path):
-    """dataset_info's mean, std and row name are normalization()'s for the
-    method and choice (CIFAR and STL-10 need no files for their info)."""
-    info = data.dataset_info("cifar100", None)  # method "vje" by default: the notebook's
+    """train.py resolves --normalize to the row of the method's recipe, and dataset_info gives that
+    row's name, mean and std (CIFAR and STL-10 need no files for their info)."""
+    def info_of(*flags):
+        args = train.get_args(list(flags))
+        return data.dataset_info(args.dataset, args.data_path, normalize=args.normalize)
+    info = info_of("--dataset", "cifar100")  # method vje by default: the notebook's
     assert (info["normalize"], info["mean"], info["std"]) == ("cifar100", *NOTEBOOK["cifar100"])
-    info = data.dataset_info("stl10", None, method="byol")
+    info = info_of("--dataset", "stl10", "--method", "byol")
     assert (info["normalize"], info["mean"], info["std"]) == ("stl10-solo", *SOLO["stl10"])
     assert info["image_size"] == 96 and info["num_classes"] == 10
     root = make_image_folder(tmp_path / "d", classes=2, train_per_class=1, test_per_class=1, size=16)
-    assert data.dataset_info("folder", root, method="vje")["normalize"] == "imagenet"
-    info = data.dataset_info("folder", root, method="vje", normalize="cifar10")
+    assert info_of("--dataset", "folder", "--data-path", root)["normalize"] == "imagenet"
+    info = info_of("--dataset", "folder", "--data-path", root, "--normalize", "cifar10")
     assert (info["normalize"], info["mean"], info["std"]) == ("cifar10", *NOTEBOOK["cifar10"])
-    info = data.dataset_info("folder", root, method="simsiam", normalize="cifar10")
+    info = info_of("--dataset", "folder", "--data-path", root, "--method", "simsiam", "--normalize", "cifar10")
     assert (info["normalize"], info["mean"], info["std"]) == ("cifar10-solo", *SOLO["cifar10"])
 
 
 def test_resolve_eval_data_normalizes_as_training_did(tmp_path):
-    """The evaluation scripts take the checkpoint's method and --normalize:
-    features are computed from images normalized as in training."""
+    """The evaluation scripts take the row the checkpoint was trained with: features are
+    computed from images normalized as in training."""
     root = make_image_folder(tmp_path / "d", classes=2, train_per_class=1, test_per_class=1, size=16)
-    train_args = dict(dataset="folder", data_path=root, image_size=16, method="byol", normalize="cifar10")
-    info = data.resolve_eval_data(eval_args(), train_args)
-    assert (info["normalize"], info["mean"], info["std"]) == ("cifar10-solo", *SOLO["cifar10"])
-    info = data.resolve_eval_data(eval_args(), dict(train_args, method="vje"))
-    assert (info["normalize"], info["mean"]) == ("cifar10", NOTEBOOK["cifar10"][0])
-    info = data.resolve_eval_data(eval_args(), dict(dataset="folder", data_path=root, image_size=16))
-    assert info["normalize"] == "imagenet"  # a checkpoint without the keys: vje, auto
+    for method, row, table in (("byol", "cifar10-solo", SOLO), ("vje", "cifar10", NOTEBOOK)):
+        normalize = train.get_args(["--method", method, "--dataset", "folder", "--data-path", root,
+                                    "--normalize", "cifar10"]).normalize
+        train_args = dict(dataset="folder", data_path=root, image_size=16, method=method, normalize=normalize)
+        info = data.resolve_eval_data(eval_args(), train_args)
+        assert (info["normalize"], info["mean"], info["std"]) == (row, *table["cifar10"])
+    train_args = dict(dataset="folder", data_path=root, image_size=16, normalize="imagenet")
+    assert data.resolve_eval_data(eval_args(), train_args)["mean"] == IMAGENET[0]
 
 
 # -----------------------------------------------------------------------------
 # blur-check
 
 def test_blur_check_command_compares_the_blurs_with_pils(tmp_path, capsys):
-    """python data.py blur-check DIR (run in-process, as main()): per sigma,
+    """python tools.py blur-check DIR (run in-process, as main()): per sigma,
     |pil_gaussian_blur - PIL| within the 3 grey levels of Pillow's six 8-bit
     roundings (see test_augment), the 3-tap kernel blur far from PIL at sigma
     2, and the impulse spreads; a folder without images, a missing path or
     --images 0: one `error:` line."""
     root = make_image_folder(tmp_path / "d", classes=2, train_per_class=3, test_per_class=1, size=32)
-    data.main(["blur-check", root, "--images", "4", "--sigmas", "0.5", "2"])
+    tools.main(["blur-check", root, "--images", "4", "--sigmas", "0.5", "2"])
     out = capsys.readouterr().out
     assert f"4 images of '{os.path.join(root, 'train')}' (32x32)" in out
     rows = [line.split() for line in out.splitlines() if line.split() and line.split()[0] in ("0.50", "2.00")]
@@ -298,13 +314,13 @@ def test_blur_check_command_compares_the_blurs_with_pils(tmp_path, capsys):
         assert float(ours_max) <= 3.0 and float(ours_mean) <= 1.0
         assert abs(float(spread_ours) - float(sigma)) <= 1e-3 and abs(float(spread_pil) - float(sigma)) <= 0.05
     assert float(rows[1][3]) > 3.0 and float(rows[1][7]) < 1.0  # the kernel blur at sigma 2
-    tree, count, sizes, result = data.blur_check(os.path.join(root, "train"), images=100, sigmas=(1.0,))
+    tree, count, sizes, result = tools.blur_check(os.path.join(root, "train"), images=100, sigmas=(1.0,))
     assert count == 6 and sizes == [(32, 32)] and result[0]["pil_max"] <= 3.0
     os.makedirs(tmp_path / "empty")
     for args in (["blur-check", str(tmp_path / "missing")], ["blur-check", str(tmp_path / "empty")],
                  ["blur-check", root, "--images", "0"]):
         with pytest.raises(SystemExit) as e:
-            data.main(args)
+            tools.main(args)
         assert str(e.value).startswith("error: ") and "\n" not in str(e.value), args
 
 
@@ -314,8 +330,8 @@ def test_make_shifted_writes_gray_and_upsampled_copies_in_the_same_layout(tmp_pa
     copy is PIL's bicubic resize at 4x; a folder with files already, or with
     no images, stops with one line and writes nothing."""
     src = make_image_folder(tmp_path / "src", classes=2, train_per_class=2, test_per_class=1, size=8)
-    data.main(["make-shifted", os.path.join(src, "test"), str(tmp_path / "gray"), "--shift", "gray"])
-    data.main(["make-shifted", os.path.join(src, "test"), str(tmp_path / "big"), "--shift", "upsample"])
+    tools.main(["make-shifted", os.path.join(src, "test"), str(tmp_path / "gray"), "--shift", "gray"])
+    tools.main(["make-shifted", os.path.join(src, "test"), str(tmp_path / "big"), "--shift", "upsample"])
     assert "wrote 2 images" in capsys.readouterr().out
     for c in ("class0", "class1"):
         original = Image.open(os.path.join(src, "test", c, "000.png")).convert("RGB")
@@ -328,5 +344,5 @@ def test_make_shifted_writes_gray_and_upsampled_copies_in_the_same_layout(tmp_pa
     for args, message in (([str(tmp_path / "src" / "test"), str(tmp_path / "gray")], "already holds files"),
                           ([str(tmp_path / "empty"), str(tmp_path / "new")], "is not a folder")):
         with pytest.raises(SystemExit, match=message):
-            data.main(["make-shifted", *args, "--shift", "gray"])
+            tools.main(["make-shifted", *args, "--shift", "gray"])
     assert not (tmp_path / "new").exists()

@@ -17,15 +17,15 @@ import train
 # -----------------------------------------------------------------------------
 # one graph per forward pass
 
-FORWARD_CONFIGS = [("vje", {}), ("vje", {"target": "ema"}), ("vje", {"mc_samples": 3, "isotropic": True}), ("vssl", {"vssl_form": "cosine"}),
-                   ("vssl", {"vssl_form": "gaussian", "vssl_sampling": "standard"}), ("byol", {}), ("simsiam", {}),
-                   ("vi-simsiam", {})]
+FORWARD_CONFIGS = [("vje", {}), ("vje", {"target": "ema"}), ("vje", {"mc_samples": 3, "isotropic": True}),
+                   ("vssl", {"vssl_form": "cosine"}), ("vssl", {"vssl_form": "gaussian", "vssl_sampling": "standard"}),
+                   ("byol", {}), ("simsiam", {})]
 
 
 @pytest.mark.parametrize("method,kw", FORWARD_CONFIGS, ids=[f"{m}-{'-'.join(map(str, kw.values())) or 'default'}"
                                                            for m, kw in FORWARD_CONFIGS])
 def test_forward_compiles_to_one_graph(method, kw):
-    """SSLModel.forward (encoder, heads, loss, teacher, probe) traced whole:
+    """The model's forward (encoder, heads, loss, teacher, probe) traced whole:
     torch.compile(fullgraph=True) raises on any graph break (a host sync such
     as bool(tensor) or .item(), a branch on a tensor value, an untraceable
     call). torch._dynamo.explain's count is checked too, though in torch 2.14
@@ -86,7 +86,8 @@ def test_no_host_sync_between_log_boundaries(method, aug, tmp_path, monkeypatch)
         return step(*args, **kwargs)
     monkeypatch.setattr(train, "train_step", counted_step)
     train.main(["--method", method, "--dataset", "folder", "--data-path", data_dir, "--arch", "tiny",
-                "--batch-size", "8", "--epochs", "1", "--warmup-epochs", "1", "--proj-hidden", "64",
+                "--batch-size", "8", "--epochs", "1", "--warmup-epochs", "1",
+                *(["--proj-hidden", "64"] if method in ("vssl", "byol") else []),
                 "--eval-every", "0", "--log-every", "3", "--aug", aug, "--num-workers", "2" if aug == "pil" else "0",
                 "--device", "cpu", "--output-dir", str(tmp_path / "run")])
     assert len(at_step_start) == 7

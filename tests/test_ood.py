@@ -95,7 +95,7 @@ def trained(tmp_path_factory):
         mp.setattr(torch, "set_num_threads", lambda n: None)
         train.main(["--method", "vje", "--dataset", "folder", "--data-path", folder, "--arch", "tiny",
                     "--batch-size", "8", "--epochs", "1", "--warmup-epochs", "1", "--eval-every", "0",
-                    "--proj-hidden", "64", "--target", "ema", "--ema-momentum", "0.5", "--ema-schedule", "constant",
+                    "--target", "ema", "--ema-momentum", "0.5", "--ema-schedule", "constant",
                     *CPU, "--output-dir", str(out)])
     return folder, str(out / "checkpoint.pt")
 
