@@ -65,12 +65,36 @@ def folder_split(root, split):
     fail(f"'{root}' has no test/ or val/ folder; an ImageFolder dataset needs train/ and test/ (or val/)")
 
 
-def first_image(directory):
-    for dirpath, _, files in sorted(os.walk(directory)):
-        for f in sorted(files):
-            if f.lower().endswith(IMAGE_EXTENSIONS):
-                return os.path.join(dirpath, f)
-    return None
+def image_files(directory):
+    """Every image file under `directory`, at any depth, in sorted order."""
+    return [os.path.join(d, f) for d, _, files in sorted(os.walk(directory)) for f in sorted(files)
+            if f.lower().endswith(IMAGE_EXTENSIONS)]
+
+
+def folder_image_size(paths, where):
+    """The size a folder's images are used at, by the same rule on both augmentation paths: their
+    largest side if that is 96 px or less (small images at their own size: CIFAR 32, STL-10 96),
+    else 224. Read off every image's header; mixed sizes are said in a note. Returns (size, note,
+    the count of each (width, height))."""
+    sizes = collections.Counter()
+    for path in paths:
+        try:
+            with Image.open(path) as im:
+                sizes[im.size] += 1
+        except (OSError, ValueError, Image.DecompressionBombError):
+            continue  # left to the decoding, which names the file
+    if not sizes:
+        return 224, None, sizes
+    side = max(max(s) for s in sizes)
+    size = side if side <= 96 else 224
+    if len(sizes) == 1:
+        return size, None, sizes
+    common = ", ".join(f"{n} of {w}x{h}" for (w, h), n in sizes.most_common(3))
+    why = "the largest side, as images up to 96 px are used at their own size" if size == side else \
+        "as for every folder with images over 96 px"
+    note = f"the images of '{where}' have {len(sizes)} sizes ({common}{', ...' * (len(sizes) > 3)}); they are " \
+           f"used at {size} px, {why}"
+    return size, note, sizes
 
 
 def normalization(choice, dataset, constants="notebook"):
@@ -95,8 +119,7 @@ def normalization(choice, dataset, constants="notebook"):
 
 def dataset_info(name, root, image_size=None, normalize="imagenet"):
     """Image size, class count and the mean and std of the NORMALIZATION row `normalize`, of a
-    dataset. An ImageFolder tree's size is read off its first image: small images (64 px or
-    less) are used at their own size, larger ones at 224 px."""
+    dataset (and a note, when a folder's images differ in size; see `folder_image_size`)."""
     if name not in DATASETS:
         fail(f"unknown dataset '{name}'; choose one of {', '.join(DATASETS)}")
     if name in ("cifar10", "cifar100"):
@@ -110,14 +133,13 @@ def dataset_info(name, root, image_size=None, normalize="imagenet"):
         if not os.path.isdir(train_dir):
             fail(f"'{root}' has no train/ folder; an ImageFolder dataset needs train/<class>/<image> files")
         classes = [d for d in sorted(os.listdir(train_dir)) if os.path.isdir(os.path.join(train_dir, d))]
-        path = first_image(train_dir)
-        if not classes or path is None:
+        paths = image_files(train_dir)
+        if not classes or not paths:
             fail(f"'{train_dir}' holds no images; expected train/<class>/<image>.jpg")
-        size = 224
-        if name == "folder":
-            with Image.open(path) as im:
-                size = max(im.size) if max(im.size) <= 64 else 224
-        info = dict(image_size=size, num_classes=len(classes))
+        size, note, sizes = 224, None, None
+        if name == "folder" and not image_size:
+            size, note, sizes = folder_image_size(paths, train_dir)
+        info = dict(image_size=size, num_classes=len(classes), note=note, sizes=sizes)
     info["normalize"] = normalize
     info["mean"], info["std"] = NORMALIZATION[normalize]
     if image_size:
@@ -209,11 +231,11 @@ def two_view_transform(recipes, info):
 
 
 def eval_transform(info):
-    """Un-augmented images for k-NN, feature extraction and testing: small images as they are,
-    large ones resized (shorter side 256/224 x size) and centre-cropped."""
+    """Un-augmented images for k-NN, feature extraction and testing: small images (96 px or less)
+    at the size training used, large ones resized (shorter side 256/224 x size) and centre-cropped."""
     size = info["image_size"]
     ops = [] if info["name"] in ("cifar10", "cifar100", "stl10") else \
-        [T.Resize(size if size <= 64 else int(size * 256 / 224)), T.CenterCrop(size)]
+        [T.Resize(size if size <= 96 else int(size * 256 / 224)), T.CenterCrop(size)]
     return T.Compose(ops + [T.ToTensor(), T.Normalize(info["mean"], info["std"])])
 
 

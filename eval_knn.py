@@ -186,7 +186,7 @@ def knn_accuracy(train_features, train_labels, test_features, test_labels, num_c
     keep = train_labels >= 0
     pred = knn_classify(train_features[keep.to(train_features.device)], train_labels[keep], test_features,
                         num_classes, k, temperature)
-    return 100.0 * (pred.cpu() == test_labels.cpu()).float().mean().item()
+    return utils.round32(100.0 * (pred.cpu() == test_labels.cpu()).float().mean().item())
 
 
 # -----------------------------------------------------------------------------
@@ -225,6 +225,16 @@ def load_saved_features(path, feature):
     return saved
 
 
+def output_path(args):
+    return args.output or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), f"knn_{args.feature}.json")
+
+
+def check_output(args, measured):
+    """Stops before any work if the output file holds another measurement (utils.check_result_file)."""
+    measurement = dict(measured, feature=args.feature, temperature=args.temperature, k=args.k)
+    utils.on_rank0(lambda: utils.check_result_file(output_path(args), measurement))
+
+
 def main(argv=None):
     args = get_args(argv)
     rank, _, world_size, device = utils.setup_distributed(args.device)
@@ -238,6 +248,7 @@ def main(argv=None):
             bank_f, bank_y = bank_f[rank::world_size], bank_y[rank::world_size]
         meta = saved["meta"]
         args.feature = meta["feature"]
+        check_output(args, {k: meta[k] for k in ("checkpoint", "dataset", "data_path", "classes")})
     else:
         args.feature = args.feature or "z"
         net, train_args, ckpt = model_lib.load_model(args.checkpoint)
@@ -251,8 +262,10 @@ def main(argv=None):
             print(f"{train_args['method']} {train_args['arch']} (epoch {ckpt.get('epoch')}) on {args.dataset}: "
                   f"{len(bank_set)} bank and {len(test_set)} test images, feature {args.feature}, "
                   f"{world_size} process(es) on {device.type}, {args.precision}")
+        check_output(args, dict(checkpoint=os.path.abspath(args.checkpoint), dataset=args.dataset,
+                                data_path=os.path.abspath(args.data_path), classes=args.classes))
         kw = dict(batch_size=args.batch_size, device=device, source=args.feature, num_workers=args.num_workers,
-                  rank=rank, world_size=world_size, precision=args.precision, progress=master)
+                  rank=rank, world_size=world_size, precision=args.precision, progress=utils.show_progress(master))
         t0 = time.time()
         # the bank stays sharded (unless it is saved, which needs all of it on rank 0)
         bank_f, bank_y = extract_features(net, bank_set, desc="bank features", gather=bool(args.save_features), **kw)
@@ -270,7 +283,7 @@ def main(argv=None):
 
     # ---- the classifier (every process: each holds a shard of the bank) -----------------
     n_bank = utils.all_reduce_sum(torch.tensor([float((bank_y >= 0).sum())], device=bank_f.device))
-    results = dict(meta, temperature=args.temperature, num_bank=int(n_bank.item()), num_test=len(test_y))
+    results = dict(meta, temperature=args.temperature, k=args.k, num_bank=int(n_bank.item()), num_test=len(test_y))
     for k in args.k:
         results[f"top1_k{k}"] = knn_accuracy(bank_f, bank_y, test_f, test_y, meta["num_classes"], k,
                                              args.temperature)
@@ -279,8 +292,7 @@ def main(argv=None):
         return None
 
     # ---- summary -----------------------------------------------------------------------
-    output = args.output or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
-                                         f"knn_{args.feature}.json")
+    output = output_path(args)
     print(f"\nweighted k-NN, {results['method']} {results['arch']} epoch {results['checkpoint_epoch']}, "
           f"feature {args.feature}, T {args.temperature}")
     print(f"  {results['dataset']}: bank {results['num_bank']} train images, {results['num_test']} test images"

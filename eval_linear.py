@@ -72,6 +72,7 @@ def get_args(argv=None):
     add(p, "--output-dir", None, "for args.json, log.jsonl and checkpoint.pt",
         default_text="linear_<feature>/ beside the checkpoint")
     add(p, "--resume", False, "continue from OUTPUT_DIR/checkpoint.pt", action="store_true")
+    add(p, "--replace", False, "start a new probe in an --output-dir that holds one, removing it", action="store_true")
     add(p, "--max-steps", None, "stop after this many steps in all (smoke tests); the checkpoint holds the last "
         "whole epoch", type=number(int, 1, 1 << 40))
     add(p, "--output", None, "JSON file for the final metrics", default_text="linear_<feature>.json beside the "
@@ -92,7 +93,7 @@ def evaluate(linear, test_features, test_labels, device, chunk=4096):
     """(top-1, top-5) of the linear layer on precomputed test features."""
     logits = torch.cat([linear(test_features[i:i + chunk].to(device)).float().cpu()
                         for i in range(0, len(test_features), chunk)])
-    return topk_accuracy(logits, test_labels)
+    return [utils.round32(v) for v in topk_accuracy(logits, test_labels)]
 
 
 def build_probe(dim, num_classes, device, world_size):
@@ -110,7 +111,7 @@ def train_one_epoch(net, ddp_linear, loader, optimizer, lr_schedule, step, args,
     """One epoch of SGD on the frozen features. Returns (sums of loss, correct,
     count as a device tensor, the global step, True if --max-steps stopped it)."""
     totals = torch.zeros(3, device=device)  # loss sum, correct, count
-    bar = tqdm(loader, desc=desc, disable=not master, leave=False)
+    bar = tqdm(loader, desc=desc, disable=not utils.show_progress(master), leave=False)
     for x, y in bar:
         if args.max_steps is not None and step >= args.max_steps:
             return totals, step, True
@@ -146,8 +147,8 @@ def build_probe_data(args, info, net, device, rank, world_size, master):
     loader = data.train_loader(train_set, args.batch_size // world_size, args.num_workers, args.seed, rank,
                                world_size, device.type)
     test_f, test_y = eval_knn.extract_features(net, test_set, args.batch_size // world_size, device, args.feature,
-                                               args.num_workers, rank, world_size, args.precision, master,
-                                               "test features")
+                                               args.num_workers, rank, world_size, args.precision,
+                                               utils.show_progress(master), "test features")
     if master:
         print(f"{args.dataset}: {len(train_set)} train / {len(test_set)} test images, {info['num_classes']} classes, "
               f"{world_size} process(es) on {device.type}, {len(loader)} steps/epoch")
@@ -175,16 +176,31 @@ def main(argv=None):
     master = rank == 0
     utils.seed_all(args.seed + rank)
     ckpt_dir = os.path.dirname(os.path.abspath(args.checkpoint))
-    args.output_dir = args.output_dir or os.path.join(ckpt_dir, f"linear_{args.feature}")
+    args.output_dir = os.path.abspath(args.output_dir or os.path.join(ckpt_dir, f"linear_{args.feature}"))
     args.output = args.output or os.path.join(ckpt_dir, f"linear_{args.feature}.json")
 
-    # ---- frozen network ------------------------------------------------------------
+    # ---- frozen network, output folder ------------------------------------------------
     net, train_args, ckpt = model_lib.load_model(args.checkpoint)
     model_lib.check_feature(net, args.feature)
     args.precision = utils.eval_precision(args.precision, train_args, device)
     net.to(device).eval().requires_grad_(False)
     encoder = dict(method=train_args["method"], arch=train_args["arch"], epoch=ckpt.get("epoch"))
     info = data.resolve_eval_data(args, train_args)
+    measurement = dict(checkpoint=os.path.abspath(args.checkpoint), dataset=args.dataset,
+                       data_path=os.path.abspath(args.data_path), classes=args.classes, feature=args.feature,
+                       epochs_planned=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                       weight_decay=args.weight_decay)
+    command = f"python eval_linear.py --checkpoint {args.checkpoint}"
+    lock = utils.on_rank0(lambda: utils.prepare_run_dir(args.output_dir, args.resume, args.replace, command))
+    try:
+        return probe(args, net, train_args, ckpt, encoder, info, measurement, rank, world_size, device)
+    finally:
+        utils.unlock(lock)
+
+
+def probe(args, net, train_args, ckpt, encoder, info, measurement, rank, world_size, device):
+    """main()'s probe: the data, the layer, resume, the loop, the result."""
+    master = rank == 0
     train_set, loader, test_f, test_y = build_probe_data(args, info, net, device, rank, world_size, master)
 
     # ---- the linear layer, optimizer and schedule ----------------------------------
@@ -194,8 +210,7 @@ def main(argv=None):
     base_lr = args.lr * args.batch_size / 256
     lr_schedule = base_lr * 0.5 * (1 + np.cos(np.pi * np.arange(total_steps) / total_steps))
 
-    # ---- output folder and resume ----------------------------------------------------
-    os.makedirs(args.output_dir, exist_ok=True)
+    # ---- resume ------------------------------------------------------------------------
     ckpt_path = os.path.join(args.output_dir, "checkpoint.pt")
     start_epoch, step = 0, 0
     if args.resume:
@@ -207,8 +222,8 @@ def main(argv=None):
         start_epoch, step = state["epoch"], state["step"]
         if master:
             print(f"resumed from {ckpt_path} at epoch {start_epoch}")
+    utils.on_rank0(lambda: utils.check_result_file(args.output, measurement))
     if master:
-        print(json.dumps(vars(args), indent=2, sort_keys=True))
         with open(os.path.join(args.output_dir, "args.json"), "w") as f:
             json.dump(vars(args), f, indent=2, sort_keys=True)
         print(f"linear probe on {encoder['method']} {encoder['arch']} (epoch {encoder['epoch']}), feature "
@@ -234,6 +249,7 @@ def main(argv=None):
             evaluated_at = step
             entry.update(test_top1=top1, test_top5=top5)
         entry["epoch_time"] = time.time() - t0
+        entry = {k: utils.round32(v) if isinstance(v, float) else v for k, v in entry.items()}
         utils.save_training_state(ckpt_path, master, world_size, linear=linear, optimizer=optimizer, epoch=done,
                                   step=step, args=vars(args), encoder=encoder)
         if master:

@@ -315,7 +315,7 @@ def ood_transform(id_info):
     normalized with the in-distribution statistics. Images already of that
     size and square pass the resize and crop unchanged."""
     size = id_info["image_size"]
-    return T.Compose([ToRGB(), T.Resize(size if size <= 64 else int(size * 256 / 224)), T.CenterCrop(size),
+    return T.Compose([ToRGB(), T.Resize(size if size <= 96 else int(size * 256 / 224)), T.CenterCrop(size),
                       T.ToTensor(), T.Normalize(id_info["mean"], id_info["std"])])
 
 
@@ -552,7 +552,7 @@ def compute_scores(net, id_test, ood_sets, bank_set, scores, args, device, rank,
     each OOD set ({label: {score: tensor}}): one forward pass per image, the
     knn bank's features once."""
     kw = dict(batch_size=args.batch_size, device=device, num_workers=args.num_workers, rank=rank,
-              world_size=world_size, precision=args.precision, progress=master)
+              world_size=world_size, precision=args.precision, progress=utils.show_progress(master))
     forward, layout = score_forward(net, args.feature, scores, args.score_encoder)
     bank = None
     if "knn" in scores:
@@ -671,6 +671,14 @@ def main(argv=None):
     net.to(device).eval()
     info = data.resolve_eval_data(args, train_args)
     id_test, ood_sets, bank_set = build_sets(args, info, scores, local_rank)
+    vje_scored = any(name in net.ood_scores for name in scores)
+    measured = dict(checkpoint=os.path.abspath(args.checkpoint), in_distribution=dict(
+        dataset=args.dataset, data_path=os.path.abspath(args.data_path), split="test", classes=args.classes,
+        num_images=len(id_test)), ood_k=args.ood_k if "knn" in scores else None,
+        feature=args.feature if "knn" in scores else None, score_encoder=args.score_encoder if vje_scored else None,
+        score_names=scores, set_paths={s.label: s.entry["data_path"] for s in ood_sets})
+    output = args.output or default_output(args, ood_sets)
+    utils.on_rank0(lambda: utils.check_result_file(output, measured))
     if master:
         listed = ", ".join(f"{s.label} ({len(s.dataset)})" for s in ood_sets)
         print(f"{train_args['method']} {train_args['arch']} (epoch {ckpt.get('epoch')}): in-distribution "
@@ -686,20 +694,14 @@ def main(argv=None):
     # ---- metrics: per set, then the mean of each group ------------------------------------
     sets = {s.label: dict({k: v for k, v in s.entry.items() if k != "label"},
                           scores=set_scores(id_values, ood_values[s.label], scores, s.label)) for s in ood_sets}
-    vje_scored = any(name in net.ood_scores for name in scores)
-    results = dict(model_lib.checkpoint_meta(args.checkpoint, ckpt, train_args),
-                   in_distribution=dict(dataset=args.dataset, data_path=os.path.abspath(args.data_path),
-                                        split="test", classes=args.classes, num_images=len(id_test)),
-                   nu=nu, ood_k=args.ood_k if "knn" in scores else None,
-                   feature=args.feature if "knn" in scores else None,
-                   score_encoder=args.score_encoder if vje_scored else None, precision=args.precision,
-                   seconds=round(time.time() - t0, 1), sets=sets, groups=group_means(sets, scores))
+    results = dict(model_lib.checkpoint_meta(args.checkpoint, ckpt, train_args), **measured, nu=nu,
+                   precision=args.precision, seconds=round(time.time() - t0, 1), sets=sets,
+                   groups=group_means(sets, scores))
     if len(sets) == 1:  # the layout of earlier versions, beside the new one
         (label, only), = sets.items()
         results["ood"] = dict(name=label, **{k: v for k, v in only.items() if k != "scores"})
         results["scores"] = only["scores"]
     print_table(results, scores, args, nu)
-    output = args.output or default_output(args, ood_sets)
     utils.write_json(results, output)
     print(f"wrote {output}")
     return results

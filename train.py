@@ -37,8 +37,9 @@ import utils
 
 RECIPE = "recipe"  # a flag's default is the method's recipe (model.py)
 # what --resume may change: how the run is carried out, not what it trains
-MAY_CHANGE_ON_RESUME = ("resume", "output_dir", "epochs", "max_steps", "data_path", "num_workers", "device",
+MAY_CHANGE_ON_RESUME = ("resume", "replace", "output_dir", "max_steps", "data_path", "num_workers", "device",
                         "precision", "compile", "log_every", "eval_every", "knn_k", "knn_temperature")
+ONE_INVOCATION = ("resume", "replace", "output_dir", "max_steps")  # not taken from the run on --resume
 
 
 # -----------------------------------------------------------------------------
@@ -118,15 +119,18 @@ def build_parser():
     g = p.add_argument_group("the run (these may change on --resume)")
     flag(g, "--output-dir", None, "where args.json, log.jsonl and checkpoint.pt go",
          default_text="runs/<method>-<dataset>-<arch>")
-    flag(g, "--resume", False, "continue from OUTPUT_DIR/checkpoint.pt", action="store_true")
+    flag(g, "--resume", False, "continue the run in --output-dir from its checkpoint, with its own arguments; "
+         "flags given with it must agree, except this group's", action="store_true")
+    flag(g, "--replace", False, "start a new run in an --output-dir that holds one, removing it", action="store_true")
     flag(g, "--max-steps", None, "stop after this many steps in all, saving a checkpoint that --resume "
          "continues from", type=number(int, 1, 1 << 40))
     flag(g, "--device", "auto", "auto takes a GPU when one is visible", choices=("auto", "cuda", "cpu"))
     flag(g, "--precision", None, "autocast precision; fp16 uses a GradScaler. The losses are computed in "
          "float32 in every case", default_text="bf16 on GPUs that support it, else fp32",
          choices=("fp32", "bf16", "fp16"))
-    flag(g, "--compile", False, "torch.compile the forward + loss and the batched augmentation (the first "
-         "steps are slow)", action="store_true")
+    flag(g, "--compile", None, "torch.compile the forward + loss and the batched augmentation (the first step "
+         "compiles, a minute or so); if compiling fails the run goes on eagerly", action=argparse.BooleanOptionalAction,
+         default_text="--compile on CUDA, --no-compile on the CPU")
     flag(g, "--log-every", 50, "steps between the only host syncs of an epoch: the finite-loss check, the stop "
          "flag (Ctrl-C, SIGTERM) and the progress bar", type=number(int, 1, 1 << 20))
 
@@ -144,20 +148,23 @@ def build_parser():
 
 
 def get_args(argv=None):
-    """The resolved arguments: the flags given, the method's options and recipe, the general defaults."""
+    """The resolved arguments: the flags given, the method's options and recipe, the general
+    defaults; with --resume, the run's own arguments, which the flags given must agree with."""
     p, defaults = build_parser()
     given = vars(p.parse_args(argv))
-    method = given.get("method", defaults["method"])
+    saved = saved_arguments(given, defaults) if given.get("resume") else {}
+    method = given.get("method", saved.get("method", defaults["method"]))
     if method not in model_lib.METHODS:
         p.error(f"unknown method '{method}'; choose one of {', '.join(model_lib.METHODS)}")
     cls = model_lib.METHODS[method]
     options = {k for c in model_lib.METHODS.values() for k in c.options}
     for key in given:
-        flag = "--" + key.replace("_", "-")
         if key in options and key not in cls.options:
-            p.error(f"{flag} is not an option of --method {method}")
+            p.error(f"{flag_name(key)} is not an option of --method {method}")
         if defaults[key] == RECIPE and cls.recipe.get(key) is None:
-            p.error(f"{flag} does not apply to --method {method}, whose recipe has none")
+            p.error(f"{flag_name(key)} does not apply to --method {method}, whose recipe has none")
+    if given.get("resume") and given.get("replace"):
+        p.error("--resume continues the run in --output-dir and --replace removes it: give one of them")
     args = {k: cls.recipe.get(k) if v == RECIPE else v for k, v in defaults.items() if k not in options}
     args.update(model_lib.option_defaults(method), **given)
     args.update(optimizer=cls.recipe["optimizer"], nesterov=cls.recipe["nesterov"])
@@ -169,11 +176,43 @@ def get_args(argv=None):
     if reason:
         p.error(reason)
     args["normalize"] = data.normalization(args["normalize"], args["dataset"], cls.recipe["constants"])
-    if args["output_dir"] is None:
-        args["output_dir"] = os.path.join("runs", f"{method}-{args['dataset']}-{args['arch']}")
+    args["output_dir"] = os.path.abspath(args["output_dir"] or default_output_dir(args))
+    args["data_path"] = os.path.abspath(args["data_path"])  # so that a run is found from any folder
     if os.path.exists(args["output_dir"]) and not os.path.isdir(args["output_dir"]):
         p.error(f"--output-dir '{args['output_dir']}' is a file; name a folder")
+    if saved:
+        changed = [f"{flag_name(k)} ({saved.get(k)} -> {args[k]})" for k in given
+                   if k not in MAY_CHANGE_ON_RESUME and args[k] != saved.get(k)]
+        if changed:
+            hint = "; --epochs is the length of the run's schedule, which --resume continues" * \
+                ("epochs" in given and args["epochs"] != saved.get("epochs"))
+            utils.fail(f"--resume with changed recipe flags: {', '.join(changed)}; use the original flags or a new "
+                       f"--output-dir{hint}")
+        # the run's own arguments, but for the flags given here and those of one invocation only
+        args = dict(saved, **{k: args[k] for k in MAY_CHANGE_ON_RESUME if k in given or k in ONE_INVOCATION})
     return argparse.Namespace(**args)
+
+
+def flag_name(key):
+    return "--" + key.replace("_", "-")
+
+
+def default_output_dir(args):
+    return os.path.join("runs", f"{args['method']}-{args['dataset']}-{args['arch']}")
+
+
+def saved_arguments(given, defaults):
+    """The arguments of the run --resume continues: its args.json, else its checkpoint's."""
+    out = given.get("output_dir") or default_output_dir({k: given.get(k, defaults[k]) for k in defaults})
+    ckpt = os.path.join(out, "checkpoint.pt")
+    if not os.path.isfile(ckpt):
+        utils.fail(f"--resume but '{ckpt}' does not exist; check --output-dir, or leave out --resume to start a "
+                   f"new run")
+    try:
+        with open(os.path.join(out, "args.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return utils.load_checkpoint(ckpt).get("args", {})
 
 
 # -----------------------------------------------------------------------------
@@ -288,7 +327,9 @@ def build_data(args, info, views, rank, world_size, device, master):
     if args.aug == "auto":  # batched where the dataset fits in memory as one tensor (bench.py measures both)
         args.aug = "batched" if args.dataset != "imagenet" and args.image_size <= 96 else "pil"
     train_set = split("pretrain", None)
-    sizes = data.image_sizes(train_set) if args.aug == "batched" else None
+    sizes = None
+    if args.aug == "batched":  # the image sizes dataset_info read, unless --classes picked some of them
+        sizes = info.get("sizes") if info.get("sizes") and not args.classes else data.image_sizes(train_set)
     if sizes is not None and len(sizes) > 1:
         if requested == "batched":
             utils.fail(f"the images of '{args.data_path}' differ in size; the batched augmentation needs one "
@@ -298,12 +339,13 @@ def build_data(args, info, views, rank, world_size, device, master):
             print(f"note: the images of '{args.data_path}' differ in size; using --aug pil")
     if args.batch_size > len(train_set):
         utils.fail(f"--batch-size {args.batch_size} is larger than the dataset ({len(train_set)} images); lower it")
+    info["num_images"] = len(train_set)
     per_rank_batch = args.batch_size // world_size
     recipes = data.view_recipes(views, info["image_size"], args.blur, args.interpolation)
     monitor = None
     tf = data.eval_transform(info)
     if args.aug == "batched":  # decoded once, augmented on the device a batch at a time
-        images, labels = augment.images_as_tensor(train_set, args.num_workers, progress=master)
+        images, labels = augment.images_as_tensor(train_set, args.num_workers, progress=utils.show_progress(master))
         images = images.to(device)
         loader = augment.BatchedTwoViews(images, labels, recipes, info["image_size"], info["mean"], info["std"],
                                          per_rank_batch, args.seed, rank, world_size)
@@ -311,7 +353,8 @@ def build_data(args, info, views, rank, world_size, device, master):
             known = (labels >= 0).nonzero().squeeze(1)  # set-up, not a training step
             bank = eval_knn.TensorImages(images, labels.to(device), info, known.to(device))
             try:
-                test_images, test_labels = augment.images_as_tensor(split("test", None), args.num_workers, master)
+                test_images, test_labels = augment.images_as_tensor(split("test", None), args.num_workers,
+                                                                    utils.show_progress(master))
                 monitor = (bank, eval_knn.TensorImages(test_images.to(device), test_labels.to(device), info))
             except augment.MixedSizes:  # a test split of several sizes is read through the eval transform
                 monitor = (bank, split("test", tf))
@@ -387,7 +430,7 @@ def train_one_epoch(run, epoch, step, first_step, sums=None):
     sums, count = dict(sums or {}), 0
     window = torch.zeros(args.log_every, device=device)  # this window's losses, read at its end
     window_start = step
-    bar = tqdm(run.loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not run.master, leave=False,
+    bar = tqdm(run.loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not utils.show_progress(run.master), leave=False,
                initial=first_step, total=first_step + len(run.loader))
     for it, ((x1, x2), y) in enumerate(bar, start=first_step):
         for g in run.optimizer.param_groups:
@@ -396,8 +439,13 @@ def train_one_epoch(run, epoch, step, first_step, sums=None):
             for g in run.probe_optimizer.param_groups:
                 g["lr"] = float(run.probe_lr_schedule[step])
         batch = ((run.to_device(x1), run.to_device(x2)), y.to(device, non_blocking=True))
-        loss, logs = train_step(run.ddp_model, run.model, batch, run.optimizer, run.probe_optimizer, run.scaler,
-                                args.precision, float(run.momentum_schedule[step]))
+        momentum = float(run.momentum_schedule[step])
+        if run.first_step_pending:  # a compiled run's first step compiles, and may fall back to eager
+            run.first_step_pending = False
+            loss, logs = first_compiled_step(run, batch, momentum)
+        else:
+            loss, logs = train_step(run.ddp_model, run.model, batch, run.optimizer, run.probe_optimizer, run.scaler,
+                                    args.precision, momentum)
         # accumulate on the device; nothing is read back until the boundary
         window[step - window_start] = loss.detach().float()
         for k, v in logs.items():
@@ -443,7 +491,7 @@ def knn_monitor(model, bank, test, num_classes, args, device, rank, world_size):
     was_training = model.training
     model.eval()
     kw = dict(batch_size=max(256, args.batch_size // world_size), device=device, num_workers=args.num_workers,
-              rank=rank, world_size=world_size, precision=args.precision, progress=rank == 0)
+              rank=rank, world_size=world_size, precision=args.precision, progress=utils.show_progress(rank == 0))
     sources = [(model.monitored, model.monitor_features)]
     if model.teacher is not None:
         sources.append((["knn_acc_ema"], lambda x: model.features(x, "ema")))
@@ -464,15 +512,13 @@ def knn_monitor(model, bank, test, num_classes, args, device, rank, world_size):
 # -----------------------------------------------------------------------------
 
 def build_networks(args, device, world_size):
-    """The model, its DDP (and torch.compile) wrapper, and the two optimizers."""
+    """The model, its DDP wrapper (the model itself for one process), and the two optimizers."""
     model = model_lib.build(vars(args)).to(device)
     if device.type == "cuda":  # NHWC convolutions use the tensor cores best
         model = model.to(memory_format=torch.channels_last)
     ddp_model = model
     if world_size > 1:
         model, ddp_model = model_lib.wrap_ddp(model, device)
-    if args.compile:
-        ddp_model = torch.compile(ddp_model)
     optimizer = build_optimizer(model, args)
     probe_optimizer = None
     if model.probe is not None:
@@ -492,18 +538,9 @@ def build_schedules(args, steps_per_epoch):
             ema_momentum_schedule(args.ema_momentum or 0.0, total_steps, constant=args.ema_schedule == "constant"))
 
 
-def make_output_dir(path):
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as e:
-        utils.fail(f"cannot create --output-dir '{path}' ({e.strerror})")
-    if not os.access(path, os.W_OK):
-        utils.fail(f"--output-dir '{path}' is not writable")
-
-
 def resume_or_start(run, log_path, rank):
     """With --resume, loads the checkpoint into the model, optimizers and
-    scaler and trims the log to it; writes args.json either way. Returns
+    scaler and trims the log to it. Returns
     (whole epochs done, global step, steps done of the next epoch, the sums of
     that epoch's logged terms over those steps, or None)."""
     args = run.args
@@ -521,9 +558,6 @@ def resume_or_start(run, log_path, rank):
             print(f"resumed from {run.ckpt_path} at epoch {start[0]}" +
                   (f" + {start[2]} steps" if start[2] else "") + f" (step {start[1]})")
             trim_log(log_path, start[0], ckpt.get("log_entry"))
-    if run.master:
-        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=2, sort_keys=True)
     return start
 
 
@@ -570,6 +604,11 @@ def fit(run, monitor, log_path, rank, start_epoch, step, epoch_step, cut_sums=No
         if monitor is not None and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
             entry.update(evaluate())
         entry["epoch_time"] = time.time() - t_epoch
+        if run.compile_seconds:  # the first compiled calls (augmentation, step), compiling included
+            entry["compile_seconds"] = sum(run.compile_seconds)
+            if master:
+                print(f"compiled in {entry['compile_seconds']:.1f} s (the first step and its views)")
+            run.compile_seconds = []
         save(epoch + 1, log_entry=entry)  # the checkpoint first: a failed write leaves both files as they were
         append_log(log_path, entry, master)
         if why is not None:
@@ -578,6 +617,7 @@ def fit(run, monitor, log_path, rank, start_epoch, step, epoch_step, cut_sums=No
             break
     if master:
         report_best(log_path)
+        print(f"checkpoint: {run.ckpt_path}\nlog: {log_path}")
 
 
 def main(argv=None):
@@ -586,10 +626,24 @@ def main(argv=None):
     master = rank == 0
     utils.seed_all(args.seed + rank)
     args.precision = utils.resolve_precision(args.precision, device)
-    if args.batch_size % world_size or args.batch_size // world_size < 2:
-        utils.fail(f"--batch-size {args.batch_size} must split into at least 2 images on each of {world_size} "
-                   f"processes")
+    args.compile = resolve_compile(args.compile, device)
+    if args.batch_size % world_size:
+        utils.fail(f"--batch-size {args.batch_size} does not split evenly over {world_size} processes; give a "
+                   f"multiple of {world_size}")
+    if args.batch_size // world_size < 2:
+        utils.fail(f"--batch-size {args.batch_size} gives each of {world_size} processes fewer than 2 images "
+                   f"(batch norm needs 2); give at least {2 * world_size}")
+    command = "python train.py" if world_size == 1 else "torchrun ... train.py"
+    lock = utils.on_rank0(lambda: utils.prepare_run_dir(args.output_dir, args.resume, args.replace, command))
+    try:
+        return train(args, rank, local_rank, world_size, device)
+    finally:
+        utils.unlock(lock)
 
+
+def train(args, rank, local_rank, world_size, device):
+    """Data, networks, schedules, resume, then the epoch loop (`fit`)."""
+    master = rank == 0
     # ---- data (downloaded by the first process of each node) -----------------------
     with utils.node_leader_first(local_rank):
         info = data.dataset_info(args.dataset, args.data_path, args.image_size, args.normalize)
@@ -598,8 +652,8 @@ def main(argv=None):
             args.num_classes = len(data.class_list(args.classes))
         loader, monitor = build_data(args, info, model_lib.METHODS[args.method].views, rank, world_size, device,
                                      master)
-    if args.compile and isinstance(loader, augment.BatchedTwoViews):
-        loader.make_views = torch.compile(augment.two_views)  # both views of a batch as one compiled graph
+    if info.get("note"):
+        utils.note(info["note"])
 
     # ---- networks, optimizers, schedules; what train_one_epoch reads, in one place ---
     model, ddp_model, optimizer, probe_optimizer = build_networks(args, device, world_size)
@@ -607,17 +661,32 @@ def main(argv=None):
     run = SimpleNamespace(args=args, device=device, master=master, world_size=world_size, loader=loader,
                           steps_per_epoch=len(loader), model=model, ddp_model=ddp_model, optimizer=optimizer,
                           probe_optimizer=probe_optimizer, scaler=utils.grad_scaler(args.precision, device),
-                          to_device=lambda x: x.to(device, non_blocking=True, memory_format=layout))
+                          to_device=lambda x: x.to(device, non_blocking=True, memory_format=layout),
+                          compile_seconds=[], compile_failed=None, first_step_pending=args.compile)
+    run.eager_model = ddp_model
+    if args.compile:  # the forward + loss, and both views of a batch, each as compiled graphs
+        run.ddp_model = try_compile(ddp_model, "the training step", run)
+        if isinstance(loader, augment.BatchedTwoViews):
+            loader.make_views = compile_or_eager(augment.two_views, "the batched augmentation", run)
     run.lr_schedule, run.probe_lr_schedule, run.momentum_schedule = build_schedules(args, run.steps_per_epoch)
+    schedule_note(args)
 
-    # ---- output folder and resume -------------------------------------------------
-    make_output_dir(args.output_dir)
+    # ---- resume, or start ----------------------------------------------------------
     run.ckpt_path = os.path.join(args.output_dir, "checkpoint.pt")
     log_path = os.path.join(args.output_dir, "log.jsonl")
     start_epoch, step, epoch_step, cut_sums = resume_or_start(run, log_path, rank)
     if master:
-        print(f"{args.method} on {args.dataset} ({info['image_size']} px), {args.arch}, {world_size} process(es) "
-              f"on {device.type}, {args.precision}, {args.aug} augmentation, {run.steps_per_epoch} steps/epoch")
+        print(f"{args.method}, {args.arch}, on {args.dataset} '{args.data_path}': {info['num_images']} images at "
+              f"{args.image_size} px, {args.num_classes} classes, {args.aug} augmentation")
+        print(f"{world_size} process(es) on {device.type}, {args.precision}, {'compiled' if args.compile else 'eager'}; "
+              f"{args.epochs} epochs of {run.steps_per_epoch} steps of {args.batch_size}; writing to {args.output_dir}")
+    if start_epoch >= args.epochs:
+        if master:
+            print(f"the run in {args.output_dir} is complete ({start_epoch} of {args.epochs} epochs); nothing to do")
+        return model
+    if master:
+        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=2, sort_keys=True)
 
     run.stopper = Stopper(args.max_steps)
     try:
@@ -628,6 +697,83 @@ def main(argv=None):
     if run.stopper.signal:  # stopped from outside: say so in the exit status (128 + signal, as a shell does)
         sys.exit(128 + run.stopper.signal)
     return model
+
+
+def resolve_compile(flag, device):
+    """--compile unset: on on CUDA (2.4x the eager step on an H100, from bench.py), off on the CPU."""
+    return device.type == "cuda" if flag is None else flag
+
+
+def schedule_note(args):
+    """One line when the run's length leaves its warm-up or its schedule unusual."""
+    if args.warmup_epochs >= args.epochs:
+        utils.note(f"--epochs {args.epochs} ends within the {args.warmup_epochs} warm-up epochs: the rate never "
+                   f"reaches its peak (--lr {args.lr}); lower --warmup-epochs for a full schedule")
+    elif 4 * args.warmup_epochs > args.epochs:
+        utils.note(f"the warm-up ({args.warmup_epochs} epochs) is more than a quarter of the run ({args.epochs} "
+                   f"epochs)")
+
+
+def try_compile(fn, what, run):
+    """torch.compile(fn), or fn where torch.compile itself refuses (an unsupported Python, say)."""
+    try:
+        return torch.compile(fn)
+    except Exception as e:  # noqa: BLE001 - whatever the compiler raised, the run goes on eagerly
+        compile_failed(run, what, e)
+        return fn
+
+
+def compile_or_eager(fn, what, run):
+    """torch.compile(fn); if its first call fails to compile (no C compiler, an unsupported GPU, an
+    error in the graph), fn itself from then on, with one note. For functions of their inputs only."""
+    compiled = try_compile(fn, what, run)
+    chosen = [] if compiled is not fn else [fn]
+
+    def call(*args, **kwargs):
+        if chosen:
+            return chosen[0](*args, **kwargs)
+        t0 = time.time()
+        try:
+            out = compiled(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - whatever the compiler raised, the run goes on eagerly
+            compile_failed(run, what, e)
+            chosen.append(fn)
+            return fn(*args, **kwargs)
+        chosen.append(compiled)
+        run.compile_seconds.append(time.time() - t0)
+        return out
+    return call
+
+
+def compile_failed(run, what, error):
+    """Falls back to the eager model, with one note for the whole run."""
+    if run.compile_failed is None and error is not None:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        utils.note(f"torch.compile failed on {what} ({type(error).__name__}: {reason}); the run goes on eagerly")
+        run.compile_failed = what
+    run.ddp_model = run.eager_model
+
+
+def first_compiled_step(run, batch, momentum):
+    """The first step of a compiled run, which compiles the graphs. If compiling fails, the model
+    and every random generator go back to where they were before the step and the step is made
+    eagerly: nothing of the run is lost, and it goes on eagerly."""
+    if run.compile_failed is not None:
+        compile_failed(run, "the training step", None)
+    step_args = (run.model, batch, run.optimizer, run.probe_optimizer, run.scaler, run.args.precision, momentum)
+    if run.ddp_model is run.eager_model:
+        return train_step(run.ddp_model, *step_args)
+    state, rng = {k: v.clone() for k, v in run.model.state_dict().items()}, utils.rng_state()
+    t0 = time.time()
+    try:
+        out = train_step(run.ddp_model, *step_args)
+    except Exception as e:  # noqa: BLE001 - whatever the compiler raised, the run goes on eagerly
+        run.model.load_state_dict(state)
+        utils.set_rng_state(rng)
+        compile_failed(run, "the training step", e)
+        return train_step(run.ddp_model, *step_args)
+    run.compile_seconds.append(time.time() - t0)
+    return out
 
 
 def global_sums(sums):
@@ -667,7 +813,9 @@ def report_best(log_path):
 
 
 def append_log(path, entry, master):
-    """One JSON line per epoch in log.jsonl, and the same on the console (rank 0)."""
+    """One JSON line per epoch in log.jsonl (floats as float32 holds them), and the same on the
+    console (rank 0)."""
+    entry.update({k: utils.round32(v) for k, v in entry.items() if isinstance(v, float)})
     if master:
         with open(path, "a") as f:
             f.write(json.dumps(entry) + "\n")

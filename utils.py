@@ -1,6 +1,7 @@
-"""What every script shares, and nothing else: torchrun set-up, the autocast
-precision, checkpoints (atomic writes, loads that cannot run code, resume),
-and range checks for numeric flags.
+"""What every script shares, and nothing else: torchrun set-up, the autocast precision,
+checkpoints (atomic writes, loads that cannot run code, resume), the output folder of a run (one
+run a folder, locked while it runs) and of a result file, and the command line's flags (range
+checks, defaults said once, one-line errors).
 
 An older checkpoint of this project (numpy arrays in its RNG state) is refused
 by the safe loader; convert it once with
@@ -12,6 +13,8 @@ import json
 import math
 import os
 import random
+import shutil
+import socket
 import sys
 
 import numpy as np
@@ -19,9 +22,31 @@ import torch
 import torch.distributed as dist
 
 
+def is_rank0():
+    """Whether this is the first process of a torchrun launch (or the only process)."""
+    return int(os.environ.get("RANK", 0)) == 0
+
+
 def fail(message):
-    """Stops the program with one line on stderr and exit code 1 (no traceback)."""
-    raise SystemExit(f"error: {message}")
+    """Stops the program with one line on stderr and exit code 1 (no traceback); under torchrun
+    only the first process prints it (every process meets the same mistake)."""
+    raise SystemExit(f"error: {message}" if is_rank0() else 1)
+
+
+def note(message):
+    """One `note:` line (first process only): something decided for the user, said once."""
+    if is_rank0():
+        print(f"note: {message}", flush=True)
+
+
+def show_progress(master):
+    """Progress bars only on a terminal: in a file their carriage returns fill the log."""
+    return master and sys.stderr.isatty()
+
+
+def round32(value):
+    """A float as float32 holds it, in the shortest decimal that says so (55.000001192 -> 55.0)."""
+    return float(str(np.float32(value)))
 
 
 # -----------------------------------------------------------------------------
@@ -284,6 +309,139 @@ def resume_training_state(path, args, recipe_flags, rank, world_size, **objects)
 
 
 # -----------------------------------------------------------------------------
+# the output folder of a run, and result files
+
+RUN_FILES = ("args.json", "log.jsonl", "checkpoint.pt", "checkpoint.pt.tmp")
+RESULTS = ("knn_", "linear_", "ood_")  # the evaluation scripts' outputs beside a checkpoint
+
+
+def on_rank0(fn):
+    """fn() on the first process only; if it stops with an error, every process stops with it
+    (one collective), so that no process waits for the others at the next one."""
+    error, result = None, None
+    if is_rank0():
+        try:
+            result = fn()
+        except SystemExit as e:
+            error = str(e.code)
+    if distributed():
+        shared = [error]
+        dist.broadcast_object_list(shared, 0)
+        error = shared[0]
+    if error is not None:
+        raise SystemExit(error if is_rank0() else 1)
+    return result
+
+
+def run_contents(path):
+    """What a folder holds of a run: its files and the evaluation results beside them."""
+    if not os.path.isdir(path):
+        return []
+    return sorted(n for n in os.listdir(path) if n in RUN_FILES or n.startswith(RESULTS))
+
+
+def prepare_run_dir(path, resume, replace, command):
+    """The output folder of a run (train.py, eval_linear.py), made ready: a new run stops with one
+    line if the folder holds another run, unless `replace` (which removes it); every run locks the
+    folder, so that a second process on it stops with one line. Returns what `unlock` releases:
+    the lock, and the folder itself if this run made it and it is still empty then."""
+    created = not os.path.exists(path)
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        fail(f"cannot create --output-dir '{path}' ({e.strerror})")
+    if not os.access(path, os.W_OK):
+        fail(f"--output-dir '{path}' is not writable")
+    lock = (lock_dir(path), path if created else None)
+    there = run_contents(path)
+    if there and not resume and not replace:
+        unlock(lock)
+        fail(f"'{path}' holds a run ({describe_run(path, there)}); continue it with `{command} --output-dir "
+             f"{path} --resume`, replace it with --replace, or give another --output-dir")
+    if there and replace and not resume:
+        for name in there:
+            target = os.path.join(path, name)
+            shutil.rmtree(target) if os.path.isdir(target) else os.remove(target)
+        note(f"--replace: removed {', '.join(there)} from '{path}'")
+    return lock
+
+
+def describe_run(path, names):
+    """What a run folder holds, in a few words: its method, how far its log got, its files."""
+    words = []
+    try:
+        with open(os.path.join(path, "args.json")) as f:
+            saved = json.load(f)
+        words.append(f"{saved.get('method') or saved.get('feature', '')}, {saved['epochs']} epochs planned")
+        with open(os.path.join(path, "log.jsonl")) as f:
+            words.append(f"epoch {json.loads(f.readlines()[-1])['epoch']} logged")
+    except (OSError, ValueError, KeyError, IndexError):
+        pass
+    return ", ".join(words + [", ".join(names)])
+
+
+def lock_dir(path):
+    """Takes OUTPUT_DIR/run.lock for this process; stops with one line while a live process holds
+    it. A lock left by a process that died (SIGKILL) is taken over."""
+    lock = os.path.join(path, "run.lock")
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                with open(lock) as f:
+                    pid, host = f.read().split()
+                if host != socket.gethostname() or process_alive(int(pid)):
+                    fail(f"'{path}' is in use by another run (process {pid} on {host}); wait for it to end, or "
+                         f"give another --output-dir")
+            except (OSError, ValueError):  # half-written or gone: a run that died as it started
+                pass
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(lock)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()} {socket.gethostname()}")
+        return lock
+    fail(f"could not lock '{path}' (another run keeps taking it)")
+
+
+def process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def unlock(lock):
+    """Releases what prepare_run_dir took (None: nothing): the lock, and a folder it made that
+    nothing was written to (a run that stopped with an error line leaves nothing behind)."""
+    if lock is not None:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(lock[0])
+        if lock[1] is not None:
+            with contextlib.suppress(OSError):
+                os.rmdir(lock[1])
+
+
+def check_result_file(path, measurement):
+    """Stops with one line, before anything is computed, if `path` holds the result of another
+    measurement (a different value of one of `measurement`'s keys): a result file is replaced
+    only by the same measurement made again."""
+    try:
+        with open(path) as f:
+            old = json.load(f)
+    except (OSError, ValueError):
+        return
+    differ = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in measurement.items() if old.get(k) != v]
+    if differ:
+        fail(f"'{path}' holds another measurement ({'; '.join(differ)[:300]}); pass --output to write this one "
+             f"elsewhere, or remove that file")
+
+
+# -----------------------------------------------------------------------------
 # numeric flags: argparse types that check the range where the flag is parsed
 
 def number(kind=float, low=None, high=None, low_open=False, allow_inf=False):
@@ -360,7 +518,8 @@ def add_eval_flags(p, script):
 def one_line_errors(parser, script):
     """Argument mistakes give one `error:` line (exit 2) instead of the usage dump."""
     def error(message):
-        sys.stderr.write(f"error: {message} (see python {script} --help)\n")
+        if is_rank0():
+            sys.stderr.write(f"error: {message} (see python {script} --help)\n")
         sys.exit(2)
     parser.error = error
     return parser

@@ -251,7 +251,7 @@ def run_with_fault(tmp_path, fault, at, *args):
 def test_non_finite_loss_keeps_last_good_checkpoint(tmp_path):
     data_dir = make_image_folder(tmp_path / "data")
     out = str(tmp_path / "run")
-    assert run_main("train.py", *flags(data_dir, out)).returncode == 0  # epoch 1: 3 steps
+    assert run_main("train.py", *flags(data_dir, out, epochs=2), "--max-steps", 3).returncode == 0  # epoch 1: 3 steps
     before = digest(out)
     r = run_with_fault(tmp_path, "nan-loss", 2, *flags(data_dir, out, epochs=2), "--resume")  # the 2nd step of epoch 2
     line = assert_clean_error(r, "non-finite loss", "epoch 2, step 4", "still holds the last good state",
@@ -295,7 +295,7 @@ def test_failed_checkpoint_write_leaves_checkpoint_and_log_intact(tmp_path):
     (the epoch's log line is written only after its checkpoint)."""
     data_dir = make_image_folder(tmp_path / "data")
     out = str(tmp_path / "run")
-    assert run_main("train.py", *flags(data_dir, out)).returncode == 0
+    assert run_main("train.py", *flags(data_dir, out, epochs=2), "--max-steps", 3).returncode == 0  # epoch 1
     before = digest(out)
     r = run_with_fault(tmp_path, "disk-full", 1, *flags(data_dir, out, epochs=2), "--resume")
     assert_clean_error(r, "could not write", "No space left on device", "previous file there is unchanged")

@@ -129,15 +129,16 @@ def test_an_older_checkpoint_is_refused_with_a_conversion_and_converts(trained, 
     """Checkpoints of earlier versions held numpy arrays in their RNG state: the
     safe load refuses them and names the command that converts them, and
     after it --resume works."""
-    data_dir, good = trained
+    data_dir, _ = trained
     run_dir = tmp_path / "old"
-    run_dir.mkdir()
+    train.main(list(map(str, train_flags(data_dir, str(run_dir), "--epochs", 2, "--max-steps", 3))))  # epoch 1 of 2
+    good = str(run_dir / "checkpoint.pt")
     ckpt = torch.load(good, weights_only=True)
     for state in ckpt["rng"]:
         state["numpy"] = np.random.get_state()  # a tuple holding a uint32 array, as before
     path = str(run_dir / "checkpoint.pt")
     torch.save(ckpt, path)
-    line = error_of("train.py", train_flags(data_dir, str(run_dir), "--resume"))
+    line = error_of("train.py", train_flags(data_dir, str(run_dir), "--resume", "--epochs", 2))
     assert "older version" in line and f"python utils.py upgrade-checkpoint {path}" in line
     r = run("utils.py", "upgrade-checkpoint", path)
     assert r.returncode == 0, r.stderr
@@ -145,7 +146,7 @@ def test_an_older_checkpoint_is_refused_with_a_conversion_and_converts(trained, 
     kind, keys, *_ = converted["rng"][0]["numpy"]
     assert kind == "MT19937" and torch.equal(keys, torch.from_numpy(ckpt["rng"][0]["numpy"][1].astype(np.int64)))
     assert all(torch.equal(converted["model"][k], ckpt["model"][k]) for k in ckpt["model"])
-    train.main(list(map(str, train_flags(data_dir, str(run_dir), "--resume", "--epochs", 2))))
+    train.main(list(map(str, train_flags(data_dir, str(run_dir), "--resume", "--epochs", 2))))  # epoch 2
     assert torch.load(path, weights_only=True)["epoch"] == 2
 
 
