@@ -81,7 +81,8 @@ def resized_crop(x, top, left, height, width, size, flip=None, interpolation="bi
     if flip is not None:
         mw = torch.where(flip[:, None, None], mw.flip(1), mw)
     out = torch.bmm(x.reshape(n, ch * h_in, w_in), mw.transpose(1, 2)).clamp_(0, 1)  # (B, C * H, size)
-    out = torch.bmm(mh, out.view(n, ch, h_in, size).transpose(1, 2).reshape(n, h_in, ch * size))  # (B, size, C * size)
+    # (B, size, C * size)
+    out = torch.bmm(mh, out.view(n, ch, h_in, size).transpose(1, 2).reshape(n, h_in, ch * size))
     return out.view(n, size, ch, size).transpose(1, 2).clamp(0, 1).contiguous()
 
 
@@ -125,7 +126,8 @@ def adjust_hue(x, f):
     safe_c = torch.where(c > 0, c, torch.ones_like(c))
     h = torch.where(v == r, (g - b) / safe_c, torch.where(v == g, (b - r) / safe_c + 2, (r - g) / safe_c + 4))
     h = torch.remainder(h / 6 + f.view(-1, 1, 1), 1.0)
-    m = torch.arange(5, 0, -2, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)  # 5, 3, 1: filled on the device
+    # 5, 3, 1: filled on the device
+    m = torch.arange(5, 0, -2, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     k = torch.remainder(m + 6 * h.unsqueeze(1), 6)
     return v.unsqueeze(1) - c.unsqueeze(1) * torch.minimum(k, 4 - k).clamp_(0, 1)
 
@@ -250,7 +252,8 @@ def pil_gaussian_blur(x, sigma, max_sigma):
         ph = box_blur_matrix(radius, hgt, reach)
         ph = ph @ ph @ ph
     y = torch.bmm(x.reshape(n, ch * hgt, wid), pw.transpose(1, 2))  # (B, C * H, W): rows
-    y = torch.bmm(ph, y.view(n, ch, hgt, wid).transpose(1, 2).reshape(n, hgt, ch * wid))  # (B, H, C * W): columns
+    # (B, H, C * W): columns
+    y = torch.bmm(ph, y.view(n, ch, hgt, wid).transpose(1, 2).reshape(n, hgt, ch * wid))
     return y.view(n, hgt, ch, wid).transpose(1, 2).contiguous()
 
 
@@ -432,8 +435,9 @@ def images_as_tensor(dataset, num_workers=0, progress=True):
         return torch.cat(chunks), torch.cat(labels)
     except RuntimeError as e:
         if "stack expects each tensor to be equal size" in str(e) or "Sizes of tensors must match" in str(e):
-            raise MixedSizes(f"the images of '{getattr(dataset, 'root', dataset)}' differ in size; the batched "
-                             f"augmentation needs one size (the PIL path reads them one at a time)") from None
+            raise MixedSizes(f"the images of '{getattr(dataset, 'root', dataset)}' differ in size; the "
+                             f"batched augmentation needs one size (the PIL path reads them one at a "
+                             f"time)") from None
         raise
 
 

@@ -9,14 +9,16 @@ Where the time of a step goes, reading the JPEG files with 0 and 2 loader proces
         --data-path cifar10-subset --workers 0 2 --data-batches 15 --skip-aug
 Batched against PIL augmentation, and the `tiny` loop fed several ways, compiled beside eager:
     python bench.py --arch tiny --batch-size 256 --image-size 32 --skip-steps --skip-loss --skip-data \
-        --data-path cifar10-subset --methods vje byol --data-batches 8 --feed-rounds 3 --feed-steps 6 --compile
+        --data-path cifar10-subset --methods vje byol --data-batches 8 --feed-rounds 3 --feed-steps 6 \
+        --compile
 The GPU paths (bf16, fp16, torch.compile, torchrun), the throughput goal and train.py's own
 images/s on a folder, in about 7 minutes on an H100:
     python bench.py --gpu-check --data-path cifar10-subset
 
-A shared machine is noisy, so timed items are interleaved: every round runs one step of each, starting one item
-further along each round, so that slow spells hit all alike. Tables give medians, quartiles and extremes per step;
-every ratio is of medians of the same rounds; --output holds the same numbers as JSON.
+A shared machine is noisy, so timed items are interleaved: every round runs one step of each,
+starting one item further along each round, so that slow spells hit all alike. Tables give medians,
+quartiles and extremes per step; every ratio is of medians of the same rounds; --output holds the
+same numbers as JSON.
 """
 import argparse
 import itertools
@@ -49,13 +51,13 @@ METHODS = tuple(model_lib.METHODS)
 INCLUDES = {
     "encoder": "model.encoder forward + backward on both views (B images each), one pass per view, loss "
                "out.float().square().mean(), SGD step of the encoder (VJE's recipe optimizer)",
-    "step": "train.train_step: encoder on both views, heads, loss, probe (random labels), backward, both optimizer "
-            "steps (recipe optimizer at its peak rate), EMA update",
-    "loss": "SSLModel.embedding_loss, forward + backward into the features: the method's heads (VSSL's and BYOL's "
-            "with their EMA projector) and its loss",
-    "vje_loss_fn": "losses.vje_loss alone (directional + radial + KL) on given mu, var and targets, fwd + bwd",
-    "compiled": "the item of the same name, its forward (+ loss) through torch.compile as train.py --compile does; "
-                "the compile runs in the warm-up rounds",
+    "step": "train.train_step: encoder on both views, heads, loss, probe (random labels), backward, both "
+            "optimizer steps (recipe optimizer at its peak rate), EMA update",
+    "loss": "SSLModel.embedding_loss, forward + backward into the features: the method's heads (VSSL's and "
+            "BYOL's with their EMA projector) and its loss",
+    "vje_loss_fn": "losses.vje_loss alone (directional + radial + KL) on given mu, var, targets, fwd + bwd",
+    "compiled": "the item of the same name, its forward (+ loss) through torch.compile as train.py --compile "
+                "does; the compile runs in the warm-up rounds",
 }
 GPU_GOAL = dict(vje_pairs_per_s=15_000, vje_over_encoder=0.85)  # one H100, ResNet-18, bf16, batch 256, 32 px
 
@@ -73,7 +75,8 @@ def summarize(seconds, images=None, reference=None):
     out = dict(median_ms=float(median), q1_ms=float(q1), q3_ms=float(q3),
                min_ms=float(t.min()), max_ms=float(t.max()), n=int(t.size))
     out["images_per_s"] = float(images / (median / 1000.0)) if images else None
-    out["ratio_to_encoder"] = float(median / (np.median(reference) * 1000.0)) if reference is not None else None
+    ratio = median / (np.median(reference) * 1000.0) if reference is not None else None
+    out["ratio_to_encoder"] = None if ratio is None else float(ratio)
     return out
 
 
@@ -91,7 +94,7 @@ def layout(device):
 # the timed items
 
 def build_model(method, args, device):
-    """An SSLModel of `method` with a 10-class probe, and train.py's arguments for it with the recipe's defaults."""
+    """A network of `method` with a 10-class probe, and train.py's arguments for it (the recipe's)."""
     targs = train.get_args(["--method", method, "--arch", args.arch, "--batch-size", str(args.batch_size),
                             "--image-size", str(args.image_size)])
     net = model_lib.build(dict(vars(targs), num_classes=10))
@@ -100,7 +103,8 @@ def build_model(method, args, device):
 
 def synthetic_batch(args, device):
     b, s = args.batch_size, args.image_size
-    x1, x2 = (torch.randn(b, 3, s, s, device=device).contiguous(memory_format=layout(device)) for _ in range(2))
+    x1, x2 = (torch.randn(b, 3, s, s,
+                          device=device).contiguous(memory_format=layout(device)) for _ in range(2))
     return (x1, x2), torch.randint(0, 10, (b,), device=device)
 
 
@@ -109,20 +113,21 @@ def make_train_step(method, args, device, compile=False):
     rate, the forward + loss through torch.compile(model) if `compile` (train.py --compile)."""
     model, targs = build_model(method, args, device)
     scale = args.batch_size / 256
-    optimizer = train.build_optimizer(model, targs)
+    optimizer = model_lib.build_optimizer(model, targs)
     for g in optimizer.param_groups:
         g["lr"] = targs.lr * scale
     probe_optimizer = torch.optim.SGD(model.probe.parameters(), lr=targs.probe_lr * scale, momentum=0.9)
     scaler = utils.grad_scaler(args.precision, device)
     forward = torch.compile(model) if compile else model
-    return lambda batch: train.train_step(forward, model, batch, optimizer, probe_optimizer, scaler, args.precision,
+    return lambda batch: train.train_step(forward, model, batch, optimizer, probe_optimizer, scaler,
+                                          args.precision,
                                           targs.ema_momentum)[0]
 
 
 def encoder_step_item(args, device, batch, compile=False):
     """The reference, the bare encoder's step (its forward compiled if `compile`). Returns (step, encoder)."""
     net, vje_args = build_model("vje", args, device)
-    encoder, optimizer = net.encoder, train.build_optimizer(net.encoder, vje_args)
+    encoder, optimizer = net.encoder, model_lib.build_optimizer(net.encoder, vje_args)
     forward = torch.compile(encoder) if compile else encoder
     for g in optimizer.param_groups:
         g["lr"] = vje_args.lr * args.batch_size / 256
@@ -145,7 +150,8 @@ def loss_item(method, args, device, z):
     heads, _ = build_model(method, args, device)
     heads.encoder = torch.nn.Identity()  # unused here
     if heads.teacher is not None and heads.teacher_encoder() is not heads.teacher:
-        heads.teacher[0] = torch.nn.Identity()  # a teacher encoder before its projector: the identity, layout kept
+        # a teacher encoder before its projector: the identity, layout kept
+        heads.teacher[0] = torch.nn.Identity()
 
     def step():
         heads.zero_grad(set_to_none=True)
@@ -215,7 +221,8 @@ def steps_section(args, device, results):
     items["encoder"], encoder = encoder_step_item(args, device, batch)
     for m in [] if args.skip_steps else args.methods:
         items[m] = lambda step=make_train_step(m, args, device): step(batch)
-    compiled = getattr(args, "compiled", [])  # --gpu-check: methods also timed compiled, beside the compiled encoder
+    # --gpu-check: methods also timed compiled, beside the compiled encoder
+    compiled = getattr(args, "compiled", [])
     if compiled:
         items["encoder compiled"] = encoder_step_item(args, device, batch, compile=True)[0]
     for m in compiled:
@@ -236,7 +243,8 @@ def steps_section(args, device, results):
         return dict(s, cuda_peak_mb=cuda_mb[name]) if device.type == "cuda" else s
 
     header = f"({args.rounds} rounds; ratio = median / median of the encoder step)"
-    names = ["encoder"] + ([] if args.skip_steps else args.methods)  # the encoder is the reference of both tables
+    # the encoder is the reference of both tables
+    names = ["encoder"] + ([] if args.skip_steps else args.methods)
     names += ["encoder compiled"] * bool(compiled) + [f"{m} compiled" for m in compiled]
     results["train_step"] = {n: stats(n, args.batch_size) for n in names}
     if not args.skip_steps:
@@ -259,7 +267,8 @@ def view_recipes(method, info):
 
 def batched_loader(images, labels, method, info, batch_size, seed, make_views=None):
     """augment.BatchedTwoViews with `method`'s views."""
-    return augment.BatchedTwoViews(images, labels, view_recipes(method, info), info["image_size"], info["mean"],
+    return augment.BatchedTwoViews(images, labels, view_recipes(method, info), info["image_size"],
+                                   info["mean"],
                                    info["std"], batch_size, seed, make_views=make_views)
 
 
@@ -274,17 +283,20 @@ def pil_pairs_per_s(method, workers, args, device):
                    f"{args.batch_size}; lower --batch-size")
     batches = min(args.data_batches, len(loader) - 1)
     seconds = time_batches(loader, batches, device)
-    return dict(method=method, workers=workers, batches=batches, pairs=batches * args.batch_size, seconds=seconds,
+    return dict(method=method, workers=workers, batches=batches, pairs=batches * args.batch_size,
+                seconds=seconds,
                 pairs_per_s=batches * args.batch_size / seconds, ms_per_batch=1000.0 * seconds / batches)
 
 
 def data_section(args, device, results):
-    results["data_loading"] = rows = [pil_pairs_per_s(m, w, args, device) for m in args.methods for w in args.workers]
+    results["data_loading"] = rows = [pil_pairs_per_s(m, w, args,
+                                                      device) for m in args.methods for w in args.workers]
     print(f"\ndata loading: {args.data_path}, batch {args.batch_size}, {args.image_size} px, each method's "
-          f"two-view augmentations, data.train_loader\n{'method':<10}{'workers':>8}{'batches':>9}{'pairs/s':>10}"
-          f"{'ms/batch':>11}")
+          f"two-view augmentations, "
+          f"data.train_loader\n{'method':<10}{'workers':>8}{'batches':>9}{'pairs/s':>10}{'ms/batch':>11}")
     for r in rows:
-        print(f"{r['method']:<10}{r['workers']:>8}{r['batches']:>9}{r['pairs_per_s']:>10.1f}{r['ms_per_batch']:>11.1f}")
+        print(f"{r['method']:<10}{r['workers']:>8}{r['batches']:>9}{r['pairs_per_s']:>10.1f}"
+              f"{r['ms_per_batch']:>11.1f}")
 
 
 def augmentation_section(args, device, results):
@@ -307,10 +319,10 @@ def augmentation_section(args, device, results):
             rows.append(dict(method=m, pipeline="pil", cores=t, workers=r["workers"], batches=r["batches"],
                              views_per_s=2 * r["pairs_per_s"]))
     results["augmentation_views"] = rows
-    print(f"\naugmentation: views/s, batch {args.batch_size}, {info['image_size']} px, on {device.type}; batched = "
-          f"augment.BatchedTwoViews from the images in memory (torch threads = cores), pil = data.train_loader from "
-          f"the image files, decoding included (loader processes = cores, none for 1 core)\n"
-          f"{'method':<10}{'pipeline':>10}{'cores':>7}{'views/s':>10}")
+    print(f"\naugmentation: views/s, batch {args.batch_size}, {info['image_size']} px, on {device.type}; "
+          f"batched = augment.BatchedTwoViews from the images in memory (torch threads = cores), pil = "
+          f"data.train_loader from the image files, decoding included (loader processes = cores, none for 1 "
+          f"core)\n{'method':<10}{'pipeline':>10}{'cores':>7}{'views/s':>10}")
     for r in rows:
         print(f"{r['method']:<10}{r['pipeline']:>10}{r['cores']:>7}{r['views_per_s']:>10.0f}")
     return images, labels, info
@@ -322,8 +334,8 @@ def feeds_section(images, labels, info, args, device, results):
     whose first --feed-warmup steps are untimed (worker start-up); the order rotates."""
     method, b, need = args.feed_method, args.batch_size, args.feed_warmup + args.feed_steps
     if len(images) // b < need:
-        utils.fail(f"'{args.data_path}' has {len(images)} training images: too few for {need} batches of {b}; "
-                   f"lower --batch-size or --feed-steps")
+        utils.fail(f"'{args.data_path}' has {len(images)} training images: too few for {need} batches of "
+                   f"{b}; lower --batch-size or --feed-steps")
     fixed = []  # the ceiling's batches: real images, normalized, no augmentation
     for k in range(min(4, len(images) // b)):
         x = augment.normalize_images(images[k * b:(k + 1) * b], info["mean"], info["std"])
@@ -336,7 +348,8 @@ def feeds_section(images, labels, info, args, device, results):
     for w in args.feed_workers:
         feeds[f"pil-w{w}"] = (data.train_loader(pil_set, b, w, args.seed, device_type=device.type), eager)
     if args.compile:  # as train.py --compile: the forward + loss and both views of a batch compiled
-        loader = batched_loader(images, labels, method, info, b, args.seed, make_views=torch.compile(augment.two_views))
+        loader = batched_loader(images, labels, method, info, b, args.seed,
+                                make_views=torch.compile(augment.two_views))
         results["compile"] = dict(model=True, augmentation=True)
         feeds["compiled"] = (loader, make_train_step(method, args, device, compile=True))
 
@@ -366,32 +379,35 @@ def feeds_section(images, labels, info, args, device, results):
     for s in results["feeds"].values():  # images/s of the feed over the ceiling's
         s["throughput_vs_ceiling"] = 1 / s.pop("ratio_to_encoder")
     print(f"\ntraining loop fed {len(feeds)} ways: {method}, {args.arch}, batch {b}, {args.precision}; "
-          f"{args.feed_rounds} rounds x {args.feed_steps} timed steps per feed (+{args.feed_warmup} untimed); "
-          f"images/s = pairs/s at the median step\n{'feed':<10}{'median ms':>11}{'IQR ms':^21}{'images/s':>10}"
-          f"{'x ceiling':>11}")
+          f"{args.feed_rounds} rounds x {args.feed_steps} timed steps per feed (+{args.feed_warmup} "
+          f"untimed); images/s = pairs/s at the median "
+          f"step\n{'feed':<10}{'median ms':>11}{'IQR ms':^21}{'images/s':>10}{'x ceiling':>11}")
     for f, s in results["feeds"].items():
-        print(f"{f:<10}{s['median_ms']:>11.1f}{s['q1_ms']:>10.1f}-{s['q3_ms']:<10.1f}{s['images_per_s']:>10.1f}"
+        print(f"{f:<10}{s['median_ms']:>11.1f}{s['q1_ms']:>10.1f}-{s['q3_ms']:<10.1f}"
+              f"{s['images_per_s']:>10.1f}"
               f"{s['throughput_vs_ceiling']:>11.3f}")
     if args.compile:
         s, c = results["feeds"]["compiled"], results["compile"]  # noqa: the line below reads both
         s["throughput_vs_eager"] = results["feeds"]["batched"]["median_ms"] / s["median_ms"]
         print(f"  compiled = batched, torch.compile of the model and of augment.two_views: "
-              f"{s['throughput_vs_eager']:.3f} x eager; first two steps (compiling) {c['first_steps_s'][0]:.1f} s, "
-              f"{c['first_steps_s'][1]:.1f} s")
+              f"{s['throughput_vs_eager']:.3f} x eager; first two steps (compiling) "
+              f"{c['first_steps_s'][0]:.1f} s, {c['first_steps_s'][1]:.1f} s")
 
 
 def breakdown_section(results, methods):
     """Where one step's time goes, per method: the bare encoder step, heads + loss,
     the rest of train_step, and loading a batch with 0 workers (in one process
     it runs after the step: shares are of their sum) when that was measured."""
-    print("\nwhere one step's time goes, ms (share %); rest = the rest of train_step: probe, the recipe optimizer's "
+    print("\nwhere one step's time goes, ms (share %); rest = the rest of train_step: probe, the recipe "
+          "optimizer's "
           f"work beyond the encoder's SGD step (heads, LARS), EMA teacher forward and update\n{'method':<10}"
           f"{'step':>10}{'encoder':>18}{'heads+loss':>18}{'rest':>18}{'data (0 workers)':>18}")
     rows = {}
     for m in methods:
         enc, step = results["train_step"]["encoder"]["median_ms"], results["train_step"][m]["median_ms"]
         heads = results["loss_overhead"][m]["median_ms"]
-        loading = {str(r["workers"]): r["ms_per_batch"] for r in results.get("data_loading") or [] if r["method"] == m}
+        loading = {str(r["workers"]): r["ms_per_batch"]
+                   for r in results.get("data_loading") or [] if r["method"] == m}
         parts = dict(encoder=enc, heads_and_loss=heads, rest_of_step=step - enc - heads)
         if "0" in loading:
             parts["data_loading"] = loading["0"]
@@ -400,18 +416,20 @@ def breakdown_section(results, methods):
                        step_ms=step, data_ms_per_batch=loading, share_percent=share)
         cells = [f"{v:.1f} ({share[k]:.1f})" for k, v in parts.items()] + ["-"] * (4 - len(parts))
         print(f"{m:<10}{step:>10.1f}" + "".join(f"{c:>18}" for c in cells))
-    print("  shares are of step + data loading at 0 workers where measured; rest is a difference of medians, so "
-          "when it is small it can come out slightly negative")
+    print("  shares are of step + data loading at 0 workers where measured; rest is a difference of medians, "
+          "so when it is small it can come out slightly negative")
     return rows
 
 
 def print_table(title, stats, ratio_label, percent=False):
     fmt = lambda x, spec: "-" if x is None else format(x, spec)  # noqa: E731
     cuda = "cuda_peak_mb" in next(iter(stats.values()))
-    print(f"\n{title}\n{'item':<22}{'median ms':>11}{'IQR ms':^21}{'min-max ms':^21}{'images/s':>11}{ratio_label:>14}"
+    print(f"\n{title}\n{'item':<22}{'median ms':>11}{'IQR ms':^21}{'min-max ms':^21}{'images/s':>11}"
+          f"{ratio_label:>14}"
           + (f"{'CUDA peak MiB':>15}" if cuda else ""))
     for name, s in stats.items():
-        ratio = fmt(100.0 * s["ratio_to_encoder"], ".2f") + " %" if percent else fmt(s["ratio_to_encoder"], ".3f")
+        ratio = fmt(100.0 * s["ratio_to_encoder"], ".2f") + " %" if percent else fmt(s["ratio_to_encoder"],
+                                                                                     ".3f")
         print(f"{name:<22}{s['median_ms']:>11.2f}{s['q1_ms']:>10.2f}-{s['q3_ms']:<10.2f}{s['min_ms']:>10.2f}-"
               f"{s['max_ms']:<10.2f}{fmt(s['images_per_s'], '.1f'):>11}{ratio:>14}"
               + (f"{s['cuda_peak_mb']:>15.0f}" if cuda else ""))
@@ -440,7 +458,8 @@ def finite_loss_check(method, label, precision, compile, args, device, steps=5):
     return check_row(f"{method} {label}", passed, detail, t0)
 
 
-def train_script(method, folder, out, extra=(), nproc=1, batch_size=16, epochs=1, arch="resnet18", device="cuda"):
+def train_script(method, folder, out, extra=(), nproc=1, batch_size=16, epochs=1, arch="resnet18",
+                 device="cuda"):
     """Runs train.py (under torchrun with `nproc` processes) on the ImageFolder tree `folder`.
     Returns (exit code, the per-epoch log rows, the child's first error line or None)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
@@ -471,8 +490,8 @@ def torchrun_check(method, folder, out_dir, nproc, device="cuda", arch="resnet18
     t0 = time.perf_counter()
     code, rows, error = train_script(method, folder, os.path.join(out_dir, method), nproc=nproc, arch=arch,
                                      device=device, extra=["--warmup-epochs", "0", "--max-steps", "5"])
-    return train_script_row(f"{method} torchrun x{nproc}" + (" (NCCL)" if nproc > 1 and device == "cuda" else ""),
-                            code, rows, error, t0)
+    label = f"{method} torchrun x{nproc}" + (" (NCCL)" if nproc > 1 and device == "cuda" else "")
+    return train_script_row(label, code, rows, error, t0)
 
 
 def train_speed_check(label, folder, out, extra, epochs):
@@ -500,10 +519,11 @@ def gpu_check(args, cuda=torch.cuda.is_available):
         return True
     _, _, _, device = utils.setup_distributed("cuda")
     args = argparse.Namespace(**dict(vars(args), arch="resnet18", image_size=32, batch_size=64))
-    print(f"gpu-check on {torch.cuda.get_device_name(device)}, torch {torch.__version__}, ResNet-18 at 32 px\n"
-          f"{'check':<32}{'result':<8}{'seconds':>8}  detail")
+    print(f"gpu-check on {torch.cuda.get_device_name(device)}, torch {torch.__version__}, ResNet-18 at 32 "
+          f"px\n{'check':<32}{'result':<8}{'seconds':>8}  detail")
     rows, speed = [], dict(results={}, goal=GPU_GOAL)
-    report = dict(args=vars(args), torch=torch.__version__, device=torch.cuda.get_device_name(device), checks=rows,
+    report = dict(args=vars(args), torch=torch.__version__, device=torch.cuda.get_device_name(device),
+                  checks=rows,
                   throughput=speed)
     save = lambda: utils.write_json(report, args.output)  # noqa: E731
     for m in args.methods:
@@ -514,11 +534,14 @@ def gpu_check(args, cuda=torch.cuda.is_available):
     for precision, methods, also in (("bf16", args.methods, compiled), ("fp16", ["vje"], [])):
         try:  # every method against the bare encoder step, as the train-step table times them
             results = speed["results"].setdefault(precision, {})
-            steps_section(argparse.Namespace(**dict(vars(args), batch_size=256, precision=precision, methods=methods,
-                                                    compiled=also, skip_steps=False, skip_loss=True, warmup=10,
+            steps_section(argparse.Namespace(**dict(vars(args), batch_size=256, precision=precision,
+                                                    methods=methods,
+                                                    compiled=also, skip_steps=False, skip_loss=True,
+                                                    warmup=10,
                                                     rounds=30)), device, results)
         except Exception as e:  # the other checks still run, and get their summary and JSON
-            speed.setdefault("errors", {})[precision] = f"{type(e).__name__}: {str(e).strip()}".splitlines()[0][:150]
+            speed.setdefault("errors",
+                             {})[precision] = f"{type(e).__name__}: {str(e).strip()}".splitlines()[0][:150]
             print(f"\nthroughput, {precision}: FAIL ({speed['errors'][precision]})")
         save()
     steps = speed["results"].get("bf16", {}).get("train_step", {})
@@ -526,14 +549,15 @@ def gpu_check(args, cuda=torch.cuda.is_available):
         enc, vje = steps["encoder"]["images_per_s"], steps["vje"]["images_per_s"]
         speed.update(vje_pairs_per_s=vje, encoder_pairs_per_s=enc, vje_over_encoder=vje / enc)
         speed["goal_met"] = all(speed[k] >= v for k, v in GPU_GOAL.items())
-        print(f"\nVJE train step {vje:,.0f} image pairs/s, bare encoder step {enc:,.0f}, ratio {vje / enc:.3f} "
-              f"(goal on one H100: VJE >= {GPU_GOAL['vje_pairs_per_s']:,} pairs/s and >= "
-              f"{GPU_GOAL['vje_over_encoder']} x the encoder step: {'met' if speed['goal_met'] else 'NOT met'})")
+        print(f"\nVJE train step {vje:,.0f} image pairs/s, bare encoder step {enc:,.0f}, ratio "
+              f"{vje / enc:.3f} (goal on one H100: VJE >= {GPU_GOAL['vje_pairs_per_s']:,} pairs/s and >= "
+              f"{GPU_GOAL['vje_over_encoder']} x the encoder step: "
+              f"{'met' if speed['goal_met'] else 'NOT met'})")
         if "vje compiled" in steps:  # compiled against the compiled encoder
             cenc, cvje = (steps[n]["images_per_s"] for n in ("encoder compiled", "vje compiled"))
             speed.update(compiled_vje_pairs_per_s=cvje, compiled_encoder_pairs_per_s=cenc)
-            print(f"compiled: VJE train step {cvje:,.0f} image pairs/s, compiled encoder step {cenc:,.0f}, ratio "
-                  f"{cvje / cenc:.3f}")
+            print(f"compiled: VJE train step {cvje:,.0f} image pairs/s, compiled encoder step {cenc:,.0f}, "
+                  f"ratio {cvje / cenc:.3f}")
         save()
     with tempfile.TemporaryDirectory() as tmp:
         if args.data_path is not None:  # the whole loop: loading, batched augmentation, step, logging
@@ -543,10 +567,12 @@ def gpu_check(args, cuda=torch.cuda.is_available):
                 row = train_speed_check(label, args.data_path, os.path.join(tmp, label.replace(" ", "_")),
                                         extra + ["--normalize", "cifar10"], epochs)
                 rows.append(row)
-                speed["train_py"][label] = dict(images_per_s=row["images_per_s"], epochs=row["epoch_images_per_s"])
+                speed["train_py"][label] = dict(images_per_s=row["images_per_s"],
+                                                epochs=row["epoch_images_per_s"])
                 if row["images_per_s"] and "vje" in steps:
                     speed["train_py"][label]["over_encoder_step"] = row["images_per_s"] / enc
-                    print(f"{'':<48}{row['images_per_s']:,.0f} images/s, {row['images_per_s'] / enc:.3f} x the bare "
+                    print(f"{'':<48}{row['images_per_s']:,.0f} images/s, {row['images_per_s'] / enc:.3f} x "
+                          f"the bare "
                           "encoder step")
                 save()
         folder = os.path.join(tmp, "data")  # 2 classes of 40 random 32 px images: 5 steps of 16
@@ -578,22 +604,29 @@ def get_args(argv=None):
     utils.one_line_errors(p, "bench.py")
     p.add_argument("--arch", default="resnet18", choices=model_lib.ARCHS,
                    help="encoder; tiny is the 0.4 M-parameter CPU network, good for a smoke run only")
-    p.add_argument("--batch-size", type=number(int, 2, 1 << 20), default=256, help="images per step, two views each")
+    p.add_argument("--batch-size", type=number(int, 2, 1 << 20), default=256,
+                   help="images per step, two views each")
     p.add_argument("--image-size", type=number(int, 8, 1024), default=32, help="px of the images and crops")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
                    help="methods to measure, each with its recipe from train.py")
     p.add_argument("--precision", default=None, choices=("fp32", "bf16", "fp16"),
-                   help="autocast precision, as in train.py: bf16 on GPUs that support it, else fp32; fp16 needs a GPU")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto takes a visible GPU")
+                   help="autocast precision, as in train.py: bf16 on GPUs that support it, else fp32; fp16 "
+                        "needs a GPU")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="auto takes a visible GPU")
     p.add_argument("--warmup", type=number(int, 0, 100_000), default=2,
-                   help="untimed rounds first (allocator, cuDNN autotuning); 2 is enough on the CPU, 5+ on a GPU")
+                   help="untimed rounds first (allocator, cuDNN autotuning); 2 is enough on the CPU, 5+ on a "
+                        "GPU")
     p.add_argument("--rounds", "--steps", type=number(int, 1, 100_000), default=10,
-                   help="timed rounds, each one step of every item; medians need 10 or more on a shared machine")
+                   help="timed rounds, each one step of every item; medians need 10 or more on a shared "
+                        "machine")
     p.add_argument("--threads", type=number(int, 1, 4096), default=None,
                    help="torch CPU threads; default: OMP_NUM_THREADS, else all cores")
-    p.add_argument("--data-path", default=None, help="ImageFolder tree (train/<class>/*.jpg) for the data tables")
+    p.add_argument("--data-path", default=None,
+                   help="ImageFolder tree (train/<class>/*.jpg) for the data tables")
     p.add_argument("--workers", type=number(int, 0, 256), nargs="+", default=[0, 2],
-                   help="loader processes to try for data loading; on a 2-core CPU 0 and 2 are the sensible values")
+                   help="loader processes to try for data loading; on a 2-core CPU 0 and 2 are the sensible "
+                        "values")
     p.add_argument("--data-batches", type=number(int, 1, 100_000), default=20,
                    help="timed batches per data-loading and views/s measurement (capped by the dataset)")
     p.add_argument("--skip-steps", action="store_true", help="leave out the train-step table")
@@ -601,21 +634,25 @@ def get_args(argv=None):
     p.add_argument("--skip-data", action="store_true", help="leave out the data-loading table")
     p.add_argument("--skip-aug", action="store_true", help="leave out the augmentation and feed tables")
     p.add_argument("--aug-threads", type=number(int, 1, 4096), nargs="+", default=[1, 2],
-                   help="cores for the views/s table: torch threads (batched), loader processes (PIL; 1 = none)")
+                   help="cores for the views/s table: torch threads (batched), loader processes (PIL; 1 = "
+                        "none)")
     p.add_argument("--feed-method", default="vje", choices=METHODS, help="the method the feed table trains")
     p.add_argument("--feed-workers", type=number(int, 0, 256), nargs="+", default=[0, 2],
                    help="loader processes of the PIL feeds")
     p.add_argument("--feed-rounds", type=number(int, 1, 10_000), default=3, help="rounds of the feed table")
-    p.add_argument("--feed-steps", type=number(int, 1, 100_000), default=8, help="timed steps per feed and round")
+    p.add_argument("--feed-steps", type=number(int, 1, 100_000), default=8,
+                   help="timed steps per feed and round")
     p.add_argument("--feed-warmup", type=number(int, 0, 100_000), default=2, help="untimed steps before them")
-    p.add_argument("--compile", action="store_true", help="add the batched feed compiled as train.py --compile "
-                   "compiles it; its first two steps compile, untimed (a minute or more on the CPU)")
+    p.add_argument("--compile", action="store_true",
+                   help="add the batched feed compiled as train.py --compile compiles it; its first two "
+                   "steps compile, untimed (a minute or more on the CPU)")
     p.add_argument("--gpu-check", action="store_true",
-                   help="instead of the tables: 5 steps of each of --methods with ResNet-18 in bf16, fp16, compiled "
-                        "and under torchrun, each for a finite loss; their steps/s against the bare encoder's; with "
-                        "--data-path, train.py's own images/s on it (eager, fp16, --compile)")
+                   help="instead of the tables: 5 steps of each of --methods with ResNet-18 in bf16, fp16, "
+                        "compiled and under torchrun, each for a finite loss; their steps/s against the bare "
+                        "encoder's; with --data-path, train.py's own images/s on it (eager, fp16, --compile)")
     p.add_argument("--seed", type=number(int, 0, 2 ** 31 - 1), default=0)
-    p.add_argument("--output", default="bench.json", help="JSON file of every number printed, and the arguments")
+    p.add_argument("--output", default="bench.json",
+                   help="JSON file of every number printed, and the arguments")
     args = p.parse_args(argv)
     args.methods = list(dict.fromkeys(args.methods))  # each once, in the order given
     if args.compile and (args.skip_aug or args.data_path is None):
@@ -632,8 +669,10 @@ def main(argv=None):
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     utils.seed_all(args.seed)
-    env = dict(device=device.type, device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else
-               platform.processor() or platform.machine(), cpu_count=os.cpu_count(), threads=torch.get_num_threads(),
+    env = dict(device=device.type,
+               device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else
+               platform.processor() or platform.machine(), cpu_count=os.cpu_count(),
+               threads=torch.get_num_threads(),
                torch=torch.__version__, precision=args.precision)
     results = dict(args=vars(args), env=env, includes=INCLUDES)
     print(f"{args.arch}, batch {args.batch_size} x 2 views, {args.image_size} px, {args.precision} on "
@@ -646,7 +685,8 @@ def main(argv=None):
         data_section(args, device, results)
     if args.data_path is not None and not args.skip_aug:
         feeds_section(*augmentation_section(args, device, results), args, device, results)
-    results["breakdown"] = None if args.skip_steps or args.skip_loss else breakdown_section(results, args.methods)
+    results["breakdown"] = None if args.skip_steps or args.skip_loss else breakdown_section(results,
+                                                                                            args.methods)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux reports KiB, macOS bytes
     results["memory"] = dict(cpu_peak_rss_mb=peak / 2 ** (20 if sys.platform == "darwin" else 10))
     print(f"\npeak RSS of this process: {results['memory']['cpu_peak_rss_mb']:.0f} MiB")

@@ -92,8 +92,9 @@ def folder_image_size(paths, where):
     common = ", ".join(f"{n} of {w}x{h}" for (w, h), n in sizes.most_common(3))
     why = "the largest side, as images up to 96 px are used at their own size" if size == side else \
         "as for every folder with images over 96 px"
-    note = f"the images of '{where}' have {len(sizes)} sizes ({common}{', ...' * (len(sizes) > 3)}); they are " \
-           f"used at {size} px, {why}"
+    more = ", ..." * (len(sizes) > 3)
+    note = f"the images of '{where}' have {len(sizes)} sizes ({common}{more}); they are used at {size} px, " \
+           f"{why}"
     return size, note, sizes
 
 
@@ -128,7 +129,8 @@ def dataset_info(name, root, image_size=None, normalize="imagenet"):
         info = dict(image_size=96, num_classes=10)
     else:
         if not root or not os.path.isdir(root):
-            fail(f"--data-path '{root}' does not exist; point it at a folder holding train/ and test/ (or val/)")
+            fail(f"--data-path '{root}' does not exist; point it at a folder holding train/ and test/ (or "
+                 f"val/)")
         train_dir = os.path.join(root, "train")
         if not os.path.isdir(train_dir):
             fail(f"'{root}' has no train/ folder; an ImageFolder dataset needs train/<class>/<image> files")
@@ -183,7 +185,8 @@ def view_recipes(views, size, blur="pil", interpolation="bicubic"):
         fail(f"unknown blur '{blur}'; choose one of {', '.join(BLURS)}")
     if interpolation not in INTERPOLATIONS:
         fail(f"unknown interpolation '{interpolation}'; choose one of {', '.join(INTERPOLATIONS)}")
-    shared = dict(jitter=views["jitter"], ratio=(3 / 4, 4 / 3), flip_p=0.5, jitter_p=0.8, gray_p=0.2, blur=blur,
+    shared = dict(jitter=views["jitter"], ratio=(3 / 4, 4 / 3), flip_p=0.5, jitter_p=0.8, gray_p=0.2,
+                  blur=blur,
                   blur_kernel=blur_kernel_size(size), blur_sigma=(0.1, 2.0), interpolation=interpolation)
     return [dict(view, **shared) for view in views["small" if size < 96 else "large"]]
 
@@ -286,8 +289,8 @@ def build_dataset(name, root, split, transform):
             stl_split = {"pretrain": "train+unlabeled", "train": "train", "test": "test"}[split]
             return torchvision.datasets.STL10(root, split=stl_split, transform=transform, download=True)
     except (OSError, RuntimeError) as e:  # no network, a corrupt archive, a full disk
-        fail(f"could not load {name} from '{root}' ({e}); download it on a machine with internet "
-             f"or pass --data-path to a folder that holds it")
+        fail(f"could not load {name} from '{root}' ({e}); download it on a machine with internet or pass "
+             f"--data-path to a folder that holds it")
     if name in ("imagenet", "folder"):
         directory = folder_split(root, split)
         try:
@@ -488,7 +491,8 @@ def train_loader(dataset, batch_size, num_workers, seed, rank=0, world_size=1, d
     resumed part-way through an epoch gets the same views and the same draws in the training step
     as a run that was never stopped.
     """
-    sampler = ShardSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
+    sampler = ShardSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
+                           drop_last=True)
     return torch.utils.data.DataLoader(SeededSamples(dataset), batch_size=batch_size, sampler=sampler,
                                        num_workers=num_workers, pin_memory=device_type == "cuda",
                                        drop_last=True, persistent_workers=False, generator=torch.Generator())

@@ -75,7 +75,8 @@ def image_batches(images, rows, batch_size, num_workers, device):
         yield from images.batches(rows, batch_size)
         return
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(images, rows), batch_size=batch_size,
-                                         shuffle=False, num_workers=num_workers, pin_memory=device.type == "cuda")
+                                         shuffle=False, num_workers=num_workers,
+                                         pin_memory=device.type == "cuda")
     for x, _ in loader:
         yield x.to(device, non_blocking=True)
 
@@ -85,7 +86,8 @@ def labels_of(images):
 
 
 @torch.no_grad()
-def extract_features(model, images, batch_size=256, device="cpu", source="z", num_workers=0, rank=0, world_size=1,
+def extract_features(model, images, batch_size=256, device="cpu", source="z", num_workers=0, rank=0,
+                     world_size=1,
                      precision="fp32", progress=False, desc="features", forward=None, gather=True):
     """Features of the images (a dataset or TensorImages), float32, with their labels.
 
@@ -135,7 +137,8 @@ def merge_topk(sim, labels, k):
     if not utils.distributed():
         return sim, labels
     world = dist.get_world_size()
-    sims, labs = [torch.empty_like(sim) for _ in range(world)], [torch.empty_like(labels) for _ in range(world)]
+    sims = [torch.empty_like(sim) for _ in range(world)]
+    labs = [torch.empty_like(labels) for _ in range(world)]
     dist.all_gather(sims, sim)
     dist.all_gather(labs, labels)
     sim, idx = torch.cat(sims, 1).topk(k, dim=1)
@@ -143,7 +146,8 @@ def merge_topk(sim, labels, k):
 
 
 @torch.no_grad()
-def knn_classify(train_features, train_labels, test_features, num_classes, k=20, temperature=0.07, chunk=1024):
+def knn_classify(train_features, train_labels, test_features, num_classes, k=20, temperature=0.07,
+                 chunk=1024):
     """Weighted k-NN predictions (Wu et al., 2018; as in DINO's eval_knn).
 
     Args:
@@ -180,7 +184,24 @@ def knn_classify(train_features, train_labels, test_features, num_classes, k=20,
     return torch.cat(preds)
 
 
-def knn_accuracy(train_features, train_labels, test_features, test_labels, num_classes, k=20, temperature=0.07):
+@torch.no_grad()
+def kth_neighbour_distance(bank, queries, k, chunk=1024):
+    """The Euclidean distance (M,), in [0, 2], from each of queries (M, D) to its k-th nearest row
+    of bank (N, D), both L2-normalized (Sun et al., ICML 2022): sqrt(2 - 2 cos) at the k-th largest
+    cosine similarity. eval_ood.py's knn score."""
+    if not 1 <= k <= len(bank):
+        raise ValueError(f"k must be in [1, {len(bank)}], got {k}")
+    bank = F.normalize(bank.float(), dim=1)
+    queries = F.normalize(queries.float(), dim=1).to(bank.device)
+    out = []
+    for start in range(0, len(queries), chunk):
+        kth_sim = (queries[start:start + chunk] @ bank.T).topk(k, dim=1).values[:, -1]
+        out.append((2 - 2 * kth_sim).clamp_min(0).sqrt())
+    return torch.cat(out)
+
+
+def knn_accuracy(train_features, train_labels, test_features, test_labels, num_classes, k=20,
+                 temperature=0.07):
     """Top-1 accuracy in percent of the weighted k-NN classifier; unlabelled
     bank images (label -1, STL-10's extra images) are left out of the bank."""
     keep = train_labels >= 0
@@ -189,25 +210,77 @@ def knn_accuracy(train_features, train_labels, test_features, test_labels, num_c
     return utils.round32(100.0 * (pred.cpu() == test_labels.cpu()).float().mean().item())
 
 
+def monitor_images(split, info, images, num_workers, master):
+    """The (bank, test) images of train.py's monitor: on the batched path the training images
+    already on the device (`images`, (uint8 images, labels)) and the test split decoded once too,
+    else the two splits through the evaluation transform. split(name, transform) builds a split."""
+    tf = data.eval_transform(info)
+    if images is None:
+        return split("train", tf), split("test", tf)
+    known = (images[1] >= 0).nonzero().squeeze(1)  # set-up, not a training step
+    bank = TensorImages(*images, info, known)
+    try:
+        test_images, test_labels = augment.images_as_tensor(split("test", None), num_workers,
+                                                            utils.show_progress(master))
+    except augment.MixedSizes:  # a test split of several sizes is read through the eval transform
+        return bank, split("test", tf)
+    return bank, TensorImages(test_images.to(images[0].device), test_labels.to(images[0].device), info)
+
+
+@torch.no_grad()
+def monitor(model, bank, test, num_classes, args, device, rank, world_size):
+    """train.py's k-NN monitor: k-NN accuracy on un-augmented images, with the network in eval mode,
+    on each feature the method monitors (model.monitor_features: the encoder output z, "knn_acc",
+    and VJE's posterior mean mu, "knn_acc_mu", side by side from one pass) and on the EMA target
+    encoder's ("knn_acc_ema"), as the VJE notebook monitors; and the online probe's test accuracy.
+    `bank` and `test` are datasets or, on the batched path, TensorImages already on the device."""
+    was_training = model.training
+    model.eval()
+    kw = dict(batch_size=max(256, args.batch_size // world_size), device=device, num_workers=args.num_workers,
+              rank=rank, world_size=world_size, precision=args.precision,
+              progress=utils.show_progress(rank == 0))
+    sources = [(model.monitored, model.monitor_features)]
+    if model.teacher is not None:
+        sources.append((["knn_acc_ema"], lambda x: model.features(x, "ema")))
+    out = {}
+    for keys, fwd in sources:
+        bank_f, bank_y = extract_features(model, bank, desc="k-NN bank", gather=False, forward=fwd, **kw)
+        test_f, test_y = extract_features(model, test, desc="k-NN test", forward=fwd, **kw)
+        for key, bank_part, test_part in zip(keys, bank_f.chunk(len(keys), 1), test_f.chunk(len(keys), 1)):
+            out[key] = knn_accuracy(bank_part, bank_y, test_part, test_y, num_classes, args.knn_k,
+                                             args.knn_temperature)
+            if key == "knn_acc" and model.probe is not None:
+                pred = model.probe(test_part.to(device)).argmax(1)
+                out["probe_acc"] = 100.0 * (pred == test_y.to(device)).float().mean().item()
+    model.train(was_training)
+    return out
+
+
 # -----------------------------------------------------------------------------
 # the script
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="Weighted k-NN accuracy of the frozen encoder of a train.py checkpoint.")
+    p = argparse.ArgumentParser(description="Weighted k-NN accuracy of the frozen encoder of a train.py "
+                                            "checkpoint.")
     utils.add_eval_flags(p, "eval_knn.py")
     add = utils.add_flag
-    add(p, "--batch-size", 256, "images per forward pass and process; 256 as train.py's monitor, whose number this "
-        "reproduces (other values change only the last float digits, and the speed)", type=utils.number(int, 1, 1 << 20))
-    add(p, "--feature", None, "z: the encoder output (the protocol's feature); mu: VJE's posterior mean; ema: the "
-        "target encoder of BYOL, VSSL or VJE with --target ema", default_text="z", choices=("z", "mu", "ema"))
-    add(p, "--k", [20, 200], "neighbour counts, one result each; 20 is the headline number, 200 the other common one",
+    add(p, "--batch-size", 256,
+        "images per forward pass and process; 256 as train.py's monitor, whose number this reproduces (other "
+        "values change only the last float digits, and the speed)",
+        type=utils.number(int, 1, 1 << 20))
+    add(p, "--feature", None,
+        "z: the encoder output (the protocol's feature); mu: VJE's posterior mean; ema: the target encoder "
+        "of BYOL, VSSL or VJE with --target ema", default_text="z", choices=("z", "mu", "ema"))
+    add(p, "--k", [20, 200],
+        "neighbour counts, one result each; 20 is the headline number, 200 the other common one",
         type=utils.number(int, 1, 1 << 20), nargs="+")
     add(p, "--temperature", 0.07, "T in the vote weight exp(similarity / T); 0.07 is the usual value, and "
         "train.py's", type=utils.number(float, 0, 100, low_open=True))
     add(p, "--save-features", None, "also save the extracted features and labels to this .pt file, for "
         "--load-features")
     add(p, "--load-features", None, "use features saved with --save-features instead of running the network")
-    add(p, "--output", None, "JSON file for the metrics", default_text="knn_<feature>.json beside the checkpoint")
+    add(p, "--output", None, "JSON file for the metrics",
+        default_text="knn_<feature>.json beside the checkpoint")
     args = p.parse_args(argv)
     if args.save_features and args.load_features:
         p.error("--save-features and --load-features exclude each other")
@@ -226,7 +299,8 @@ def load_saved_features(path, feature):
 
 
 def output_path(args):
-    return args.output or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), f"knn_{args.feature}.json")
+    return args.output or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
+                                       f"knn_{args.feature}.json")
 
 
 def check_output(args, measured):
@@ -243,7 +317,8 @@ def main(argv=None):
     # ---- features: from the network, or from --load-features ------------------------
     if args.load_features:
         saved = load_saved_features(args.load_features, args.feature)
-        bank_f, bank_y, test_f, test_y = saved["train"], saved["train_labels"], saved["test"], saved["test_labels"]
+        bank_f, bank_y = saved["train"], saved["train_labels"]
+        test_f, test_y = saved["test"], saved["test_labels"]
         if world_size > 1:  # each process keeps its shard of the bank
             bank_f, bank_y = bank_f[rank::world_size], bank_y[rank::world_size]
         meta = saved["meta"]
@@ -259,21 +334,25 @@ def main(argv=None):
         tf = data.eval_transform(info)
         bank_set, test_set = data.build_split(args, "train", tf), data.build_split(args, "test", tf)
         if master:
-            print(f"{train_args['method']} {train_args['arch']} (epoch {ckpt.get('epoch')}) on {args.dataset}: "
-                  f"{len(bank_set)} bank and {len(test_set)} test images, feature {args.feature}, "
-                  f"{world_size} process(es) on {device.type}, {args.precision}")
+            print(f"{train_args['method']} {train_args['arch']} (epoch {ckpt.get('epoch')}) on "
+                  f"{args.dataset}: {len(bank_set)} bank and {len(test_set)} test images, feature "
+                  f"{args.feature}, {world_size} process(es) on {device.type}, {args.precision}")
         check_output(args, dict(checkpoint=os.path.abspath(args.checkpoint), dataset=args.dataset,
                                 data_path=os.path.abspath(args.data_path), classes=args.classes))
-        kw = dict(batch_size=args.batch_size, device=device, source=args.feature, num_workers=args.num_workers,
-                  rank=rank, world_size=world_size, precision=args.precision, progress=utils.show_progress(master))
+        kw = dict(batch_size=args.batch_size, device=device, source=args.feature,
+                  num_workers=args.num_workers,
+                  rank=rank, world_size=world_size, precision=args.precision,
+                  progress=utils.show_progress(master))
         t0 = time.time()
         # the bank stays sharded (unless it is saved, which needs all of it on rank 0)
-        bank_f, bank_y = extract_features(net, bank_set, desc="bank features", gather=bool(args.save_features), **kw)
+        bank_f, bank_y = extract_features(net, bank_set, desc="bank features",
+                                          gather=bool(args.save_features), **kw)
         test_f, test_y = extract_features(net, test_set, desc="test features", **kw)
         meta = dict(model_lib.checkpoint_meta(args.checkpoint, ckpt, train_args), dataset=args.dataset,
                     data_path=os.path.abspath(args.data_path), classes=args.classes,
                     num_classes=info["num_classes"],
-                    feature=args.feature, precision=args.precision, extract_seconds=round(time.time() - t0, 1))
+                    feature=args.feature, precision=args.precision,
+                    extract_seconds=round(time.time() - t0, 1))
         if args.save_features:
             if master:
                 utils.save_checkpoint(dict(train=bank_f.cpu(), train_labels=bank_y, test=test_f.cpu(),
@@ -283,7 +362,8 @@ def main(argv=None):
 
     # ---- the classifier (every process: each holds a shard of the bank) -----------------
     n_bank = utils.all_reduce_sum(torch.tensor([float((bank_y >= 0).sum())], device=bank_f.device))
-    results = dict(meta, temperature=args.temperature, k=args.k, num_bank=int(n_bank.item()), num_test=len(test_y))
+    results = dict(meta, temperature=args.temperature, k=args.k, num_bank=int(n_bank.item()),
+                   num_test=len(test_y))
     for k in args.k:
         results[f"top1_k{k}"] = knn_accuracy(bank_f, bank_y, test_f, test_y, meta["num_classes"], k,
                                              args.temperature)
@@ -295,7 +375,8 @@ def main(argv=None):
     output = output_path(args)
     print(f"\nweighted k-NN, {results['method']} {results['arch']} epoch {results['checkpoint_epoch']}, "
           f"feature {args.feature}, T {args.temperature}")
-    print(f"  {results['dataset']}: bank {results['num_bank']} train images, {results['num_test']} test images"
+    print(f"  {results['dataset']}: bank {results['num_bank']} train images, {results['num_test']} test "
+          f"images"
           + (f", classes {','.join(results['classes'])}" if results.get("classes") else ""))
     for k in args.k:
         print(f"  k = {k:<5d} top-1 {results[f'top1_k{k}']:6.2f} %")

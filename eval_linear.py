@@ -49,34 +49,40 @@ RECIPE_FLAGS = ("feature", "dataset", "classes", "image_size", "batch_size", "lr
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="Linear probe on the frozen encoder of a train.py checkpoint: top-1 and "
-                                            "top-5 accuracy on the test split.")
+    p = argparse.ArgumentParser(description="Linear probe on the frozen encoder of a train.py checkpoint: "
+                                            "top-1 and top-5 accuracy on the test split.")
     utils.add_eval_flags(p, "eval_linear.py")
     add, number = utils.add_flag, utils.number
-    add(p, "--batch-size", 256, "global batch size of the probe's SGD, split over the processes; the learning rate "
-        "scales with it", type=number(int, 1, 1 << 20))
+    add(p, "--batch-size", 256,
+        "global batch size of the probe's SGD, split over the processes; the learning rate scales with "
+        "it", type=number(int, 1, 1 << 20))
     add(p, "--feature", "z", "what the linear layer reads: z, the encoder output (the protocol's); mu: VJE's "
         "posterior mean; ema: the target encoder", choices=("z", "mu", "ema"))
     add(p, "--epochs", 100, "passes over the labelled training split", type=number(int, 1, 100_000))
-    add(p, "--lr", 0.1, "learning rate for a global batch of 256, scaled linearly with --batch-size. 0.1 without "
-        "weight decay is the usual SGD probe on raw ResNet features (solo-learn's offline recipe); DINO's 0.001 "
+    add(p, "--lr", 0.1,
+        "learning rate for a global batch of 256, scaled linearly with --batch-size. 0.1 without weight "
+        "decay is the usual SGD probe on raw ResNet features (solo-learn's offline recipe); DINO's 0.001 "
         "suits its layer-normed ViT tokens. Sweep it (0.01 to 1) for a number to publish",
         type=number(float, 0, 100, low_open=True))
     add(p, "--momentum", 0.9, "SGD momentum", type=number(float, 0, 1))
-    add(p, "--weight-decay", 0.0, "L2 on the linear layer; 0 is the usual choice, the frozen features are the "
+    add(p, "--weight-decay", 0.0,
+        "L2 on the linear layer; 0 is the usual choice, the frozen features are the "
         "regularizer", type=number(float, 0, 1))
-    add(p, "--eval-every", 1, "measure test top-1/top-5 every N epochs (cheap: the test features are extracted "
-        "once); 0 measures the last epoch only. The last epoch is the number reported (not the best)",
+    add(p, "--eval-every", 1,
+        "measure test top-1/top-5 every N epochs (cheap: the test features are extracted once); 0 measures "
+        "the last epoch only. The last epoch is the number reported (not the best)",
         type=number(int, 0, 100_000))
     add(p, "--seed", 0, "seeds the layer's initialization, crops and order", type=number(int, 0, 2 ** 31 - 1))
     add(p, "--output-dir", None, "for args.json, log.jsonl and checkpoint.pt",
         default_text="linear_<feature>/ beside the checkpoint")
     add(p, "--resume", False, "continue from OUTPUT_DIR/checkpoint.pt", action="store_true")
-    add(p, "--replace", False, "start a new probe in an --output-dir that holds one, removing it", action="store_true")
-    add(p, "--max-steps", None, "stop after this many steps in all (smoke tests); the checkpoint holds the last "
-        "whole epoch", type=number(int, 1, 1 << 40))
-    add(p, "--output", None, "JSON file for the final metrics", default_text="linear_<feature>.json beside the "
-        "checkpoint")
+    add(p, "--replace", False, "start a new probe in an --output-dir that holds one, removing it",
+        action="store_true")
+    add(p, "--max-steps", None,
+        "stop after this many steps in all (smoke tests); the checkpoint holds the last whole "
+        "epoch", type=number(int, 1, 1 << 40))
+    add(p, "--output", None, "JSON file for the final metrics",
+        default_text="linear_<feature>.json beside the checkpoint")
     return p.parse_args(argv)
 
 
@@ -104,7 +110,8 @@ def build_probe(dim, num_classes, device, world_size):
     linear.to(device)
     if world_size == 1:
         return linear, linear
-    return linear, nn.parallel.DistributedDataParallel(linear, device_ids=[device] if device.type == "cuda" else None)
+    return linear, nn.parallel.DistributedDataParallel(linear,
+                                                       device_ids=[device] if device.type == "cuda" else None)
 
 
 def train_one_epoch(net, ddp_linear, loader, optimizer, lr_schedule, step, args, device, master, desc):
@@ -142,16 +149,17 @@ def build_probe_data(args, info, net, device, rank, world_size, master):
     train_set = data.build_split(args, "train", data.probe_train_transform(info))
     test_set = data.build_split(args, "test", data.eval_transform(info))
     if args.batch_size > len(train_set):
-        utils.fail(f"--batch-size {args.batch_size} is larger than the training split ({len(train_set)} images); "
-                   f"lower it")
+        utils.fail(f"--batch-size {args.batch_size} is larger than the training split ({len(train_set)} "
+                   f"images); lower it")
     loader = data.train_loader(train_set, args.batch_size // world_size, args.num_workers, args.seed, rank,
                                world_size, device.type)
-    test_f, test_y = eval_knn.extract_features(net, test_set, args.batch_size // world_size, device, args.feature,
+    test_f, test_y = eval_knn.extract_features(net, test_set, args.batch_size // world_size, device,
+                                               args.feature,
                                                args.num_workers, rank, world_size, args.precision,
                                                utils.show_progress(master), "test features")
     if master:
-        print(f"{args.dataset}: {len(train_set)} train / {len(test_set)} test images, {info['num_classes']} classes, "
-              f"{world_size} process(es) on {device.type}, {len(loader)} steps/epoch")
+        print(f"{args.dataset}: {len(train_set)} train / {len(test_set)} test images, {info['num_classes']} "
+              f"classes, {world_size} process(es) on {device.type}, {len(loader)} steps/epoch")
     return train_set, loader, test_f, test_y
 
 
@@ -173,7 +181,6 @@ def report(args, ckpt, train_args, encoder, done, step, num_train, num_test, top
 def main(argv=None):
     args = get_args(argv)
     rank, _, world_size, device = utils.setup_distributed(args.device)
-    master = rank == 0
     utils.seed_all(args.seed + rank)
     ckpt_dir = os.path.dirname(os.path.abspath(args.checkpoint))
     args.output_dir = os.path.abspath(args.output_dir or os.path.join(ckpt_dir, f"linear_{args.feature}"))
@@ -205,7 +212,8 @@ def probe(args, net, train_args, ckpt, encoder, info, measurement, rank, world_s
 
     # ---- the linear layer, optimizer and schedule ----------------------------------
     linear, ddp_linear = build_probe(net.dim, info["num_classes"], device, world_size)
-    optimizer = torch.optim.SGD(linear.parameters(), lr=0.0, momentum=args.momentum, weight_decay=args.weight_decay)
+    optimizer = torch.optim.SGD(linear.parameters(), lr=0.0, momentum=args.momentum,
+                                weight_decay=args.weight_decay)
     total_steps = args.epochs * len(loader)
     base_lr = args.lr * args.batch_size / 256
     lr_schedule = base_lr * 0.5 * (1 + np.cos(np.pi * np.arange(total_steps) / total_steps))
@@ -217,8 +225,8 @@ def probe(args, net, train_args, ckpt, encoder, info, measurement, rank, world_s
         state = utils.resume_training_state(ckpt_path, args, RECIPE_FLAGS, rank, world_size, linear=linear,
                                             optimizer=optimizer)
         if state.get("encoder") != encoder:
-            utils.fail(f"{ckpt_path} probes {state.get('encoder')}, but --checkpoint is now {encoder}; "
-                       f"use a new --output-dir")
+            utils.fail(f"{ckpt_path} probes {state.get('encoder')}, but --checkpoint is now {encoder}; use a "
+                       f"new --output-dir")
         start_epoch, step = state["epoch"], state["step"]
         if master:
             print(f"resumed from {ckpt_path} at epoch {start_epoch}")
@@ -236,7 +244,8 @@ def probe(args, net, train_args, ckpt, encoder, info, measurement, rank, world_s
         loader.sampler.set_epoch(epoch)
         linear.train()
         t0 = time.time()
-        totals, step, stopped = train_one_epoch(net, ddp_linear, loader, optimizer, lr_schedule, step, args, device,
+        totals, step, stopped = train_one_epoch(net, ddp_linear, loader, optimizer, lr_schedule, step, args,
+                                                device,
                                                 master, f"epoch {epoch + 1}/{args.epochs}")
         if stopped:  # the partial epoch is not saved: --resume repeats it from the last checkpoint
             break
@@ -249,13 +258,10 @@ def probe(args, net, train_args, ckpt, encoder, info, measurement, rank, world_s
             evaluated_at = step
             entry.update(test_top1=top1, test_top5=top5)
         entry["epoch_time"] = time.time() - t0
-        entry = {k: utils.round32(v) if isinstance(v, float) else v for k, v in entry.items()}
-        utils.save_training_state(ckpt_path, master, world_size, linear=linear, optimizer=optimizer, epoch=done,
+        utils.save_training_state(ckpt_path, master, world_size, linear=linear, optimizer=optimizer,
+                                  epoch=done,
                                   step=step, args=vars(args), encoder=encoder)
-        if master:
-            with open(os.path.join(args.output_dir, "log.jsonl"), "a") as f:
-                f.write(json.dumps(entry) + "\n")
-            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items()))
+        utils.append_log(os.path.join(args.output_dir, "log.jsonl"), entry, master)
 
     # ---- final metrics ---------------------------------------------------------------------
     if evaluated_at != step:  # resumed after the last epoch, or stopped by --max-steps

@@ -38,27 +38,18 @@ Groups: a preset's sets are in the groups near and far, every other set in the g
 GROUP for GROUP=SET. Each metric is reported per set and as the plain mean over each group's sets
 (as OpenOOD averages).
 
-Images: RGB, resized (shorter side) to the checkpoint's size and centre-cropped to it, as OpenOOD's
-test transform does at 32 px (larger sizes: resized to 256/224 of it first), normalized with the
-in-distribution statistics; one view per image, the network in eval mode. Scores, higher = more OOD:
-  vje      VJE's Eq. 39 (losses.vje_ood_score): directional + radial Student-t NLL of z under its
-           own posterior g(z), at s = mu; --score-encoder ema takes z from the EMA encoder.
-  vje-dir  its directional part alone.
-  knn      the distance from the normalized feature to its k-th nearest neighbour among the
-           normalized in-distribution training features (Sun et al., ICML 2022). Every method.
-
-Metrics, in percent, with numpy: AUROC; AUPR-In (ID positive, lower score = more ID); AUPR-Out
-(OOD positive); FPR at 95 % TPR (OOD positive, as OpenOOD v1.5). OpenOOD integrates its
-precision-recall curves with the trapezoidal rule where this script takes average precision, so
-its AUPRs may differ slightly where scores tie. They go to --output as JSON (default
-ood_<set>[+<set>...].json beside the checkpoint, a preset counting as one set):
-    {checkpoint, method, arch, checkpoint_epoch, in_distribution, nu, ood_k, feature,
-     score_encoder, precision, seconds,
-     sets:   {<set>: {group, dataset, data_path, split, classes, num_images,
-                      scores: {<score>: {auroc, aupr_in, aupr_out, fpr95, mean_id, mean_ood}}}},
-     groups: {<group>: {sets: [<set>, ...], scores: {<score>: {auroc, aupr_in, aupr_out, fpr95}}}},
-     ood, scores}
-where ood and scores repeat the set's description and scores at the top in a run of one set.
+Images: RGB, resized (shorter side) to the checkpoint's size and centre-cropped, as OpenOOD's test
+transform does at 32 px, normalized with the in-distribution statistics; one view, eval mode.
+Scores, higher = more OOD: vje, VJE's Eq. 39 (model.VJE.ood_score: directional + radial NLL of z
+under its own posterior, at s = mu; --score-encoder ema takes z from the EMA encoder); vje-dir, its
+directional part; knn, the distance to the k-th nearest normalized in-distribution training
+feature (Sun et al., ICML 2022), for every method. Metrics, in percent, with numpy: AUROC,
+AUPR-In (ID positive), AUPR-Out (OOD positive), FPR at 95 % TPR (OOD positive, as OpenOOD v1.5,
+whose AUPRs integrate with the trapezoidal rule where these take average precision). They go to
+--output as JSON (default ood_<set>[+<set>...].json beside the checkpoint): the measurement, then
+sets: {<set>: {group, dataset, data_path, split, classes, num_images, scores: {<score>: {auroc,
+aupr_in, aupr_out, fpr95, mean_id, mean_ood}}}} and groups: {<group>: {sets, scores}}; in a run of
+one set, ood and scores repeat its description and scores at the top.
 """
 import argparse
 import math
@@ -69,14 +60,12 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import torchvision
 import torchvision.transforms as T
 
 import data
 import eval_knn
 import model as model_lib
-import losses
 import utils
 
 SCORES = ("vje", "vje-dir", "knn")
@@ -118,19 +107,11 @@ def _as_scores(scores_id, scores_ood):
 
 
 def auroc(scores_id, scores_ood):
-    """Area under the ROC curve: the probability that an OOD sample scores
-    higher than an in-distribution one, ties counted half (Mann-Whitney
-    U / (n_ood * n_id)).
+    """Area under the ROC curve of (n_id,) in-distribution and (n_ood,) OOD scores: the probability
+    that an OOD sample scores higher than an in-distribution one, ties counted half, in [0, 1]
+    (0.5 is chance). Mann-Whitney U / (n_ood n_id), U from the ranks of all scores pooled, tied
+    scores sharing their average rank: U = (sum of the OOD ranks) - n_ood (n_ood + 1) / 2.
 
-    U comes from the ranks of all scores pooled, tied scores sharing their
-    average rank: U = (sum of the OOD ranks) - n_ood (n_ood + 1) / 2.
-
-    Args:
-        scores_id: (n_id,) scores of in-distribution samples.
-        scores_ood: (n_ood,) scores of OOD samples.
-    Returns:
-        float in [0, 1]; 0.5 is chance.
-    Example:
         >>> auroc([1, 2, 3], [2, 3, 4])  # (1.5 + 2.5 + 3) / 9
         0.7777777777777778
     """
@@ -144,21 +125,12 @@ def auroc(scores_id, scores_ood):
 
 
 def aupr(scores_id, scores_ood):
-    """AUPR-Out: the area under the precision-recall curve of detecting OOD
-    (OOD is the positive class), as average precision: sum over thresholds t
-    of (R(t) - R(t_prev)) * P(t).
+    """AUPR-Out: the area under the precision-recall curve of finding the OOD samples (the
+    positives), as average precision: the sum over thresholds t of (R(t) - R(t_prev)) P(t), in
+    [0, 1] (chance: n_ood / (n_ood + n_id)). Thresholds are the distinct scores, from the highest
+    down; a sample is flagged when its score is >= t, so tied samples enter together. P(t) is the
+    fraction of OOD among the flagged samples, R(t) the fraction of OOD samples flagged.
 
-    Thresholds are the distinct scores, from the highest down; a sample counts
-    as flagged when its score is >= t, so tied samples enter together. P(t) is
-    the fraction of OOD among the flagged samples, R(t) the fraction of OOD
-    samples flagged.
-
-    Args:
-        scores_id: (n_id,) scores of in-distribution samples.
-        scores_ood: (n_ood,) scores of OOD samples (the positives).
-    Returns:
-        float in [0, 1]; chance is n_ood / (n_ood + n_id).
-    Example:
         >>> aupr([1, 2, 3], [2, 3, 4])  # 1/3 * 1 + 1/3 * 2/3 + 1/3 * 3/5
         0.7555555555555555
     """
@@ -175,16 +147,10 @@ def aupr(scores_id, scores_ood):
 
 
 def aupr_in(scores_id, scores_ood):
-    """AUPR-In: average precision of finding the in-distribution samples (ID
-    is the positive class, a lower score means more ID), with `aupr`'s
-    thresholds and ties: the AUPR-Out of the negated scores, roles swapped.
+    """AUPR-In: the average precision of finding the in-distribution samples (the positives; a
+    lower score means more ID), with `aupr`'s thresholds and ties: the AUPR-Out of the negated
+    scores, roles swapped. In [0, 1]; chance is n_id / (n_ood + n_id).
 
-    Args:
-        scores_id: (n_id,) scores of in-distribution samples (the positives).
-        scores_ood: (n_ood,) scores of OOD samples.
-    Returns:
-        float in [0, 1]; chance is n_id / (n_ood + n_id).
-    Example:
         >>> aupr_in([0, 1, 1], [1, 2])  # t = 0: P 1, R 1/3; t = 1: P 3/4, R 1
         0.8333333333333333
     """
@@ -193,20 +159,11 @@ def aupr_in(scores_id, scores_ood):
 
 
 def fpr_at_tpr(scores_id, scores_ood, tpr=0.95):
-    """False-positive rate at a true-positive rate of at least `tpr`.
+    """False-positive rate at a true-positive rate of at least `tpr` in (0, 1], lower is better: the
+    threshold t is the highest score such that at least ceil(tpr n_ood) OOD samples score >= t (so
+    t is an OOD sample's score), and the result the fraction of in-distribution samples scoring
+    >= t (ties with t count as false positives).
 
-    Convention: the threshold t is the highest score such that at least
-    ceil(tpr * n_ood) OOD samples score >= t (so t is an OOD sample's score),
-    and the result is the fraction of in-distribution samples scoring >= t.
-    In-distribution samples tied with t count as false positives.
-
-    Args:
-        scores_id: (n_id,) scores of in-distribution samples.
-        scores_ood: (n_ood,) scores of OOD samples.
-        tpr: the true-positive rate to keep, in (0, 1].
-    Returns:
-        float in [0, 1]; lower is better.
-    Example:
         >>> fpr_at_tpr([0.5, 1, 1, 2, 2.5, 30], range(1, 21))  # t = 2: 19 of 20 OOD kept
         0.5
     """
@@ -222,7 +179,8 @@ def ood_metrics(scores_id, scores_ood):
     """AUROC, AUPR-In (ID positive), AUPR-Out (OOD positive) and FPR at 95 %
     TPR, in percent, under the keys of METRICS."""
     return dict(auroc=100 * auroc(scores_id, scores_ood), aupr_in=100 * aupr_in(scores_id, scores_ood),
-                aupr_out=100 * aupr(scores_id, scores_ood), fpr95=100 * fpr_at_tpr(scores_id, scores_ood, 0.95))
+                aupr_out=100 * aupr(scores_id, scores_ood),
+                fpr95=100 * fpr_at_tpr(scores_id, scores_ood, 0.95))
 
 
 def group_means(sets, scores):
@@ -241,30 +199,6 @@ def group_means(sets, scores):
 
 # -----------------------------------------------------------------------------
 # scores
-
-@torch.no_grad()
-def kth_neighbour_distance(bank, queries, k, chunk=1024):
-    """Euclidean distance from each query to its k-th nearest bank row, both
-    L2-normalized first (Sun et al., 2022): sqrt(2 - 2 cos) at the k-th largest
-    cosine similarity.
-
-    Args:
-        bank: (N, D) in-distribution training features.
-        queries: (M, D) features to score.
-        k: which neighbour, 1 <= k <= N.
-    Returns:
-        (M,) distances in [0, 2].
-    """
-    if not 1 <= k <= len(bank):
-        raise ValueError(f"k must be in [1, {len(bank)}], got {k}")
-    bank = F.normalize(bank.float(), dim=1)
-    queries = F.normalize(queries.float(), dim=1).to(bank.device)
-    out = []
-    for start in range(0, len(queries), chunk):
-        kth_sim = (queries[start:start + chunk] @ bank.T).topk(k, dim=1).values[:, -1]
-        out.append((2 - 2 * kth_sim).clamp_min(0).sqrt())
-    return torch.cat(out)
-
 
 def score_forward(net, feature, scores, score_encoder="online"):
     """A function from a batch of images to every per-image quantity eval_ood needs, computed in
@@ -301,19 +235,14 @@ def score_forward(net, feature, scores, score_encoder="online"):
 # -----------------------------------------------------------------------------
 # OOD sets: images, names, presets and folders
 
-class ToRGB:
-    """PIL image -> RGB (a gray image's one channel copied to three)."""
-
+class ToRGB:  # PIL image -> RGB (a gray image's channel copied to three)
     def __call__(self, img):
         return img.convert("RGB")
 
 
 def ood_transform(id_info):
-    """An OOD image as the network saw its training data, by OpenOOD's test
-    transform: RGB, resized (shorter side) to the in-distribution size (to
-    256/224 of it above 64 px, as ImageNet is) and centre-cropped to it,
-    normalized with the in-distribution statistics. Images already of that
-    size and square pass the resize and crop unchanged."""
+    """An OOD image as the network saw its training data, by OpenOOD's test transform: RGB, the
+    shorter side resized to the in-distribution size (256/224 of it above 96 px) and centre-cropped."""
     size = id_info["image_size"]
     return T.Compose([ToRGB(), T.Resize(size if size <= 96 else int(size * 256 / 224)), T.CenterCrop(size),
                       T.ToTensor(), T.Normalize(id_info["mean"], id_info["std"])])
@@ -341,8 +270,8 @@ class ImageFiles(torch.utils.data.Dataset):
     def __init__(self, root, transform, what):
         self.paths, self.transform = image_paths(root), transform
         if not self.paths:
-            utils.fail(f"{what} '{root}' holds no images (looked for {', '.join(data.IMAGE_EXTENSIONS)} in it "
-                       f"and its subfolders)")
+            utils.fail(f"{what} '{root}' holds no images (looked for {', '.join(data.IMAGE_EXTENSIONS)} in "
+                       f"it and its subfolders)")
         self.targets = [0] * len(self.paths)
 
     def __len__(self):
@@ -379,8 +308,9 @@ def load_torchvision_set(name, root, transform):
     try:
         loaded = [dataset_class(root, transform=transform, download=True, **kw) for kw in parts]
     except (OSError, RuntimeError, ValueError) as e:  # no network, a corrupt archive, a full disk
-        utils.fail(f"could not load the OOD set {name} (torchvision {class_name}) from '{root}' ({first_line(e)}); "
-                   f"download it on a machine with internet, or pass --ood-root to a folder that holds it")
+        utils.fail(f"could not load the OOD set {name} (torchvision {class_name}) from '{root}' "
+                   f"({first_line(e)}); download it on a machine with internet, or pass --ood-root to a "
+                   f"folder that holds it")
     return Unlabelled(loaded[0] if len(loaded) == 1 else torch.utils.data.ConcatDataset(loaded))
 
 
@@ -409,7 +339,8 @@ def expand_sets(tokens, id_dataset):
             pairs.append((group or DEFAULT_GROUP, body, None))
             continue
         if group:
-            utils.fail(f"--ood-sets '{token}': a preset's sets are in the groups near and far; drop '{group}='")
+            utils.fail(f"--ood-sets '{token}': a preset's sets are in the groups near and far; drop "
+                       f"'{group}='")
         pairs += [(g, name, f"openood-{preset}") for g, names in OPENOOD[preset].items() for name in names]
     return pairs
 
@@ -444,7 +375,8 @@ def describe_set(group, body, args, preset=None):
         if body == args.dataset:
             utils.fail(f"the OOD set {body} is the in-distribution dataset; name its held-out classes with "
                        f"--ood-classes instead")
-        return OODSet("torchvision", set_entry(body, group, body, args.ood_root, TORCHVISION_SETS[body][2]), preset)
+        return OODSet("torchvision", set_entry(body, group, body, args.ood_root, TORCHVISION_SETS[body][2]),
+                      preset)
     if body == TIN:
         if not args.tin_path:
             utils.fail("the OOD set tin (in --ood-sets or an openood preset) needs --tin-path, a folder of "
@@ -472,7 +404,8 @@ def legacy_set(args, raw_test):
     if args.ood_data_path is None:
         # the same tree, or the same download folder for two torchvision datasets
         downloads = ("cifar10", "cifar100", "stl10")
-        if args.ood_dataset != args.dataset and not (args.ood_dataset in downloads and args.dataset in downloads):
+        both_downloads = args.ood_dataset in downloads and args.dataset in downloads
+        if args.ood_dataset != args.dataset and not both_downloads:
             utils.fail(f"--ood-dataset {args.ood_dataset} needs --ood-data-path (the in-distribution data is "
                        f"{args.dataset} at '{args.data_path}')")
         args.ood_data_path = args.data_path
@@ -491,7 +424,8 @@ def legacy_set(args, raw_test):
                        f"in-distribution classes")
     label = args.ood_dataset + (f"_{'-'.join(args.ood_classes)}" if args.ood_classes else "")
     return OODSet("held-out" if same_source else "data.py",
-                  set_entry(label, DEFAULT_GROUP, args.ood_dataset, args.ood_data_path, "test", args.ood_classes))
+                  set_entry(label, DEFAULT_GROUP, args.ood_dataset, args.ood_data_path, "test",
+                            args.ood_classes))
 
 
 def unique_labels(ood_sets):
@@ -519,7 +453,8 @@ def load_set(s, raw_test, transform):
         return load_torchvision_set(e["dataset"], e["data_path"], transform)
     if s.kind == "folder":
         return ImageFiles(e["data_path"], transform, "--tin-path" if e["dataset"] == TIN else "the OOD set")
-    raw = raw_test if s.kind == "held-out" else data.build_dataset(e["dataset"], e["data_path"], "test", transform)
+    raw = raw_test if s.kind == "held-out" else data.build_dataset(e["dataset"], e["data_path"], "test",
+                                                                   transform)
     return data.select_classes(raw, e["classes"]) if e["classes"] else raw
 
 
@@ -533,7 +468,8 @@ def build_sets(args, info, scores, local_rank=0):
     args.ood_root = args.ood_root or args.data_path
     pairs = expand_sets(args.ood_sets or [], args.dataset)
     ood_sets = [describe_set(group, body, args, preset) for group, body, preset in pairs]
-    if args.ood_sets is None or any(v is not None for v in (args.ood_dataset, args.ood_data_path, args.ood_classes)):
+    if args.ood_sets is None or any(v is not None for v in (args.ood_dataset, args.ood_data_path,
+                                                            args.ood_classes)):
         ood_sets.append(legacy_set(args, raw_test))
     unique_labels(ood_sets)
     transform = ood_transform(info)
@@ -562,7 +498,7 @@ def compute_scores(net, id_test, ood_sets, bank_set, scores, args, device, rank,
         columns = eval_knn.extract_features(net, images, desc=desc, forward=forward, **kw)[0]
         values = {name: columns[:, layout[name]].squeeze(1).cpu() for name in scores if name != "knn"}
         if bank is not None:
-            values["knn"] = kth_neighbour_distance(bank, columns[:, layout["knn"]], args.ood_k).cpu()
+            values["knn"] = eval_knn.kth_neighbour_distance(bank, columns[:, layout["knn"]], args.ood_k).cpu()
         return values
     return score(id_test, "in-distribution"), {s.label: score(s.dataset, s.label) for s in ood_sets}
 
@@ -575,8 +511,8 @@ def set_scores(id_values, ood_values, scores, label):
         s_id, s_ood = id_values[name].numpy(), ood_values[name].numpy()
         bad = int((~np.isfinite(s_id)).sum() + (~np.isfinite(s_ood)).sum())
         if bad:
-            utils.fail(f"the {name} score is not finite for {bad} images (in-distribution and {label}); is the "
-                       f"checkpoint diverged?")
+            utils.fail(f"the {name} score is not finite for {bad} images (in-distribution and {label}); is "
+                       f"the checkpoint diverged?")
         out[name] = dict(ood_metrics(s_id, s_ood), mean_id=float(s_id.mean()), mean_ood=float(s_ood.mean()))
     return out
 
@@ -594,42 +530,40 @@ def default_output(args, ood_sets):
 # the script
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="Out-of-distribution detection scores (VJE Eq. 39, its directional "
-                                            "part, the k-th nearest-neighbour distance) of a train.py checkpoint "
-                                            "on one or several OOD sets: AUROC, AUPR-In, AUPR-Out and FPR at 95 % "
-                                            "TPR per set and per group.")
+    p = argparse.ArgumentParser(description="OOD detection scores of a train.py checkpoint on one or several "
+                                            "OOD sets: AUROC, AUPR-In, AUPR-Out, FPR at 95 % TPR.")
     utils.add_eval_flags(p, "eval_ood.py")
     add = utils.add_flag
-    add(p, "--batch-size", 256, "images per forward pass and process; it only changes speed and memory",
+    add(p, "--batch-size", 256, "images per pass and process (speed and memory only)",
         type=utils.number(int, 1, 1 << 20))
-    add(p, "--ood-sets", None, "the OOD sets, each one of: a torchvision name (" + ", ".join(TORCHVISION_SETS) +
-        "), read from --ood-root; tin, the Tiny ImageNet folder at --tin-path; the path of a folder of images, "
-        "flat or in subfolders; or a preset of OpenOOD v1.5's near- and far-OOD sets: openood (the "
-        "in-distribution dataset's list), openood-cifar10 or openood-cifar100. GROUP=SET puts a set in the "
-        "group GROUP (a preset's sets are in near and far, the others in other)", nargs="+", metavar="SET",
-        default_text="the one set of --ood-dataset/--ood-data-path/--ood-classes")
-    add(p, "--ood-root", None, "the folder the torchvision sets are read from, and downloaded into when absent",
-        default_text="the in-distribution --data-path")
-    add(p, "--tin-path", None, "the folder of Tiny ImageNet-200 images that the set tin (and so the openood "
-        "presets) reads: every image in it and its subfolders, e.g. tiny-imagenet-200/val")
-    add(p, "--ood-dataset", None, "one more OOD set, in the group other: the test split of this dataset as "
-        "data.py reads it", default_text="--dataset, which then needs --ood-classes or --classes to tell the two "
-        "apart", choices=data.DATASETS)
-    add(p, "--ood-data-path", None, "where the --ood-dataset lives", default_text="--data-path when that is the "
-        "OOD dataset's tree or a torchvision download folder")
-    add(p, "--ood-classes", None, "comma-separated class names of the --ood-dataset to use", default_text="all, "
-        "or, when the OOD dataset is the in-distribution one, the classes not in --classes")
-    add(p, "--scores", None, "scores to evaluate", default_text="the method's own (vje vje-dir for VJE) and knn",
+    add(p, "--ood-sets", None,
+        f"OOD sets: torchvision names ({', '.join(TORCHVISION_SETS)}) read from --ood-root; "
+        "tin (--tin-path); folders of images; presets of OpenOOD v1.5 (openood, openood-cifar10, "
+        "openood-cifar100). GROUP=SET puts a set in a group", nargs="+", metavar="SET",
+        default_text="the one set of --ood-dataset, --ood-data-path, --ood-classes")
+    add(p, "--ood-root", None, "where the torchvision sets are read, or downloaded",
+        default_text="--data-path")
+    add(p, "--tin-path", None,
+        "the folder of Tiny ImageNet-200 images of the set tin, e.g. tiny-imagenet-200/val")
+    add(p, "--ood-dataset", None, "one more OOD set: the test split of this dataset as data.py reads it",
+        default_text="--dataset, with --ood-classes or --classes to tell the two apart",
+        choices=data.DATASETS)
+    add(p, "--ood-data-path", None, "where --ood-dataset lives", default_text="--data-path where that fits")
+    add(p, "--ood-classes", None, "comma-separated classes of --ood-dataset",
+        default_text="all, or the classes --classes leaves out of the in-distribution dataset")
+    add(p, "--scores", None, "scores to evaluate",
+        default_text="the method's own (vje vje-dir for VJE) and knn",
         nargs="+", choices=SCORES)
-    add(p, "--score-encoder", "online", "the encoder whose output z the vje and vje-dir scores read, with "
-        "(mu, var) = VJE's head of that z: the trained encoder, or the EMA encoder of a VJE checkpoint trained "
-        "with --target ema", choices=("online", "ema"))
-    add(p, "--ood-k", 50, "k of the knn score. Sun et al. found 50 best on CIFAR-10 (50,000 training images) "
-        "and use 1000 on ImageNet: scale it with the size of the training set", type=utils.number(int, 1, 1 << 20))
-    add(p, "--feature", "z", "feature of the knn score: z, the encoder output (Sun et al. use the penultimate "
-        "layer); mu: VJE's posterior mean; ema: the target encoder", choices=("z", "mu", "ema"))
-    add(p, "--output", None, "JSON file for the metrics", default_text="ood_<set>.json beside the checkpoint, "
-        "the sets joined by + (a preset's under its name)")
+    add(p, "--score-encoder", "online",
+        "the encoder whose z the vje scores read: the trained one, or the EMA "
+        "encoder of a --target ema checkpoint", choices=("online", "ema"))
+    add(p, "--ood-k", 50,
+        "k of the knn score; Sun et al. use 50 on CIFAR-10's 50,000 images, 1000 on ImageNet",
+        type=utils.number(int, 1, 1 << 20))
+    add(p, "--feature", "z", "the knn score's feature: z, mu (VJE) or ema (the target encoder)",
+        choices=("z", "mu", "ema"))
+    add(p, "--output", None, "JSON file for the metrics", default_text="ood_<set>[+<set>...].json beside the "
+        "checkpoint")
     return p.parse_args(argv)
 
 
@@ -650,13 +584,14 @@ def check_score_encoder(args, net, scores):
     if args.score_encoder == "online":
         return
     if not net.ood_scores:
-        utils.fail(f"--score-encoder ema scores VJE's posterior from its EMA encoder; this checkpoint is {net.name}")
+        utils.fail(f"--score-encoder ema scores VJE's posterior from its EMA encoder; this checkpoint is "
+                   f"{net.name}")
     if net.teacher is None:
         utils.fail("--score-encoder ema needs an EMA encoder; this VJE checkpoint has none (VJE has one only "
                    "when trained with --target ema). Use --score-encoder online")
     if not any(s in net.ood_scores for s in scores):
-        utils.fail(f"--score-encoder ema changes the vje and vje-dir scores only; --scores {' '.join(scores)} "
-                   f"has neither")
+        utils.fail(f"--score-encoder ema changes the vje and vje-dir scores only; --scores "
+                   f"{' '.join(scores)} has neither")
 
 
 def main(argv=None):
@@ -675,7 +610,8 @@ def main(argv=None):
     measured = dict(checkpoint=os.path.abspath(args.checkpoint), in_distribution=dict(
         dataset=args.dataset, data_path=os.path.abspath(args.data_path), split="test", classes=args.classes,
         num_images=len(id_test)), ood_k=args.ood_k if "knn" in scores else None,
-        feature=args.feature if "knn" in scores else None, score_encoder=args.score_encoder if vje_scored else None,
+        feature=args.feature if "knn" in scores else None,
+        score_encoder=args.score_encoder if vje_scored else None,
         score_names=scores, set_paths={s.label: s.entry["data_path"] for s in ood_sets})
     output = args.output or default_output(args, ood_sets)
     utils.on_rank0(lambda: utils.check_result_file(output, measured))
@@ -693,7 +629,8 @@ def main(argv=None):
 
     # ---- metrics: per set, then the mean of each group ------------------------------------
     sets = {s.label: dict({k: v for k, v in s.entry.items() if k != "label"},
-                          scores=set_scores(id_values, ood_values[s.label], scores, s.label)) for s in ood_sets}
+                          scores=set_scores(id_values, ood_values[s.label], scores,
+                                            s.label)) for s in ood_sets}
     results = dict(model_lib.checkpoint_meta(args.checkpoint, ckpt, train_args), **measured, nu=nu,
                    precision=args.precision, seconds=round(time.time() - t0, 1), sets=sets,
                    groups=group_means(sets, scores))
@@ -710,8 +647,7 @@ def main(argv=None):
 # -----------------------------------------------------------------------------
 # the table
 
-def describe(d):
-    """One line for a set of images: what, where, how many."""
+def describe(d):  # one line for a set of images: what, where, how many
     where = f" '{d['data_path']}'" if d["dataset"] in ("folder", "imagenet", TIN) else ""
     classes = f", classes {','.join(d['classes'])}" if d["classes"] else ""
     return f"{d['dataset']}{where} {d['split']}, {d['num_images']} images{classes}"
@@ -726,8 +662,9 @@ def score_label(name, args, nu):
 
 def print_table(results, scores, args, nu):
     sets, groups = results["sets"], results["groups"]
-    print(f"\nOOD detection, {results['method']} {results['arch']} epoch {results['checkpoint_epoch']}; percent. "
-          f"AUROC, AUPR-Out and FPR95 take OOD as the positive class, AUPR-In the in-distribution images")
+    print(f"\nOOD detection, {results['method']} {results['arch']} epoch {results['checkpoint_epoch']}; "
+          f"percent. AUROC, AUPR-Out and FPR95 take OOD as the positive class, AUPR-In the in-distribution "
+          f"images")
     print(f"  in-distribution: {describe(results['in_distribution'])}")
     width = max(len(label) for label in sets)
     for label, s in sets.items():

@@ -49,8 +49,8 @@ def _check_variance_shape(name, var, shape):
     """Raise ValueError unless var is (B, D) = shape or (B, 1), the isotropic variance."""
     batch = shape[0]
     if var.shape != shape and var.shape != (batch, 1):
-        raise ValueError(f"{name} must have shape (B, D) = {tuple(shape)} or (B, 1) = "
-                         f"({batch}, 1), got {tuple(var.shape)}")
+        raise ValueError(f"{name} must have shape (B, D) = {tuple(shape)} or (B, 1) = ({batch}, 1), got "
+                         f"{tuple(var.shape)}")
 
 
 def _check_positive(**tensors):

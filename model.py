@@ -79,15 +79,11 @@ def mlp(in_dim, hidden_dim, out_dim, num_layers=2, last_bn=False):
 
 class InferenceNetwork(nn.Module):
     """VJE's inference network g: the raw embedding z (B, D) -> (mu, var), each (B, D).
-
     Linear(D,H,no bias) -> LayerNorm -> ReLU -> Linear(H,H,no bias) -> LayerNorm -> ReLU, then a
     mean head Linear(H,D) and a variance head Softplus(Linear(H,D)) + 1e-5, H = round(D / 4).
-    LayerNorm keeps one image's posterior independent of its batch. `isotropic` (the paper's
-    appendix ablation): one variance per image, var (B, 1) = Softplus(mean over d of Linear(H,D))
-    + 1e-5. That is one linear map, as a single-output head would be, but its gradient is scaled
-    as the diagonal head's: a single output row takes the gradients of all D per-dimension terms
-    of the loss, steps D times as far, and at the recipe's rate made the loss infinite within the
-    first warm-up epoch."""
+    `isotropic` (the paper's appendix ablation): var (B, 1) = Softplus(mean over d of Linear(H,D))
+    + 1e-5, one linear map stepping as far as each diagonal variance (a single output row takes the
+    gradients of all D terms, steps D times as far, and made the loss infinite in the warm-up)."""
 
     def __init__(self, dim, isotropic=False):
         super().__init__()
@@ -190,7 +186,8 @@ class Method(nn.Module):
     # -- the teacher ---------------------------------------------------------------------------
     def student_for_teacher(self):
         """The student modules whose EMA the teacher is, in the teacher's order."""
-        return nn.Sequential(self.encoder, self.projector, *([self.predictor] if len(self.teacher) == 3 else []))
+        return nn.Sequential(self.encoder, self.projector,
+                             *([self.predictor] if len(self.teacher) == 3 else []))
 
     @torch.no_grad()
     def update_teacher(self, momentum):
@@ -220,7 +217,8 @@ class Method(nn.Module):
         if source not in self.feature_sources():
             needs = {"mu": "a VJE checkpoint", "ema": "a target encoder"}.get(source, "another network")
             raise ValueError(f"feature '{source}' needs {needs}; this {self.name} network has none")
-        return self.teacher_encoder()(x) if source == "ema" else self.embedding_feature(self.encoder(x), source)
+        return self.teacher_encoder()(x) if source == "ema" else self.embedding_feature(self.encoder(x),
+                                                                                        source)
 
     def embedding_feature(self, z, source):
         """The feature `source` (z, or VJE's mu) of encoder outputs z."""
@@ -262,11 +260,13 @@ class VJE(Method):
                 help="Student-t degrees of freedom of both likelihoods; inf gives Gaussians"),
         beta=dict(default=1.0, type=number(float, 0, 1e6), help="weight of the KL to the prior"),
         target=dict(default="stopgrad", choices=("stopgrad", "ema"),
-                    help="the other view's embedding detached (the paper's CIFAR run) or from an EMA encoder"),
+                    help="the other view's embedding detached (the paper's CIFAR run), or an EMA encoder's"),
         radial=dict(default=True, help="the radial likelihood in the loss (it is logged either way)"),
-        center_var=dict(default=False, help="unit geometric-mean variances in the directional term (App. A.2)"),
+        center_var=dict(default=False,
+                        help="unit geometric-mean variances in the directional term (App. A.2)"),
         mc_samples=dict(default=1, type=number(int, 1, 1024),
-                        help="posterior samples per view, the likelihood averaged over them (appendix ablation)"),
+                        help="posterior samples per view, the likelihood averaged over them (appendix "
+                             "ablation)"),
         isotropic=dict(default=False, help="one posterior variance per image for all dimensions (appendix "
                                            "ablation)"))
     ood_scores = ("vje", "vje-dir")
@@ -289,8 +289,10 @@ class VJE(Method):
         else:
             with torch.no_grad():
                 t = self.per_view(self.teacher, x)
-        loss, terms = losses.vje_loss(mu[:b], var[:b], mu[b:], var[b:], t[:b], t[b:], nu=self.nu, beta=self.beta,
-                                      radial=self.radial, center_var=self.center_var, mc_samples=self.mc_samples,
+        loss, terms = losses.vje_loss(mu[:b], var[:b], mu[b:], var[b:], t[:b], t[b:], nu=self.nu,
+                                      beta=self.beta,
+                                      radial=self.radial, center_var=self.center_var,
+                                      mc_samples=self.mc_samples,
                                       validate=False)
         terms = dict(terms)
         terms["kl"] = self.beta * terms["kl"]  # logged as it enters the loss, β·KL, as the notebook logs it
@@ -382,11 +384,12 @@ class VSSL(Method):
                            help="the paper's z = mu + var*|eps|, or the textbook mu + sqrt(var)*eps"),
         vssl_same_view=dict(default=False, help="add the same-view pairs of Eq. 8's double sum"),
         vssl_positive_var=dict(default=False, help="positive variances (softplus) in the cosine form too"),
-        vssl_teacher_predictor=dict(default=False, help="an EMA copy of the predictor in the teacher, the prior "
-                                                        "read after it (Algorithm 1, lines 11-12)"),
+        vssl_teacher_predictor=dict(default=False,
+                                    help="an EMA copy of the predictor in the teacher, the prior read after "
+                                                        "it (Algorithm 1, lines 11-12)"),
         vssl_likelihood_view=dict(default="other", choices=("other", "same"),
                                   help="the likelihood scores the teacher's distribution of the other view "
-                                       "(Algorithm 1) or of the posterior's own view (Eq. 8 taken literally)"),
+                                       "(Algorithm 1) or of the posterior's view (Eq. 8 taken literally)"),
         vssl_kl_beta=dict(default=3.0, type=number(float, 0, 1e3, low_open=True),
                           help="beta of softplus_beta in the cosine KL (Eq. 9)"),
         vssl_nll_beta=dict(default=1.0, type=number(float, 0, 1e3, low_open=True),
@@ -420,7 +423,8 @@ class VSSL(Method):
         """losses.vssl_loss (Eq. 8) summed over the ordered pairs of views."""
         b = z.shape[0] // 2
         mu_s, var_s = split_gaussian(self.per_view(self.projector, z), self.positive)
-        mu_q, var_q = split_gaussian(self.per_view(self.predictor, torch.cat([mu_s, var_s], dim=1)), self.positive)
+        mu_q, var_q = split_gaussian(self.per_view(self.predictor, torch.cat([mu_s, var_s], dim=1)),
+                                     self.positive)
         with torch.no_grad():
             mu_p, var_p = split_gaussian(self.per_view(self.teacher[:2], x), self.positive)
             if len(self.teacher) == 3:  # the momentum predictor reads [mu, var] as the student's does
@@ -505,8 +509,8 @@ def load_model(path):
         net = build(args)
         net.load_state_dict(ckpt["model"])
     except KeyError as e:
-        utils.fail(f"checkpoint '{path}' was written by another version of this project (its arguments have no "
-                   f"{e}); evaluate it with that version")
+        utils.fail(f"checkpoint '{path}' was written by another version of this project (its arguments have "
+                   f"no {e}); evaluate it with that version")
     except (RuntimeError, ValueError, TypeError) as e:
         first = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
         utils.fail(f"checkpoint '{path}' is not a train.py checkpoint this version can build: {first[:200]}")
@@ -525,11 +529,75 @@ def check_feature(net, feature):
     if feature in sources:
         return
     if feature == "mu":
-        utils.fail(f"--feature mu is VJE's posterior mean; this checkpoint is {net.name}. "
-                   f"Use --feature {' or '.join(sources)}")
+        utils.fail(f"--feature mu is VJE's posterior mean; this checkpoint is {net.name}. Use --feature "
+                   f"{' or '.join(sources)}")
     hint = " (it has one only when trained with --target ema)" if "target" in net.options else ""
-    utils.fail(f"--feature ema needs a target encoder; this {net.name} checkpoint has none{hint}. "
-               f"Use --feature {' or '.join(sources)}")
+    utils.fail(f"--feature ema needs a target encoder; this {net.name} checkpoint has none{hint}. Use "
+               f"--feature {' or '.join(sources)}")
+
+
+# -----------------------------------------------------------------------------
+# the recipe's optimizer
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum whose step of each weight tensor w (gradient g) is scaled by a layer-wise
+    rate (You et al., 2017), as solo-learn computes it for the CIFAR BYOL recipe VSSL was run with:
+
+        trust = eta ||w|| / (||g|| + wd ||w|| + eps),  d = (g + wd w) s,  buf = momentum buf + d,
+        w -= lr buf,  s = min(trust / lr, 1) with clip (solo-learn's clip_lr), trust without
+
+    A tensor whose weight or gradient norm is 0 takes d = g; groups with lars=False (norm layers,
+    biases) take plain SGD steps. Multi-tensor ops, and no value read to the host."""
+
+    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, eta=0.02, clip=True, eps=1e-8):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars=True,
+                                      clip=clip, eps=eps))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            updates = grads
+            if group["lars"]:
+                wd, eta, lr = group["weight_decay"], group["eta"], group["lr"]
+                decays, scales = [], []
+                for w, g in zip(torch._foreach_norm(params), torch._foreach_norm(grads)):
+                    trust = eta * w / (g + wd * w + group["eps"])
+                    if group["clip"]:
+                        trust = (trust / lr).clamp(max=1.0) if lr > 0 else torch.ones_like(trust)
+                    adapt = (w > 0) & (g > 0)
+                    decays.append(adapt.to(w.dtype) * wd)
+                    scales.append(torch.where(adapt, trust, torch.ones_like(trust)))
+                updates = torch._foreach_add(grads, torch._foreach_mul(params, decays))
+                torch._foreach_mul_(updates, scales)
+            if any("momentum_buffer" not in self.state[p] for p in params):  # first step: buffer = update
+                for p, d in zip(params, updates):
+                    self.state[p]["momentum_buffer"] = d.clone()
+            else:
+                buffers = [self.state[p]["momentum_buffer"] for p in params]
+                torch._foreach_mul_(buffers, group["momentum"])
+                torch._foreach_add_(buffers, updates)
+            torch._foreach_add_(params, [self.state[p]["momentum_buffer"] for p in params],
+                                alpha=-group["lr"])
+
+
+def build_optimizer(model, args):
+    """The recipe's optimizer; weight decay (and LARS) on weight matrices and conv kernels only, not
+    on norm layers and biases. The probe and the teacher are not part of it."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad or name.startswith("probe."):
+            continue
+        (no_decay if p.ndim <= 1 else decay).append(p)
+    groups = [dict(params=decay), dict(params=no_decay, weight_decay=0.0, lars=False)]
+    if args.optimizer == "lars":
+        return LARS(groups, lr=0.0, momentum=0.9, weight_decay=args.weight_decay, eta=0.02,
+                    clip=args.lars_clip)
+    return torch.optim.SGD(groups, lr=0.0, momentum=0.9, weight_decay=args.weight_decay,
+                           nesterov=args.nesterov)
 
 
 # -----------------------------------------------------------------------------
@@ -619,7 +687,8 @@ def wrap_ddp(model, device):
     syncing (with its batch-norm collectives inside DDP's forward, the gradients of the two
     processes came out different on gloo)."""
     model = convert_batchnorm(model, device.type).to(device)
-    ignore = [n for n, _ in list(model.named_parameters()) + list(model.named_buffers()) if n.startswith("teacher.")]
+    ignore = [n for n,
+              _ in list(model.named_parameters()) + list(model.named_buffers()) if n.startswith("teacher.")]
     nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignore)
     ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     # DDP has copied rank 0's student to every process; the teacher, which it does not manage,

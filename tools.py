@@ -77,9 +77,11 @@ def blur_check(root, images=200, sigmas=(0.1, 0.5, 1.0, 2.0)):
     if images < 1:
         fail(f"--images must be at least 1, not {images}")
     if not sigmas or any(s < 0 for s in sigmas):
-        fail(f"--sigmas must be one or more numbers of 0 or more, not {' '.join(map(str, sigmas)) or '(none)'}")
+        fail(f"--sigmas must be one or more numbers of 0 or more, not "
+             f"{' '.join(map(str, sigmas)) or '(none)'}")
     if not os.path.isdir(root):
-        fail(f"'{root}' is not a folder; give an ImageFolder tree (<class>/<image> files, or train/<class>/...)")
+        fail(f"'{root}' is not a folder; give an ImageFolder tree (<class>/<image> files, or "
+             f"train/<class>/...)")
     tree = os.path.join(root, "train") if os.path.isdir(os.path.join(root, "train")) else root
     paths = sorted(os.path.join(d, f) for d, _, files in os.walk(tree) for f in files
                    if f.lower().endswith(IMAGE_EXTENSIONS))
@@ -105,7 +107,8 @@ def blur_check(root, images=200, sigmas=(0.1, 0.5, 1.0, 2.0)):
                                for im in group]).permute(0, 3, 1, 2).double()
             sigma = torch.full((len(group),), float(s))
             diffs["pil"].append((augment.pil_gaussian_blur(x, sigma, s).double() * 255 - ref).abs().flatten())
-            diffs["kernel"].append((augment.gaussian_blur(x, sigma, blur_kernel_size(min(w, h))).double() * 255
+            diffs["kernel"].append((augment.gaussian_blur(x, sigma,
+                                                          blur_kernel_size(min(w, h))).double() * 255
                                     - ref).abs().flatten())
         for name, d in diffs.items():
             d = torch.cat(d)
@@ -126,13 +129,13 @@ def print_blur_check(tree, count, sizes, rows):
     if len(sizes) > 4:
         shown += f" and {len(sizes) - 4} more sizes"
     taps = ", ".join(sorted({str(blur_kernel_size(min(s))) for s in sizes}))
-    print(f"{count} images of '{tree}' ({shown}), each blurred by PIL's GaussianBlur(radius=sigma) (the reference, "
-          f"8-bit), by pil_gaussian_blur and by the kernel blur ({taps} taps; 3 for the impulse)")
-    print("|blur - PIL| in 1/255 units (max, mean over all pixels); spread: standard deviation in px (along x) "
-          "of a 33x33 single-pixel impulse, blurred")
+    print(f"{count} images of '{tree}' ({shown}), each blurred by PIL's GaussianBlur(radius=sigma) (the "
+          f"reference, 8-bit), by pil_gaussian_blur and by the kernel blur ({taps} taps; 3 for the impulse)")
+    print("|blur - PIL| in 1/255 units (max, mean over all pixels); spread: standard deviation in px (along "
+          "x) of a 33x33 single-pixel impulse, blurred")
     print(f"{'':>5}  {'pil_gaussian_blur - PIL':>23}  {'kernel - PIL':>17}  {'spread (px)':>35}")
-    print(f"{'sigma':>5}  {'max':>11} {'mean':>11}  {'max':>8} {'mean':>8}  {'PIL':>6} {'pil_gaussian_blur':>17} "
-          f"{'kernel':>10}")
+    print(f"{'sigma':>5}  {'max':>11} {'mean':>11}  {'max':>8} {'mean':>8}  {'PIL':>6} "
+          f"{'pil_gaussian_blur':>17} {'kernel':>10}")
     for r in rows:
         print(f"{r['sigma']:>5.2f}  {r['pil_max']:>11.3f} {r['pil_mean']:>11.3f}  {r['kernel_max']:>8.2f} "
               f"{r['kernel_mean']:>8.2f}  {r['spread_reference']:>6.3f} {r['spread_pil']:>17.3f} "
@@ -167,8 +170,9 @@ def make_shifted(src, dst, shift, scale=4):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Data tools. make-subset: copy the first N images of each class "
-                                            "(sorted file names) of an ImageFolder tree SRC into DST. blur-check: "
-                                            "compare the batched blurs with PIL's GaussianBlur on real images.")
+                                            "(sorted file names) of an ImageFolder tree SRC into DST. "
+                                            "blur-check: compare the batched blurs with PIL's GaussianBlur "
+                                            "on real images.")
     p.error = fail  # one "error: ..." line, as everywhere else
     commands = p.add_subparsers(dest="command", required=True)
     m = commands.add_parser("make-subset", help="copy the first N images of each class into a new tree")
@@ -185,7 +189,8 @@ def main(argv=None):
     c.add_argument("src", help="folder of images (any depth), e.g. cifar10-subset/test")
     c.add_argument("dst", help="new or empty folder for the copy (PNG files, same layout)")
     c.add_argument("--shift", required=True, choices=("gray", "upsample"),
-                   help="gray: grayscale, kept as three equal channels; upsample: --scale times larger (bicubic)")
+                   help="gray: grayscale, kept as three equal channels; upsample: --scale times larger "
+                        "(bicubic)")
     c.add_argument("--scale", type=int, default=4, help="upsampling factor of --shift upsample")
     b = commands.add_parser("blur-check", help="max and mean |difference| of the batched blurs from PIL's "
                                                "GaussianBlur on real images, and each blur's spread")

@@ -14,6 +14,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import socket
 import sys
 
@@ -64,8 +65,8 @@ def setup_distributed(device_flag="auto"):
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     if use_cuda:
         if local_rank >= torch.cuda.device_count():
-            fail(f"process {local_rank} has no GPU: {torch.cuda.device_count()} visible; "
-                 f"run torchrun with --nproc_per_node at most {torch.cuda.device_count()}")
+            fail(f"process {local_rank} has no GPU: {torch.cuda.device_count()} visible; run torchrun with "
+                 f"--nproc_per_node at most {torch.cuda.device_count()}")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels
@@ -99,6 +100,32 @@ def all_reduce_sum(t):
     if distributed():
         dist.all_reduce(t)
     return t
+
+
+class Stopper:
+    """Why a run stops early: Ctrl-C or SIGTERM (pre-emption) only set a flag here; --max-steps is
+    a step count. The loop asks at every --log-every boundary, where the flag travels in the same
+    all-reduce as the loss check, so every process stops at the same step."""
+
+    def __init__(self, max_steps):
+        self.signal, self.max_steps = 0, max_steps
+        self.previous = {s: signal.signal(s, self.request) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def restore(self):
+        """Gives Ctrl-C and SIGTERM back to whoever handled them before (main() run from other code)."""
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def request(self, signum, frame):
+        self.signal = signum
+
+    def reason(self, any_signal, step):
+        if any_signal:
+            return f"signal {signal.Signals(self.signal).name}" if self.signal else \
+                "a signal to another process"
+        if self.max_steps is not None and step >= self.max_steps:
+            return "--max-steps"
+        return None
 
 
 @contextlib.contextmanager
@@ -161,7 +188,8 @@ def eval_precision(precision, train_args, device):
 def rng_state():
     """Every random generator the training loop draws from."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return dict(python=random.getstate(), numpy=[kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+    return dict(python=random.getstate(),
+                numpy=[kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
                 torch=torch.get_rng_state(),
                 cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
 
@@ -200,7 +228,8 @@ def save_checkpoint(obj, path):
     except OSError as e:
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        fail(f"could not write '{path}' ({e.strerror or type(e).__name__}); the previous file there is unchanged")
+        fail(f"could not write '{path}' ({e.strerror or type(e).__name__}); the previous file there is "
+             f"unchanged")
 
 
 NUMPY_GLOBALS = {"numpy.dtype", "numpy.ndarray", "numpy.core.multiarray._reconstruct",
@@ -221,8 +250,8 @@ def load_checkpoint(path, what="checkpoint"):
         except Exception:
             unsafe = set()
         if unsafe and unsafe <= NUMPY_GLOBALS:
-            fail(f"{what} '{path}' was written by an older version of this project (numpy arrays in its random "
-                 f"state); convert it once with: python utils.py upgrade-checkpoint {path}")
+            fail(f"{what} '{path}' was written by an older version of this project (numpy arrays in its "
+                 f"random state); convert it once with: python utils.py upgrade-checkpoint {path}")
         if unsafe:
             fail(f"{what} '{path}' holds Python objects other than tensors and plain values "
                  f"({', '.join(sorted(unsafe)[:3])}); refused, since loading them could run code")
@@ -235,7 +264,8 @@ def upgrade_checkpoint(path):
     current form. Allows numpy arrays and dtypes besides tensors, nothing else."""
     unsafe = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
     if not unsafe <= NUMPY_GLOBALS:
-        fail(f"'{path}' holds {', '.join(sorted(unsafe - NUMPY_GLOBALS))}, not only numpy arrays: not converted")
+        fail(f"'{path}' holds {', '.join(sorted(unsafe - NUMPY_GLOBALS))}, not only numpy arrays: not "
+             f"converted")
     core = getattr(np, "_core", None) or np.core  # numpy 2 renamed numpy.core
     allowed = [np.ndarray, np.dtype, np.dtype("uint32").__class__, core.multiarray._reconstruct]
     with torch.serialization.safe_globals(allowed):
@@ -285,13 +315,15 @@ def resume_training_state(path, args, recipe_flags, rank, world_size, **objects)
     saved as None), restores this process's RNG state when the process count
     is the one that saved it (exact continuation), and returns the checkpoint."""
     if not os.path.isfile(path):
-        fail(f"--resume but '{path}' does not exist; check --output-dir, or leave out --resume to start a new run")
+        fail(f"--resume but '{path}' does not exist; check --output-dir, or leave out --resume to start a "
+             f"new run")
     ckpt = load_checkpoint(path)
     old = ckpt.get("args", {})
     changed = [f"--{k.replace('_', '-')} ({old[k]} -> {getattr(args, k)})"
                for k in recipe_flags if k in old and old[k] != getattr(args, k)]
     if changed:
-        fail(f"--resume with changed recipe flags: {', '.join(changed)}; use the original flags or a new --output-dir")
+        fail(f"--resume with changed recipe flags: {', '.join(changed)}; use the original flags or a new "
+             f"--output-dir")
     missing = [f"--{k.replace('_', '-')}" for k in recipe_flags if k not in old]
     if missing:  # a flag this version added: the old run trained another way
         fail(f"checkpoint '{path}' was written by an earlier version of this project, which had no "
@@ -302,7 +334,8 @@ def resume_training_state(path, args, recipe_flags, rank, world_size, **objects)
         try:
             obj.load_state_dict(ckpt[name])
         except (RuntimeError, KeyError, ValueError) as e:
-            fail(f"checkpoint '{path}' does not fit this run ({name}: {str(e).strip().splitlines()[0][:200]})")
+            reason = str(e).strip().splitlines()[0][:200]
+            fail(f"checkpoint '{path}' does not fit this run ({name}: {reason})")
     if len(ckpt.get("rng", [])) == world_size:
         set_rng_state(ckpt["rng"][rank])
     return ckpt
@@ -392,8 +425,8 @@ def lock_dir(path):
                 with open(lock) as f:
                     pid, host = f.read().split()
                 if host != socket.gethostname() or process_alive(int(pid)):
-                    fail(f"'{path}' is in use by another run (process {pid} on {host}); wait for it to end, or "
-                         f"give another --output-dir")
+                    fail(f"'{path}' is in use by another run (process {pid} on {host}); wait for it to end, "
+                         f"or give another --output-dir")
             except (OSError, ValueError):  # half-written or gone: a run that died as it started
                 pass
             with contextlib.suppress(FileNotFoundError):
@@ -426,6 +459,36 @@ def unlock(lock):
                 os.rmdir(lock[1])
 
 
+def round_floats(entry):
+    """A log entry with its floats as float32 holds them."""
+    return {k: round32(v) if isinstance(v, float) else v for k, v in entry.items()}
+
+
+def append_log(path, entry, master):
+    """One JSON line per epoch in log.jsonl (floats as float32 holds them), and the same on the
+    console (rank 0)."""
+    entry = round_floats(entry)
+    if master:
+        with open(path, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items()))
+
+
+def trim_log(path, epoch, entry):
+    """On resume: drop log lines of epochs after the checkpoint (they are done
+    again), and restore the checkpoint's own line if a stop between writing the
+    checkpoint and the log lost it."""
+    lines = []
+    if os.path.isfile(path):
+        with open(path) as f:
+            lines = [line for line in f if line.strip() and json.loads(line)["epoch"] <= epoch]
+    if entry is not None and (not lines or json.loads(lines[-1])["epoch"] < epoch):
+        lines.append(json.dumps(entry) + "\n")
+    with open(path + ".tmp", "w") as f:
+        f.writelines(lines)
+    os.replace(path + ".tmp", path)
+
+
 def check_result_file(path, measurement):
     """Stops with one line, before anything is computed, if `path` holds the result of another
     measurement (a different value of one of `measurement`'s keys): a result file is replaced
@@ -437,8 +500,8 @@ def check_result_file(path, measurement):
         return
     differ = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in measurement.items() if old.get(k) != v]
     if differ:
-        fail(f"'{path}' holds another measurement ({'; '.join(differ)[:300]}); pass --output to write this one "
-             f"elsewhere, or remove that file")
+        fail(f"'{path}' holds another measurement ({'; '.join(differ)[:300]}); pass --output to write this "
+             f"one elsewhere, or remove that file")
 
 
 # -----------------------------------------------------------------------------
@@ -500,19 +563,22 @@ def add_eval_flags(p, script):
     p.add_argument("--checkpoint", required=True, help="the checkpoint.pt written by train.py")
     add_flag(p, "--dataset", None, "cifar10, cifar100, stl10, imagenet or folder",
              default_text="the checkpoint's")
-    add_flag(p, "--data-path", None, "download folder (cifar10/cifar100/stl10) or a tree with train/ and test/ "
+    add_flag(p, "--data-path", None,
+             "download folder (cifar10/cifar100/stl10) or a tree with train/ and test/ "
              "(imagenet/folder)", default_text="the checkpoint's")
     add_flag(p, "--image-size", None, "image size in px; keep it unless you know the encoder copes",
              default_text="the checkpoint's", type=number(int, 8, 1024))
     add_flag(p, "--classes", None, "comma-separated class names: evaluate on these classes only, labels "
              "re-indexed in this order; 'all' for every class", default_text="the classes the checkpoint was "
              "trained on (train.py --classes), else all")
-    add_flag(p, "--num-workers", min(4, os.cpu_count() or 1), "data-loading processes per process; on a 2-core "
-             "CPU 0 or 2 are the sensible values", type=number(int, 0, 256))
+    add_flag(p, "--num-workers", min(4, os.cpu_count() or 1),
+             "data-loading processes per process; on a 2-core CPU 0 or 2 are the sensible "
+             "values", type=number(int, 0, 256))
     add_flag(p, "--device", "auto", "auto takes a GPU when one is visible", choices=("auto", "cuda", "cpu"))
-    add_flag(p, "--precision", None, "autocast precision of the frozen network", choices=("fp32", "bf16", "fp16"),
-             default_text="the checkpoint's training precision (fp32 where this device cannot run it), so that "
-             "train.py's logged numbers are reproduced")
+    add_flag(p, "--precision", None, "autocast precision of the frozen network",
+             choices=("fp32", "bf16", "fp16"),
+             default_text="the checkpoint's training precision (fp32 where this device cannot run it), so "
+                          "that train.py's logged numbers are reproduced")
 
 
 def one_line_errors(parser, script):

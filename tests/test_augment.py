@@ -65,7 +65,8 @@ def test_colour_ops_match_torchvision_per_image(ours, theirs, low, high):
 
 def test_grayscale_and_solarize_match_torchvision():
     x = images()
-    assert (augment.grayscale(x).expand_as(x) - F.rgb_to_grayscale(x, num_output_channels=3)).abs().max() <= 1e-6
+    assert (augment.grayscale(x).expand_as(x) - F.rgb_to_grayscale(x,
+                                                                   num_output_channels=3)).abs().max() <= 1e-6
     # RandomSolarize(threshold=128) on uint8 images == threshold 128/255 on float ones
     u8 = (x * 255).round().to(torch.uint8)
     expected = F.solarize(u8, 128).float() / 255
@@ -76,7 +77,8 @@ def test_grayscale_and_solarize_match_torchvision():
 def test_gaussian_blur_matches_torchvision(kernel):
     x = images(size=32)
     sigma = torch.tensor([0.1, 0.3, 0.8, 1.2, 1.7, 2.0])
-    expected = per_image(lambda img, s: F.gaussian_blur(img, [kernel, kernel], [s.item(), s.item()]), x, sigma)
+    expected = per_image(lambda img, s: F.gaussian_blur(img, [kernel, kernel], [s.item(), s.item()]), x,
+                         sigma)
     assert (augment.gaussian_blur(x, sigma, kernel) - expected).abs().max() <= 1e-5
 
 
@@ -86,7 +88,8 @@ def structured_u8(h, w, seed):
     gradients (red along x, green along y) and noise (+-40 grey levels)."""
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:h, 0:w]
-    img = np.stack([255 * x / max(w - 1, 1), 255 * y / max(h - 1, 1), 200.0 * (((x // 2) + (y // 2)) % 2)], -1)
+    img = np.stack([255 * x / max(w - 1, 1), 255 * y / max(h - 1, 1), 200.0 * (((x // 2) + (y // 2)) % 2)],
+                   -1)
     img[h // 4:3 * h // 4, w // 3:2 * w // 3] = 255  # a bright rectangle: edges on every side
     img[:, w // 5] = 0  # a dark one-pixel line
     img += rng.uniform(-40, 40, img.shape)
@@ -124,7 +127,8 @@ def test_pil_gaussian_blur_matches_pillow_within_its_rounding(h, w):
     x = torch.from_numpy(u8).permute(0, 3, 1, 2).float() / 255
     sigma = torch.tensor(BLUR_SIGMAS)
     ours = augment.pil_gaussian_blur(x, sigma, 2.0)
-    ref = torch.from_numpy(np.stack([pil_blur(img, s) for img, s in zip(u8, BLUR_SIGMAS)])).permute(0, 3, 1, 2) / 255
+    ref = torch.from_numpy(np.stack([pil_blur(img, s) for img, s in zip(u8, BLUR_SIGMAS)])).permute(0, 3, 1,
+                                                                                                    2) / 255
     diff = (ours - ref).abs()
     assert diff.amax((1, 2, 3)).max() <= BLUR_TOL, diff.amax((1, 2, 3)) * 255
     assert diff.mean() <= 1 / 255, diff.mean() * 255
@@ -254,7 +258,8 @@ def test_recipes_blur_and_interpolation_reach_both_paths():
     """The VJE notebook crops bilinear, solo-learn (BYOL, VSSL) and our SimSiam bicubic; both blur
     with PIL's GaussianBlur. The recipe's keys say so, the PIL path builds those ops, and
     "kernel" / an interpolation override replace them; an unknown value stops with one line."""
-    for method, mode in (("vje", "bilinear"), ("vssl", "bicubic"), ("byol", "bicubic"), ("simsiam", "bicubic")):
+    for method, mode in (("vje", "bilinear"), ("vssl", "bicubic"), ("byol", "bicubic"),
+                         ("simsiam", "bicubic")):
         for v in view_recipes(method, 96):
             assert v["interpolation"] == mode and v["blur"] == "pil" and v["blur_sigma"] == (0.1, 2.0)
         assert view_recipes(method, 32, "kernel", "bilinear")[0]["interpolation"] == "bilinear"
@@ -266,11 +271,13 @@ def test_recipes_blur_and_interpolation_reach_both_paths():
     assert blur1.sigma == blur2.sigma == (0.1, 2.0)
     (crop1, blur1), _ = pil_path_ops(data.two_view_transform(view_recipes("byol", 96), info))
     assert crop1.interpolation == InterpolationMode.BICUBIC and isinstance(blur1, data.PILGaussianBlur)
-    (crop1, blur1), _ = pil_path_ops(data.two_view_transform(view_recipes("vje", 96, "kernel", "bicubic"), info))
+    (crop1,
+     blur1), _ = pil_path_ops(data.two_view_transform(view_recipes("vje", 96, "kernel", "bicubic"), info))
     assert crop1.interpolation == InterpolationMode.BICUBIC
     assert isinstance(blur1, T.GaussianBlur) and blur1.kernel_size == (9, 9)
     torch.manual_seed(0)
-    v1, v2 = data.two_view_transform(view_recipes("vje", 96), info)(Image.fromarray(structured_u8(120, 100, 0)))
+    v1, v2 = data.two_view_transform(view_recipes("vje", 96),
+                                     info)(Image.fromarray(structured_u8(120, 100, 0)))
     assert v1.shape == v2.shape == (3, 96, 96) and v1.dtype == torch.float32
     for bad in (dict(blur="box"), dict(interpolation="nearest")):
         with pytest.raises(SystemExit, match="^error: unknown (blur|interpolation)"):
@@ -397,7 +404,8 @@ def test_render_view_equals_a_per_sample_loop(method, blur):
     out = augment.render_view(u8, p, recipe, 32, data.CIFAR_MEAN, data.CIFAR_STD)
     for i in range(32):
         one = {k: v[i:i + 1] for k, v in p.items()}
-        img = augment.resized_crop(u8[i:i + 1].float() / 255, one["top"], one["left"], one["height"], one["width"],
+        img = augment.resized_crop(u8[i:i + 1].float() / 255, one["top"], one["left"], one["height"],
+                                   one["width"],
                                 32, one["flip"], recipe["interpolation"])
         img = per_sample_jitter(img, one["factors"], one["order"], one["jitter"])
         if one["gray"]:
@@ -425,7 +433,8 @@ def test_render_view_equals_the_ops_in_the_pil_paths_order(interpolation):
     out = augment.render_view(u8, p, recipe, 32, data.CIFAR_MEAN, data.CIFAR_STD)
     ops = (F.adjust_brightness, F.adjust_contrast, F.adjust_saturation, F.adjust_hue)
     for i in range(8):
-        img = F.resized_crop(u8[i].float() / 255, p["top"][i].item(), p["left"][i].item(), p["height"][i].item(),
+        img = F.resized_crop(u8[i].float() / 255, p["top"][i].item(), p["left"][i].item(),
+                             p["height"][i].item(),
                              p["width"][i].item(), [32, 32], MODES[interpolation], antialias=True).clamp(0, 1)
         if p["flip"][i]:
             img = F.horizontal_flip(img)
@@ -463,7 +472,8 @@ def rate_limit(p):
     return 4.5 * np.sqrt(2 * p * (1 - p) / N_DRAWS) + 1e-9
 
 
-@pytest.mark.parametrize("scale, in_h, in_w", [((0.08, 1.0), 32, 32), ((0.2, 1.0), 32, 32), ((0.08, 1.0), 24, 40)])
+@pytest.mark.parametrize("scale, in_h, in_w",
+                         [((0.08, 1.0), 32, 32), ((0.2, 1.0), 32, 32), ((0.08, 1.0), 24, 40)])
 def test_crop_area_and_aspect_ratio_follow_torchvision(scale, in_h, in_w):
     torch.manual_seed(0)
     ratio = (3 / 4, 4 / 3)
@@ -483,7 +493,8 @@ def test_jitter_factors_order_and_blur_sigma_follow_torchvision():
     torch.manual_seed(0)
     jitter = (0.4, 0.4, 0.2, 0.1)
     cj = T.ColorJitter(*jitter)
-    ref = [T.ColorJitter.get_params(cj.brightness, cj.contrast, cj.saturation, cj.hue) for _ in range(N_DRAWS)]
+    ref = [T.ColorJitter.get_params(cj.brightness, cj.contrast, cj.saturation,
+                                    cj.hue) for _ in range(N_DRAWS)]
     ref_sigma = [T.GaussianBlur.get_params(0.1, 2.0) for _ in range(N_DRAWS)]
     recipe = dict(view_recipes("vje", 32)[0], jitter=jitter)
     p = augment.draw_view_params(N_DRAWS, recipe, 32, 32, torch.Generator().manual_seed(2), "cpu")
@@ -505,7 +516,8 @@ def test_flip_and_apply_rates_follow_torchvision_transforms():
     marker = torch.tensor([[[0.0, 1.0]], [[0.2, 0.6]], [[0.9, 0.3]]])  # 3 x 1 x 2, coloured, not symmetric
     fired = {
         "flip_p": lambda: not torch.equal(T.RandomHorizontalFlip(0.5)(marker), marker),
-        "jitter_p": lambda: not torch.equal(T.RandomApply([T.Lambda(lambda x: x + 1)], p=0.8)(marker), marker),
+        "jitter_p": lambda: not torch.equal(T.RandomApply([T.Lambda(lambda x: x + 1)], p=0.8)(marker),
+                                            marker),
         "gray_p": lambda: not torch.equal(T.RandomGrayscale(p=0.2)(marker), marker),
         "blur_p": lambda: not torch.equal(T.RandomApply([T.Lambda(lambda x: x + 1)], p=0.1)(marker), marker),
         "solarize_p": lambda: not torch.equal(T.RandomSolarize(0.5, p=0.2)(marker), marker),
@@ -540,7 +552,9 @@ def test_images_as_tensor_decodes_a_folder_and_reads_cifar_arrays(tmp_path):
         data = np.random.default_rng(0).integers(0, 256, (5, 4, 4, 3), dtype=np.uint8)
         targets = [1, 0, 1, 2, 0]
     xc, yc = augment.images_as_tensor(FakeCifar(), progress=False)
-    assert torch.equal(xc, torch.from_numpy(FakeCifar.data).permute(0, 3, 1, 2)) and yc.tolist() == FakeCifar.targets
+    assert torch.equal(xc,
+                       torch.from_numpy(FakeCifar.data).permute(0, 3, 1,
+                                                                2)) and yc.tolist() == FakeCifar.targets
 
 
 def test_images_of_different_sizes_give_one_line(tmp_path):
@@ -578,7 +592,8 @@ def test_image_sizes_reads_the_image_headers_only(tmp_path, monkeypatch):
 
 def loader(n=40, batch=4, rank=0, world=1, seed=7, method="vje"):
     x = torch.randint(0, 256, (n, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    return augment.BatchedTwoViews(x, torch.arange(n), view_recipes(method, 8), 8, data.CIFAR_MEAN, data.CIFAR_STD,
+    return augment.BatchedTwoViews(x, torch.arange(n), view_recipes(method, 8), 8, data.CIFAR_MEAN,
+                                   data.CIFAR_STD,
                                    batch, seed, rank, world)
 
 
@@ -669,7 +684,8 @@ def test_a_step_draws_view_1_then_view_2_from_one_seeded_generator():
     g = torch.Generator().manual_seed(data.step_seed(7, 4, 0))
     for view, recipe in zip((v1, v2), ld.recipes):
         p = augment.draw_view_params(8, recipe, 8, 8, g, "cpu")
-        assert torch.equal(view, augment.render_view(ld.images[y], p, recipe, 8, data.CIFAR_MEAN, data.CIFAR_STD))
+        assert torch.equal(view,
+                           augment.render_view(ld.images[y], p, recipe, 8, data.CIFAR_MEAN, data.CIFAR_STD))
 
 
 def loader_32px(method, blur="pil"):

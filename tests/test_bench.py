@@ -27,7 +27,8 @@ def test_summarize_matches_hand_computed_median_quartiles_and_ratio():
     assert s["ratio_to_encoder"] == pytest.approx(3.0 / 1.5)  # medians 3 ms over 1.5 ms
     # even count: median halfway between the middle two, quartiles at positions 0.75 and 2.25
     s = bench.summarize([0.001, 0.002, 0.003, 0.004])
-    assert (s["q1_ms"], s["median_ms"], s["q3_ms"]) == (pytest.approx(1.75), pytest.approx(2.5), pytest.approx(3.25))
+    assert (s["q1_ms"], s["median_ms"], s["q3_ms"]) == (pytest.approx(1.75), pytest.approx(2.5),
+                                                        pytest.approx(3.25))
     assert s["images_per_s"] is None and s["ratio_to_encoder"] is None
 
 
@@ -58,7 +59,8 @@ def test_end_to_end_json_has_every_section_with_consistent_numbers(tmp_path):
     assert list(steps) == ["encoder"] + methods
     enc = steps["encoder"]["median_ms"]
     for name, s in steps.items():
-        assert all(positive_finite(s[k]) for k in ("median_ms", "q1_ms", "q3_ms", "min_ms", "max_ms", "images_per_s"))
+        assert all(positive_finite(s[k]) for k in ("median_ms", "q1_ms", "q3_ms", "min_ms", "max_ms",
+                                                   "images_per_s"))
         assert s["min_ms"] <= s["q1_ms"] <= s["median_ms"] <= s["q3_ms"] <= s["max_ms"]
         assert s["n"] == 1
         # every ratio is median / median of the encoder step of the same run
@@ -101,7 +103,8 @@ def test_end_to_end_json_has_every_section_with_consistent_numbers(tmp_path):
 
     assert positive_finite(r["memory"]["cpu_peak_rss_mb"])
     assert r["env"]["device"] == "cpu" and r["env"]["threads"] == 1 and r["env"]["precision"] == "fp32"
-    assert all(title in proc.stdout for title in ("loss overhead", "data loading", "training loop fed 4 ways"))
+    assert all(title in proc.stdout for title in ("loss overhead", "data loading",
+                                                  "training loop fed 4 ways"))
 
 
 def test_gpu_check_without_a_gpu_says_so_in_one_line_and_exits_0(tmp_path):
@@ -109,7 +112,8 @@ def test_gpu_check_without_a_gpu_says_so_in_one_line_and_exits_0(tmp_path):
     nothing is checked, one line says so, no JSON is written."""
     out = tmp_path / "gpu.json"
     proc = subprocess.run([sys.executable, "bench.py", "--gpu-check", "--output", str(out)], cwd=ROOT,
-                          env=dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1"), capture_output=True,
+                          env=dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1"),
+                          capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.strip().splitlines()

@@ -55,7 +55,8 @@ pytestmark = pytest.mark.usefixtures("scripts_on_one_thread")
 
 
 def flags(data_dir, out, method="vje", epochs=1, **extra):
-    f = ["--method", method, "--dataset", "folder", "--data-path", data_dir, "--arch", "tiny", "--batch-size", 8,
+    f = ["--method", method, "--dataset", "folder", "--data-path", data_dir, "--arch", "tiny", "--batch-size",
+         8,
          "--warmup-epochs", 1, "--num-workers", 0, "--output-dir", out, "--epochs", epochs, "--eval-every", 0]
     if method in ("vssl", "byol"):  # the projector's width: a 64-wide one keeps the test fast
         f += ["--proj-hidden", 64]
@@ -154,7 +155,8 @@ def test_more_processes_than_gpus(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(SystemExit, match="process 1 has no GPU: 1 visible; run torchrun with --nproc_per_node at most 1"):
+    with pytest.raises(SystemExit,
+                       match="process 1 has no GPU: 1 visible; run torchrun with --nproc_per_node at most 1"):
         utils.setup_distributed("auto")
 
 
@@ -163,7 +165,8 @@ def test_more_processes_than_gpus(monkeypatch):
 
 def test_resume_without_checkpoint(trained, tmp_path):
     data_dir, _ = trained
-    assert_clean_error(run_main("train.py", *flags(data_dir, str(tmp_path / "fresh")), "--resume"), "does not exist", "leave out --resume")
+    assert_clean_error(run_main("train.py", *flags(data_dir, str(tmp_path / "fresh")), "--resume"),
+                       "does not exist", "leave out --resume")
 
 
 def test_truncated_checkpoint(trained, tmp_path):
@@ -173,7 +176,8 @@ def test_truncated_checkpoint(trained, tmp_path):
     blob = open(os.path.join(out, "checkpoint.pt"), "rb").read()
     (broken / "checkpoint.pt").write_bytes(blob[:len(blob) // 3])
     before = digest(broken)
-    assert_clean_error(run_main("train.py", *flags(data_dir, str(broken), epochs=2), "--resume"), "unreadable")
+    assert_clean_error(run_main("train.py", *flags(data_dir, str(broken), epochs=2), "--resume"),
+                       "unreadable")
     assert digest(broken) == before
 
 
@@ -201,7 +205,8 @@ def test_eval_knn_feature_mu_on_byol_and_missing_checkpoint(tmp_path):
     out = str(tmp_path / "byol")
     assert run_main("train.py", *flags(data_dir, out, method="byol")).returncode == 0
     before = digest(out)
-    assert_clean_error(run_main("eval_knn.py", "--checkpoint", os.path.join(out, "checkpoint.pt"), "--feature", "mu",
+    assert_clean_error(run_main("eval_knn.py", "--checkpoint", os.path.join(out, "checkpoint.pt"),
+                                "--feature", "mu",
                            "--num-workers", 0), "VJE")
     assert digest(out) == before
     assert_clean_error(run_main("eval_knn.py", "--checkpoint", str(tmp_path / "none.pt")), "not found")
@@ -251,9 +256,11 @@ def run_with_fault(tmp_path, fault, at, *args):
 def test_non_finite_loss_keeps_last_good_checkpoint(tmp_path):
     data_dir = make_image_folder(tmp_path / "data")
     out = str(tmp_path / "run")
-    assert run_main("train.py", *flags(data_dir, out, epochs=2), "--max-steps", 3).returncode == 0  # epoch 1: 3 steps
+    # epoch 1: 3 steps
+    assert run_main("train.py", *flags(data_dir, out, epochs=2), "--max-steps", 3).returncode == 0
     before = digest(out)
-    r = run_with_fault(tmp_path, "nan-loss", 2, *flags(data_dir, out, epochs=2), "--resume")  # the 2nd step of epoch 2
+    # the 2nd step of epoch 2
+    r = run_with_fault(tmp_path, "nan-loss", 2, *flags(data_dir, out, epochs=2), "--resume")
     line = assert_clean_error(r, "non-finite loss", "epoch 2, step 4", "still holds the last good state",
                               "--resume --precision fp32", "new --output-dir with a lower --lr")
     after = digest(out)
@@ -339,7 +346,8 @@ def test_sigterm_saves_at_next_step_and_resume_continues(tmp_path):
     data_dir = make_image_folder(tmp_path / "data", train_per_class=32)  # 12 steps an epoch
     out = str(tmp_path / "run")
     # the stop flag is read at --log-every boundaries: every step here
-    p = subprocess.Popen([sys.executable, TRAIN, *map(str, flags(data_dir, out, epochs=2)), "--log-every", "1"],
+    p = subprocess.Popen([sys.executable, TRAIN, *map(str, flags(data_dir, out, epochs=2)), "--log-every",
+                          "1"],
                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     log = os.path.join(out, "log.jsonl")
     wait_for(lambda: os.path.exists(log))  # epoch 1 done, epoch 2 under way

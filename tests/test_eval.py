@@ -141,7 +141,7 @@ def test_kth_neighbour_distance_equals_sorted_distances():
     k = 4
     dist = torch.cdist(F.normalize(queries, dim=1).double(), F.normalize(bank, dim=1).double())
     expected = dist.sort(dim=1).values[:, k - 1]
-    got = eval_ood.kth_neighbour_distance(bank, queries, k, chunk=4)
+    got = eval_knn.kth_neighbour_distance(bank, queries, k, chunk=4)
     assert torch.allclose(got.double(), expected, atol=1e-5)  # float32 cosines, sqrt near 0: 1e-5
 
 
@@ -150,7 +150,8 @@ def test_topk_accuracy_hand_computed():
     labels = torch.tensor([0, 0, 4])
     top1, top5 = eval_linear.topk_accuracy(logits, labels)
     assert top1 == pytest.approx(100 / 3) and top5 == pytest.approx(200 / 3)
-    assert eval_linear.topk_accuracy(logits[:, :3], torch.tensor([2, 0, 1])) == [0.0, 100.0]  # top-5 of 3 classes
+    # top-5 of 3 classes
+    assert eval_linear.topk_accuracy(logits[:, :3], torch.tensor([2, 0, 1])) == [0.0, 100.0]
 
 
 # -----------------------------------------------------------------------------
@@ -163,7 +164,8 @@ def folder(tmp_path_factory):
 
 def test_select_classes_reindexes_in_the_given_order(folder):
     select = data.select_classes
-    full = data.build_dataset("folder", folder, "train", data.eval_transform(data.dataset_info("folder", folder)))
+    full = data.build_dataset("folder", folder, "train",
+                              data.eval_transform(data.dataset_info("folder", folder)))
     sub = select(full, ["class2", "class0"])
     assert len(sub) == 16 and list(sub.classes) == ["class2", "class0"]
     old = data.labels_of(full)
@@ -189,7 +191,8 @@ def run_train(folder, out, method, *extra):
     # LOCAL_WORLD_SIZE = cores: utils.setup_distributed then gives the run one thread
     env = dict(os.environ, OMP_NUM_THREADS="1", LOCAL_WORLD_SIZE=str(os.cpu_count() or 1))
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--method", method, "--dataset", "folder",
-           "--data-path", folder, "--arch", "tiny", "--batch-size", "8", "--epochs", "1", "--warmup-epochs", "1",
+           "--data-path", folder, "--arch", "tiny", "--batch-size", "8", "--epochs", "1", "--warmup-epochs",
+           "1",
            "--num-workers", "0", "--device", "cpu", "--output-dir", out, *extra]
     if method in ("vssl", "byol"):  # a 64-wide projector keeps the test fast
         cmd += ["--proj-hidden", "64"]
@@ -206,7 +209,8 @@ def vje_ckpt(folder, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def byol_ckpt(folder, tmp_path_factory):
-    return run_train(folder, str(tmp_path_factory.mktemp("byol")), "byol", "--eval-every", "0", "--max-steps", "1")
+    return run_train(folder, str(tmp_path_factory.mktemp("byol")), "byol", "--eval-every", "0", "--max-steps",
+                     "1")
 
 
 CPU = ["--device", "cpu", "--num-workers", "0"]
@@ -246,9 +250,11 @@ ckpt, out = sys.argv[2], sys.argv[3]
 cpu = ["--device", "cpu", "--num-workers", "0"]
 eval_knn.main(["--checkpoint", ckpt, *cpu, "--k", "5", "--output", out + "/knn.json"])
 dist.barrier()
-eval_ood.main(["--checkpoint", ckpt, *cpu, "--classes", "class0,class1", "--ood-k", "3", "--output", out + "/ood.json"])
+eval_ood.main(["--checkpoint", ckpt, *cpu, "--classes", "class0,class1", "--ood-k", "3",
+               "--output", out + "/ood.json"])
 dist.barrier()
-eval_linear.main(["--checkpoint", ckpt, *cpu, "--epochs", "2", "--batch-size", "8", "--output-dir", out + "/linear",
+eval_linear.main(["--checkpoint", ckpt, *cpu, "--epochs", "2", "--batch-size", "8",
+                  "--output-dir", out + "/linear",
                   "--output", out + "/linear.json"])
 dist.barrier()
 dist.destroy_process_group()
@@ -310,7 +316,8 @@ def test_eval_linear_end_to_end_and_exact_resume(vje_ckpt, tmp_path):
 def test_eval_ood_class_split_vje(vje_ckpt):
     """class0, class1 in-distribution, class2 OOD: all three scores, and the
     vje score's mean equals Eq. 39 computed here on the same test images."""
-    res = eval_ood.main(["--checkpoint", vje_ckpt, *CPU, "--classes", "class0,class1", "--ood-classes", "class2",
+    res = eval_ood.main(["--checkpoint", vje_ckpt, *CPU, "--classes", "class0,class1", "--ood-classes",
+                         "class2",
                          "--ood-k", "3"])
     assert list(res["scores"]) == ["vje", "vje-dir", "knn"]
     assert res["in_distribution"]["num_images"] == 8 and res["ood"]["num_images"] == 4
@@ -322,7 +329,8 @@ def test_eval_ood_class_split_vje(vje_ckpt):
     net, args, _ = model_lib.load_model(vje_ckpt)
     net.eval()
     info = data.dataset_info("folder", args["data_path"])
-    test = data.select_classes(data.build_dataset("folder", args["data_path"], "test", data.eval_transform(info)),
+    test = data.select_classes(data.build_dataset("folder", args["data_path"], "test",
+                                                  data.eval_transform(info)),
                                ["class0", "class1"])
     x = torch.stack([test[i][0] for i in range(len(test))])
     with torch.no_grad():
@@ -361,7 +369,8 @@ def test_eval_ood_byol_defaults_to_knn_and_the_other_classes(byol_ckpt):
 def test_eval_ood_another_folder_at_another_size(vje_ckpt, tmp_path):
     """OOD from a separate folder of 24 px images: resized to the 16 px the
     checkpoint was trained on."""
-    other = make_image_folder(tmp_path / "other", classes=2, train_per_class=1, test_per_class=3, size=24, seed=5)
+    other = make_image_folder(tmp_path / "other", classes=2, train_per_class=1, test_per_class=3, size=24,
+                              seed=5)
     res = eval_ood.main(["--checkpoint", vje_ckpt, *CPU, "--ood-dataset", "folder", "--ood-data-path", other,
                          "--ood-k", "3", "--scores", "knn", "vje", "--output", str(tmp_path / "o.json")])
     assert res["ood"]["num_images"] == 6 and res["in_distribution"]["num_images"] == 12
@@ -388,6 +397,8 @@ def test_missing_checkpoint_is_one_line_without_traceback(tmp_path):
     for script in (eval_knn, eval_linear, eval_ood):
         with pytest.raises(SystemExit, match="^error: checkpoint .* not found"):
             script.main(["--checkpoint", str(tmp_path / "none.pt"), *CPU])
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "eval_ood.py"), "--checkpoint", str(tmp_path / "none.pt")],
-                       capture_output=True, text=True, timeout=120, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "eval_ood.py"), "--checkpoint",
+                        str(tmp_path / "none.pt")],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 1 and r.stderr.startswith("error: checkpoint") and "Traceback" not in r.stderr

@@ -18,11 +18,13 @@ import train
 # one graph per forward pass
 
 FORWARD_CONFIGS = [("vje", {}), ("vje", {"target": "ema"}), ("vje", {"mc_samples": 3, "isotropic": True}),
-                   ("vssl", {"vssl_form": "cosine"}), ("vssl", {"vssl_form": "gaussian", "vssl_sampling": "standard"}),
+                   ("vssl", {"vssl_form": "cosine"}),
+                   ("vssl", {"vssl_form": "gaussian", "vssl_sampling": "standard"}),
                    ("byol", {}), ("simsiam", {})]
 
 
-@pytest.mark.parametrize("method,kw", FORWARD_CONFIGS, ids=[f"{m}-{'-'.join(map(str, kw.values())) or 'default'}"
+@pytest.mark.parametrize("method,kw", FORWARD_CONFIGS,
+                         ids=[f"{m}-{'-'.join(map(str, kw.values())) or 'default'}"
                                                            for m, kw in FORWARD_CONFIGS])
 def test_forward_compiles_to_one_graph(method, kw):
     """The model's forward (encoder, heads, loss, teacher, probe) traced whole:
@@ -88,7 +90,8 @@ def test_no_host_sync_between_log_boundaries(method, aug, tmp_path, monkeypatch)
     train.main(["--method", method, "--dataset", "folder", "--data-path", data_dir, "--arch", "tiny",
                 "--batch-size", "8", "--epochs", "1", "--warmup-epochs", "1",
                 *(["--proj-hidden", "64"] if method in ("vssl", "byol") else []),
-                "--eval-every", "0", "--log-every", "3", "--aug", aug, "--num-workers", "2" if aug == "pil" else "0",
+                "--eval-every", "0", "--log-every", "3", "--aug", aug, "--num-workers",
+                "2" if aug == "pil" else "0",
                 "--device", "cpu", "--output-dir", str(tmp_path / "run")])
     assert len(at_step_start) == 7
     per_step = [b - a for a, b in zip(at_step_start, at_step_start[1:])]
@@ -131,7 +134,8 @@ def test_ddp_step_with_an_unlabelled_process_equals_one_process(tmp_path):
     the rounding of one float32 step (assert_as_accurate)."""
     torch.manual_seed(1)
     init = small_model("byol").state_dict()
-    batch = ((torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16)), torch.tensor([0, 1, -1, 2, -1, -1, -1, -1]))
+    batch = ((torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16)),
+             torch.tensor([0, 1, -1, 2, -1, -1, -1, -1]))
     single, exact = small_model("byol"), small_model("byol")
     single.load_state_dict(init)
     exact.load_state_dict(init)
@@ -161,7 +165,8 @@ def test_compiled_training_matches_eager(tmp_path, monkeypatch):
         out = tmp_path / name
         train.main(["--method", "vje", "--dataset", "folder", "--data-path", data_dir, "--arch", "tiny",
                     "--batch-size", "8", "--epochs", "1", "--warmup-epochs", "1", "--eval-every", "0",
-                    "--max-steps", "2", "--num-workers", "0", "--device", "cpu", "--output-dir", str(out), *extra])
+                    "--max-steps", "2", "--num-workers", "0", "--device", "cpu", "--output-dir", str(out),
+                    *extra])
         states[name] = torch.load(out / "checkpoint.pt", weights_only=True)
     assert states["compiled"]["step"] == 2 and states["compiled"]["args"]["compile"] is True
     for k, v in states["eager"]["model"].items():

@@ -46,8 +46,10 @@ def error_of(script, args):
 
 
 def train_flags(data_dir, out, *extra):
-    return ["--method", "vje", "--dataset", "folder", "--data-path", data_dir, "--arch", "tiny", "--batch-size", 8,
-            "--warmup-epochs", 1, "--num-workers", 0, "--output-dir", out, "--epochs", 1, "--eval-every", 0, *extra]
+    return ["--method", "vje", "--dataset", "folder", "--data-path", data_dir, "--arch", "tiny",
+            "--batch-size", 8,
+            "--warmup-epochs", 1, "--num-workers", 0, "--output-dir", out, "--epochs", 1, "--eval-every", 0,
+            *extra]
 
 
 pytestmark = pytest.mark.usefixtures("scripts_on_one_thread")
@@ -84,7 +86,8 @@ def bad_file_commands(data_dir, ckpt, tmp_path):
     return {"train.py": train_flags(data_dir, run_dir, "--resume"),
             "eval_knn.py": ["--checkpoint", ckpt, "--num-workers", 0],
             "eval_knn.py --load-features": ["--checkpoint", ckpt, "--load-features", ckpt],
-            "eval_linear.py": ["--checkpoint", ckpt, "--num-workers", 0, "--output-dir", str(tmp_path / "lin")],
+            "eval_linear.py": ["--checkpoint", ckpt, "--num-workers", 0, "--output-dir",
+                               str(tmp_path / "lin")],
             "eval_ood.py": ["--checkpoint", ckpt, "--num-workers", 0]}
 
 
@@ -116,7 +119,8 @@ def test_unreadable_checkpoints_give_one_line(trained, tmp_path, kind):
     run_dir.mkdir()
     ckpt = str(run_dir / "checkpoint.pt")
     blob = open(good, "rb").read()
-    content = {"garbage": b"\x89PNG not a checkpoint" * 50, "truncated": blob[:len(blob) // 2], "empty": b""}[kind]
+    content = {"garbage": b"\x89PNG not a checkpoint" * 50, "truncated": blob[:len(blob) // 2],
+               "empty": b""}[kind]
     with open(ckpt, "wb") as f:
         f.write(content)
     for name, args in bad_file_commands(data_dir, ckpt, tmp_path).items():
@@ -131,7 +135,8 @@ def test_an_older_checkpoint_is_refused_with_a_conversion_and_converts(trained, 
     after it --resume works."""
     data_dir, _ = trained
     run_dir = tmp_path / "old"
-    train.main(list(map(str, train_flags(data_dir, str(run_dir), "--epochs", 2, "--max-steps", 3))))  # epoch 1 of 2
+    # epoch 1 of 2
+    train.main(list(map(str, train_flags(data_dir, str(run_dir), "--epochs", 2, "--max-steps", 3))))
     good = str(run_dir / "checkpoint.pt")
     ckpt = torch.load(good, weights_only=True)
     for state in ckpt["rng"]:
@@ -144,7 +149,8 @@ def test_an_older_checkpoint_is_refused_with_a_conversion_and_converts(trained, 
     assert r.returncode == 0, r.stderr
     converted = torch.load(path, weights_only=True)
     kind, keys, *_ = converted["rng"][0]["numpy"]
-    assert kind == "MT19937" and torch.equal(keys, torch.from_numpy(ckpt["rng"][0]["numpy"][1].astype(np.int64)))
+    assert kind == "MT19937" and torch.equal(keys,
+                                             torch.from_numpy(ckpt["rng"][0]["numpy"][1].astype(np.int64)))
     assert all(torch.equal(converted["model"][k], ckpt["model"][k]) for k in ckpt["model"])
     train.main(list(map(str, train_flags(data_dir, str(run_dir), "--resume", "--epochs", 2))))  # epoch 2
     assert torch.load(path, weights_only=True)["epoch"] == 2
@@ -214,7 +220,8 @@ def test_mixed_image_sizes_fall_back_to_the_pil_path(tmp_path, capsys):
     while an explicit --aug batched is an error."""
     data_dir = make_image_folder(tmp_path / "data")
     from PIL import Image
-    Image.new("RGB", (20, 18), (200, 10, 10)).save(os.path.join(data_dir, "train", "class0", "zz_other_size.png"))
+    Image.new("RGB", (20, 18),
+              (200, 10, 10)).save(os.path.join(data_dir, "train", "class0", "zz_other_size.png"))
     out = tmp_path / "auto"
     train.main(list(map(str, train_flags(data_dir, str(out)))))
     assert "differ in size; using --aug pil" in capsys.readouterr().out

@@ -129,7 +129,8 @@ def ood_dirs(tmp_path_factory):
 
 
 def run_ood(ckpt, tmp_path, name, *flags):
-    return eval_ood.main(["--checkpoint", ckpt, *CPU, "--ood-k", "3", "--output", str(tmp_path / f"{name}.json"),
+    return eval_ood.main(["--checkpoint", ckpt, *CPU, "--ood-k", "3", "--output",
+                          str(tmp_path / f"{name}.json"),
                           *flags])
 
 
@@ -212,11 +213,14 @@ def test_group_means_are_the_means_of_their_sets(multi):
         for score, metrics in g["scores"].items():
             assert list(metrics) == ["auroc", "aupr_in", "aupr_out", "fpr95"]
             for key, value in metrics.items():
-                assert value == np.mean([sets[s]["scores"][score][key] for s in g["sets"]]), (group, score, key)
+                assert value == np.mean([sets[s]["scores"][score][key] for s in g["sets"]]), (group, score,
+                                                                                              key)
     assert "ood" not in saved and "scores" not in saved  # the one-set layout is for one-set runs only
-    mixed = eval_ood.group_means({"a": dict(group="g", scores={"vje": dict(auroc=10.0, aupr_in=0.0, aupr_out=1.0,
+    mixed = eval_ood.group_means({"a": dict(group="g",
+                                            scores={"vje": dict(auroc=10.0, aupr_in=0.0, aupr_out=1.0,
                                                                             fpr95=2.0)}),
-                                  "b": dict(group="g", scores={"vje": dict(auroc=30.0, aupr_in=1.0, aupr_out=2.0,
+                                  "b": dict(group="g",
+                                            scores={"vje": dict(auroc=30.0, aupr_in=1.0, aupr_out=2.0,
                                                                             fpr95=4.0)})}, ["vje"])
     assert mixed == {"g": dict(sets=["a", "b"], scores={"vje": dict(auroc=20.0, aupr_in=0.5, aupr_out=1.5,
                                                                      fpr95=3.0)})}
@@ -237,7 +241,8 @@ def test_folder_sets_need_no_split_flat_or_nested(multi, trained, ood_dirs):
         assert (entry["dataset"], entry["split"], entry["num_images"]) == ("folder", "all", n)
         assert entry["data_path"] == os.path.abspath(ood_dirs[name])
         x = torch.stack([by_hand(Image.open(f), info) for f in files])
-        assert entry["scores"]["vje"]["mean_ood"] == pytest.approx(vje_scores(ckpt, x).mean().item(), rel=1e-5)
+        assert entry["scores"]["vje"]["mean_ood"] == pytest.approx(vje_scores(ckpt, x).mean().item(),
+                                                                   rel=1e-5)
 
 
 def test_gray_and_other_sized_images_become_the_checkpoints(multi, trained, ood_dirs):
@@ -261,7 +266,8 @@ def test_gray_and_other_sized_images_become_the_checkpoints(multi, trained, ood_
 
     tf = eval_ood.ood_transform(info)
     mean, std = torch.tensor(info["mean"]).view(3, 1, 1), torch.tensor(info["std"]).view(3, 1, 1)
-    gray = tf(Image.fromarray(np.random.default_rng(0).integers(0, 256, (28, 28)).astype(np.uint8), "L")) * std + mean
+    gray = tf(Image.fromarray(np.random.default_rng(0).integers(0, 256, (28, 28)).astype(np.uint8),
+                              "L")) * std + mean
     assert gray.shape == (3, 16, 16) and torch.allclose(gray[0], gray[1], atol=1e-6)
     assert torch.allclose(gray[0], gray[2], atol=1e-6)
     stripes = np.zeros((24, 48, 3), np.uint8)
@@ -299,9 +305,11 @@ class FakeSet:
     def __init__(self, root, transform=None, download=False, **kw):
         name = type(self).__name__
         FakeSet.calls.append((name, root, download, kw))
-        rng = np.random.default_rng([ord(c) for c in name + repr(sorted(kw.items()))])  # the same images each time
+        # the same images each time
+        rng = np.random.default_rng([ord(c) for c in name + repr(sorted(kw.items()))])
         if name == "MNIST":
-            self.images = [Image.fromarray(rng.integers(0, 256, (28, 28)).astype(np.uint8), "L") for _ in range(3)]
+            self.images = [Image.fromarray(rng.integers(0, 256, (28, 28)).astype(np.uint8),
+                                           "L") for _ in range(3)]
         else:
             size = 40 if name == "Places365" else 32
             count = 2 if name == "DTD" else 3
@@ -378,7 +386,8 @@ def test_gray_torchvision_images_are_made_rgb(trained, fake_torchvision, tmp_pat
     assert (name, download, kw) == ("MNIST", True, dict(train=False))
     images = torchvision.datasets.MNIST(str(tmp_path / "dl"), transform=None, train=False).images  # the same
     x = torch.stack([by_hand(img, id_info(ckpt)) for img in images])
-    assert res["sets"]["mnist"]["scores"]["vje"]["mean_ood"] == pytest.approx(vje_scores(ckpt, x).mean().item(),
+    assert res["sets"]["mnist"]["scores"]["vje"]["mean_ood"] == pytest.approx(vje_scores(ckpt,
+                                                                                         x).mean().item(),
                                                                              rel=1e-5)
 
 
@@ -437,7 +446,8 @@ def bad_sets(folder, ood_dirs, tmp):
     empty.mkdir(exist_ok=True)
     (empty / "readme.txt").write_text("no images here")
     return [
-        (["--ood-sets", str(tmp / "missing")], "'{}' does not exist and is not a set name".format(tmp / "missing")),
+        (["--ood-sets", str(tmp / "missing")],
+         "'{}' does not exist and is not a set name".format(tmp / "missing")),
         (["--ood-sets", "cifar11"], "'cifar11' does not exist and is not a set name"),
         (["--ood-sets", str(empty)], f"'{empty}' holds no images"),
         (["--ood-sets", str(empty / "readme.txt")], "is a file; give a folder of images"),

@@ -27,7 +27,8 @@ pytestmark = pytest.mark.usefixtures("scripts_on_one_thread")
 
 def flags(data_dir, out, *extra):
     return ["--dataset", "folder", "--data-path", str(data_dir), "--arch", "tiny", "--batch-size", "8",
-            "--warmup-epochs", "1", "--num-workers", "0", "--eval-every", "0", "--output-dir", str(out), *extra]
+            "--warmup-epochs", "1", "--num-workers", "0", "--eval-every", "0", "--output-dir", str(out),
+            *extra]
 
 
 def digest(folder):
@@ -82,7 +83,8 @@ def test_two_runs_at_once_in_one_folder_the_second_stops(folder, tmp_path, capsy
     taken over."""
     out = tmp_path / "run"
     slow = make_image_folder(tmp_path / "slow", train_per_class=200)  # 75 steps an epoch
-    first = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *flags(slow, out, "--epochs", "50")],
+    first = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"),
+                              *flags(slow, out, "--epochs", "50")],
                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              env=dict(os.environ, OMP_NUM_THREADS="1"))
     try:
@@ -113,7 +115,8 @@ def test_resume_with_only_the_output_dir_continues_the_run_exactly(folder, tmp_p
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     relative = os.path.relpath(folder, tmp_path)
     train.main(flags(relative, whole, "--epochs", "2", "--method", "byol", "--proj-hidden", "64"))
-    train.main(flags(relative, cut, "--epochs", "2", "--method", "byol", "--proj-hidden", "64", "--max-steps", "4"))
+    train.main(flags(relative, cut, "--epochs", "2", "--method", "byol", "--proj-hidden", "64", "--max-steps",
+                     "4"))
     monkeypatch.chdir(folder)  # somewhere else: the run's stored paths are absolute
     train.main(["--output-dir", str(cut), "--resume"])
     a = torch.load(whole / "checkpoint.pt", weights_only=True)
@@ -142,7 +145,8 @@ def test_a_short_run_says_its_schedule_is_unusual(folder, tmp_path, capsys):
     train.main(flags(folder, tmp_path / "a", "--epochs", "1", "--warmup-epochs", "3", "--max-steps", "1"))
     assert "note: --epochs 1 ends within the 3 warm-up epochs" in capsys.readouterr().out
     train.main(flags(folder, tmp_path / "b", "--epochs", "3", "--warmup-epochs", "1", "--max-steps", "1"))
-    assert "note: the warm-up (1 epochs) is more than a quarter of the run (3 epochs)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "note: the warm-up (1 epochs) is more than a quarter of the run (3 epochs)" in out
 
 
 # -----------------------------------------------------------------------------
@@ -217,7 +221,8 @@ def test_an_evaluation_never_overwrites_another_measurement(checkpoint, tmp_path
     before = digest(run_dir)
     line = error_line(capsys, lambda: eval_linear.main([*linear, "--lr", "0.5"]))
     assert "linear_z' holds a run" in line and "--resume" in line
-    line = error_line(capsys, lambda: eval_linear.main([*linear, "--lr", "0.5", "--output-dir", str(tmp_path / "l")]))
+    line = error_line(capsys,
+                      lambda: eval_linear.main([*linear, "--lr", "0.5", "--output-dir", str(tmp_path / "l")]))
     assert "linear_z.json' holds another measurement (lr 0.1 -> 0.5)" in line
     assert digest(run_dir) == before and not (tmp_path / "l").exists()
 
@@ -233,7 +238,8 @@ def test_compile_is_the_cuda_default_and_off_on_the_cpu():
 
 
 @pytest.mark.parametrize("where", ["compile", "step"])
-def test_a_compile_failure_falls_back_to_eager_with_one_note_and_loses_nothing(where, folder, tmp_path, capsys,
+def test_a_compile_failure_falls_back_to_eager_with_one_note_and_loses_nothing(where, folder, tmp_path,
+                                                                               capsys,
                                                                                monkeypatch):
     """A compiler that fails (simulated: torch.compile itself raises for the step and the views;
     or the compiled step raises at its first call after a forward has run, which moved the
@@ -278,10 +284,11 @@ def test_a_run_says_where_it_writes_and_logs_floats_as_float32_holds_them(folder
 
 def test_under_torchrun_a_flag_error_is_printed_once_with_its_reason(folder, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(ROOT, "train.py"), *flags(folder, tmp_path / "x", "--batch-size", "7", "--device", "cpu")]
+           os.path.join(ROOT, "train.py"),
+           *flags(folder, tmp_path / "x", "--batch-size", "7", "--device", "cpu")]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
                        env=dict(os.environ, OMP_NUM_THREADS="1"))
     errors = [line for line in r.stderr.splitlines() if "error: " in line]
-    assert r.returncode != 0 and errors == ["error: --batch-size 7 does not split evenly over 2 processes; give a "
-                                            "multiple of 2"], r.stderr[-3000:]
+    assert r.returncode != 0 and errors == ["error: --batch-size 7 does not split evenly over 2 processes; "
+                                            "give a multiple of 2"], r.stderr[-3000:]
     assert not (tmp_path / "x").exists()

@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -29,7 +30,8 @@ def small_model(method, num_classes=3, **kw):
     options = model_lib.option_defaults(method)
     if "proj_hidden" in options:
         options["proj_hidden"] = 64
-    args = dict(options, **kw, method=method, arch="tiny", image_size=16, num_classes=num_classes, joint_bn=False)
+    args = dict(options, **kw, method=method, arch="tiny", image_size=16, num_classes=num_classes,
+                joint_bn=False)
     return model_lib.build(args)
 
 
@@ -89,7 +91,8 @@ def test_each_method_forward_backward(method):
         grads.append([p.grad.clone() for p in net.encoder.parameters()])
     for g0, g1 in zip(*grads):
         assert torch.allclose(g0, g1, atol=1e-6)
-    expected_terms = {"vje": {"dir", "rad", "kl"}, "vssl": {"kl", "nll"}, "byol": set(), "simsiam": set()}[method]
+    expected_terms = {"vje": {"dir", "rad", "kl"}, "vssl": {"kl", "nll"}, "byol": set(),
+                      "simsiam": set()}[method]
     assert expected_terms <= set(logs)
 
 
@@ -276,7 +279,7 @@ def test_lars_follows_solo_learns_clipped_rule(lr, clip):
     whose gradient is zero is neither decayed nor scaled."""
     w = torch.nn.Parameter(torch.tensor([3.0, 4.0], dtype=torch.float64))
     still = torch.nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
-    opt = train.LARS([w, still], lr=lr, weight_decay=0.1, eta=0.02, clip=clip)
+    opt = model_lib.LARS([w, still], lr=lr, weight_decay=0.1, eta=0.02, clip=clip)
     expected, buf = [3.0, 4.0], None
     for g in ([0.0, 1.0], [0.5, -0.25]):
         w.grad, still.grad = torch.tensor(g, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
@@ -303,9 +306,11 @@ def test_epoch_schedule_is_the_notebooks():
 
 
 @pytest.mark.parametrize("flags", [["--vssl-teacher-predictor"], ["--vssl-likelihood-view", "same"],
-                                   ["--vssl-positive-var"], ["--vssl-positive-var", "--vssl-sampling", "standard"],
+                                   ["--vssl-positive-var"],
+                                   ["--vssl-positive-var", "--vssl-sampling", "standard"],
                                    ["--proj-dim", "32"], ["--vssl-kl-beta", "2", "--vssl-nll-beta", "0.5"],
-                                   ["--ema-schedule", "constant"], ["--vssl-form", "gaussian", "--vssl-sampling",
+                                   ["--ema-schedule", "constant"],
+                                   ["--vssl-form", "gaussian", "--vssl-sampling",
                                                                     "standard"]])
 def test_each_vssl_reading_trains_a_step(flags):
     """Every switch of VSSL's readings builds from the command line, gives a
@@ -313,7 +318,7 @@ def test_each_vssl_reading_trains_a_step(flags):
     args = train.get_args(["--method", "vssl", "--arch", "tiny", "--proj-hidden", "64", *flags])
     torch.manual_seed(0)
     net = model_lib.build(dict(vars(args), image_size=16, num_classes=3)).train()
-    opt = train.build_optimizer(net, args)
+    opt = model_lib.build_optimizer(net, args)
     for g in opt.param_groups:
         g["lr"] = 0.1
     before = {k: v.clone() for k, v in net.state_dict().items()}
@@ -327,7 +332,8 @@ def test_each_vssl_reading_trains_a_step(flags):
     assert not torch.equal(before["predictor.0.weight"], after["predictor.0.weight"])
     assert not torch.equal(before["teacher.1.0.weight"], after["teacher.1.0.weight"])
     if "--vssl-teacher-predictor" in flags:  # the momentum predictor: an EMA copy of the student's
-        assert len(net.teacher) == 3 and not torch.equal(before["teacher.2.0.weight"], after["teacher.2.0.weight"])
+        assert len(net.teacher) == 3 and not torch.equal(before["teacher.2.0.weight"],
+                                                         after["teacher.2.0.weight"])
     if "--proj-dim" in flags:
         assert net.denoiser_mu[-1].out_features == 32 and net.projector[-1].out_features == 64
     if "--ema-schedule" in flags:
@@ -370,16 +376,18 @@ def test_lr_schedule_warmup_then_cosine():
 
 def test_recipe_defaults():
     a = train.get_args(["--method", "vje"])
-    assert (a.optimizer, a.lr, a.weight_decay, a.epochs, a.warmup_epochs, a.batch_size) == ("sgd", 0.05, 5e-4, 200, 10, 256)
+    assert (a.optimizer, a.lr, a.weight_decay, a.epochs, a.warmup_epochs, a.batch_size) == ("sgd", 0.05, 5e-4,
+                                                                                            200, 10, 256)
     assert (a.nu, a.beta, a.target) == (1.0, 1.0, "stopgrad")
     for m in ("byol", "vssl"):
         a = train.get_args(["--method", m])
-        assert (a.optimizer, a.lr, a.weight_decay, a.ema_momentum, a.epochs) == ("lars", 1.0, 1e-5, 0.99, 1000)
+        assert (a.optimizer, a.lr, a.weight_decay, a.ema_momentum, a.epochs) == ("lars", 1.0, 1e-5, 0.99,
+                                                                                 1000)
     a = train.get_args(["--method", "vssl"])
     assert (a.vssl_form, a.vssl_sampling) == ("cosine", "paper")
     a = train.get_args(["--method", "vje", "--target", "ema"])
     assert a.ema_momentum == 0.996
-    opt = train.build_optimizer(small_model("vje"), train.get_args(["--method", "vje"]))
+    opt = model_lib.build_optimizer(small_model("vje"), train.get_args(["--method", "vje"]))
     assert opt.defaults["nesterov"] and opt.param_groups[1]["weight_decay"] == 0.0
     assert all(p.ndim <= 1 for p in opt.param_groups[1]["params"])
 
@@ -401,9 +409,14 @@ def train_in_process(argv, monkeypatch):
     return start
 
 
-def run_train(*args, timeout=300):
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+def run_train(*args):
+    """train.py's main() in this process, as `python train.py ARGS` would run (a subprocess costs
+    seconds of imports): its exit code and the error line it stopped with, if any."""
+    try:
+        train.main(list(map(str, args)))
+    except SystemExit as e:
+        return SimpleNamespace(returncode=1 if isinstance(e.code, str) else e.code, stderr=str(e.code))
+    return SimpleNamespace(returncode=0, stderr="")
 
 
 def common_flags(data_dir, out, method="vje", workers=0):
@@ -412,13 +425,15 @@ def common_flags(data_dir, out, method="vje", workers=0):
             *(["--proj-hidden", 64] if method in ("vssl", "byol") else [])]
 
 
+@pytest.mark.usefixtures("scripts_on_one_thread")
 def test_training_writes_log_args_and_checkpoint(image_folder, tmp_path):
     out = str(tmp_path / "run")
     r = run_train(*common_flags(image_folder, out), "--epochs", 2, "--eval-every", 1)
     assert r.returncode == 0, r.stderr[-2000:]
     lines = [json.loads(l) for l in open(os.path.join(out, "log.jsonl"))]
     assert [l["epoch"] for l in lines] == [0, 1, 2]
-    for key in ("lr", "loss", "dir", "rad", "kl", "probe_train_acc", "knn_acc", "probe_acc", "images_per_s", "epoch_time"):
+    for key in ("lr", "loss", "dir", "rad", "kl", "probe_train_acc", "knn_acc", "probe_acc", "images_per_s",
+                "epoch_time"):
         assert key in lines[-1], key
     assert 0 <= lines[-1]["knn_acc"] <= 100
     saved = json.load(open(os.path.join(out, "args.json")))
@@ -430,6 +445,7 @@ def test_training_writes_log_args_and_checkpoint(image_folder, tmp_path):
 
 
 @pytest.mark.parametrize("aug", ["pil", "batched"])
+@pytest.mark.usefixtures("scripts_on_one_thread")
 def test_resume_is_exact(aug, image_folder, tmp_path):
     """2 epochs in one run == 1 epoch and 1 step, then --resume for the rest
     (with 2 data workers): the parameters agree to 1e-6 (same ops, same order,
@@ -457,6 +473,7 @@ def test_resume_is_exact(aug, image_folder, tmp_path):
         assert lb[1][key] == pytest.approx(la[1][key], rel=1e-5, abs=1e-6), key
 
 
+@pytest.mark.usefixtures("scripts_on_one_thread")
 def test_resume_refuses_changed_recipe(image_folder, tmp_path):
     out = str(tmp_path / "run")
     assert run_train(*common_flags(image_folder, out), "--epochs", 1, "--eval-every", 0).returncode == 0
@@ -478,7 +495,7 @@ def one_step(net, batch, method, distributed):
     recipe's optimizer at lr 0.1; returns the updated state dict."""
     args = train.get_args(["--method", method])
     net, wrapped = model_lib.wrap_ddp(net, torch.device("cpu")) if distributed else (net, net)
-    opt = train.build_optimizer(net, args)
+    opt = model_lib.build_optimizer(net, args)
     for g in opt.param_groups:
         g["lr"] = 0.1
     probe_opt = torch.optim.SGD(net.probe.parameters(), lr=0.1, momentum=0.9)
@@ -588,7 +605,8 @@ def test_torchrun_two_processes_on_cpu(image_folder, tmp_path):
     assert math.isfinite(log[-1]["loss"])
 
 
-def test_torchrun_matches_one_process_on_the_batched_path(image_folder, tmp_path, monkeypatch, scripts_on_one_thread):
+def test_torchrun_matches_one_process_on_the_batched_path(image_folder, tmp_path, monkeypatch,
+                                                          scripts_on_one_thread):
     """train.py end to end: one step of BYOL (EMA teacher, LARS, probe) on 2
     processes with the batched augmentation equals one step of one process:
     the two processes' slices of the step are the single process's global
@@ -598,7 +616,8 @@ def test_torchrun_matches_one_process_on_the_batched_path(image_folder, tmp_path
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     init = train_in_process([*common_flags(image_folder, one, method="byol"), *flags], monkeypatch)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(ROOT, "train.py"), *map(str, common_flags(image_folder, two, method="byol")), *map(str, flags)]
+           os.path.join(ROOT, "train.py"), *map(str, common_flags(image_folder, two, method="byol")),
+           *map(str, flags)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     pa = torch.load(os.path.join(one, "checkpoint.pt"), weights_only=True)["model"]
