@@ -148,8 +148,7 @@ def vje_directional_nll(target, sample, var, nu=1.0, center_var=False, normalize
         ℓ_dir = (ν+k)/2 · log(1 + Q/ν) + ½ log|TᵀΣT| + (D−2) · log(sin θ / θ)
 
     Args:
-        target: (B, D) observed embedding z_j; only its direction ẑ is used.
-        sample: (B, D) posterior sample s, not normalized; ŝ = s/‖s‖.
+        target: (B, D) observed embedding z_j (its direction ẑ); sample: (B, D) posterior sample s.
         var: (B, D) or (B, 1) positive posterior variance, the likelihood's scale Σ = diag(var).
         nu: degrees of freedom ν > 0; float('inf') gives the Gaussian Q/2.
         center_var: rescale var to unit geometric mean per sample (App. A.2).
@@ -223,8 +222,7 @@ def vje_radial_nll(target, sample, nu=1.0):
     constants dropped; nothing is learned.
 
     Args:
-        target: (B, D) observed embedding z_j.
-        sample: (B, D) posterior sample s.
+        target: (B, D) observed embedding z_j; sample: (B, D) posterior sample s.
         nu: degrees of freedom ν > 0, or float('inf').
 
     Returns:
@@ -248,8 +246,7 @@ def kl_to_standard_normal(mu, var, *, validate=True):
     VJE, Eq. 7: ½ Σ_d (var + mu² − 1 − log var).
 
     Args:
-        mu: (B, D) posterior mean.
-        var: (B, D) or (B, 1) positive posterior variance.
+        mu: (B, D) posterior mean; var: (B, D) or (B, 1) positive posterior variance.
         validate: check var > 0 (see the module docstring).
 
     Returns:
@@ -282,15 +279,12 @@ def vje_loss(mu1, var1, mu2, var2, target1, target2, nu=1.0, beta=1.0, radial=Tr
     Noise: view 1's (K, B, D) ε first, then view 2's.
 
     Args:
-        mu1, var1: (B, D) posterior of view 1; var1 > 0, (B, D) or (B, 1).
-        mu2, var2: (B, D) posterior of view 2, as view 1's.
+        mu1, var1, mu2, var2: (B, D) posteriors of views 1 and 2; var > 0, (B, D) or (B, 1).
         target1, target2: (B, D) embeddings of views 1 and 2 (z.detach() or an EMA encoder's).
-        nu: degrees of freedom of both Student-t terms; float('inf') for Gaussians.
-        beta: weight of the KL term.
-        radial: include the radial term in the loss (it is reported either way).
+        nu, beta: Student-t degrees of freedom (inf for Gaussians), the KL's weight.
+        radial: the radial term in the loss (it is reported either way).
         center_var: variance centring in the directional term (App. A.2).
-        mc_samples: K ≥ 1 posterior samples per view.
-        generator: torch.Generator for ε, or None for the global RNG.
+        mc_samples, generator: K ≥ 1 samples per view; a torch.Generator for ε, or None.
         validate: check var1, var2 > 0 (see the module docstring).
 
     Returns:
@@ -350,11 +344,8 @@ def vje_ood_score(z, mu, var, nu=1.0, radial=True, center_var=False, *, validate
     `center_var` is scored with it, as the authors' notebook does.
 
     Args:
-        z: (B, D) encoder output.
-        mu, var: (B, D) posterior mean and positive variance of z; var may be (B, 1).
-        nu: degrees of freedom, as in training.
-        radial: add the radial term.
-        center_var: variance centring (App. A.2), as in training.
+        z: (B, D) encoder output; mu, var: (B, D) its posterior (var > 0, may be (B, 1)).
+        nu, center_var: as in training; radial: add the radial term.
         validate: check var > 0 (see the module docstring).
 
     Returns:

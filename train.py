@@ -121,7 +121,7 @@ def build_parser():
     flag(g, "--output-dir", None, "args.json, log.jsonl, checkpoint.pt",
          default_text="runs/<method>-<dataset>-<arch>")
     flag(g, "--resume", False, "continue the run in --output-dir with its own arguments; flags given with it "
-         "must agree, but for these groups'", action="store_true")
+         "must agree, but those of the groups that may change", action="store_true")
     flag(g, "--replace", False, "start a new run in an --output-dir that holds one, removing it",
          action="store_true")
     flag(g, "--max-steps", None, "stop after this many steps in all, with a checkpoint --resume continues",
