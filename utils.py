@@ -1,7 +1,7 @@
-"""What every script shares, and nothing else: torchrun set-up, the autocast precision,
-checkpoints (atomic writes, loads that cannot run code, resume), the output folder of a run (one
-run a folder, locked while it runs) and of a result file, and the command line's flags (range
-checks, defaults said once, one-line errors).
+"""What every script shares, and nothing else: torchrun set-up and the stop signals, the autocast
+precision, checkpoints (atomic writes, loads that cannot run code, resume), the output folder of a
+run (one run a folder, locked while it runs, its log) and of a result file, and the command line's
+flags (range checks, defaults said once, one-line errors).
 
 An older checkpoint of this project (numpy arrays in its RNG state) is refused
 by the safe loader; convert it once with
