@@ -394,7 +394,10 @@ def prepare_run_dir(path, resume, replace, command):
     if there and replace and not resume:
         for name in there:
             target = os.path.join(path, name)
-            shutil.rmtree(target) if os.path.isdir(target) else os.remove(target)
+            if os.path.isdir(target):
+                shutil.rmtree(target)
+            else:
+                os.remove(target)
         note(f"--replace: removed {', '.join(there)} from '{path}'")
     return lock
 
