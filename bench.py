@@ -120,8 +120,7 @@ def make_train_step(method, args, device, compile=False):
     scaler = utils.grad_scaler(args.precision, device)
     forward = torch.compile(model) if compile else model
     return lambda batch: train.train_step(forward, model, batch, optimizer, probe_optimizer, scaler,
-                                          args.precision,
-                                          targs.ema_momentum)[0]
+                                          args.precision, targs.ema_momentum)[0]
 
 
 def encoder_step_item(args, device, batch, compile=False):
@@ -268,8 +267,7 @@ def view_recipes(method, info):
 def batched_loader(images, labels, method, info, batch_size, seed, make_views=None):
     """augment.BatchedTwoViews with `method`'s views."""
     return augment.BatchedTwoViews(images, labels, view_recipes(method, info), info["image_size"],
-                                   info["mean"],
-                                   info["std"], batch_size, seed, make_views=make_views)
+                                   info["mean"], info["std"], batch_size, seed, make_views=make_views)
 
 
 def pil_pairs_per_s(method, workers, args, device):
@@ -384,8 +382,7 @@ def feeds_section(images, labels, info, args, device, results):
           f"step\n{'feed':<10}{'median ms':>11}{'IQR ms':^21}{'images/s':>10}{'x ceiling':>11}")
     for f, s in results["feeds"].items():
         print(f"{f:<10}{s['median_ms']:>11.1f}{s['q1_ms']:>10.1f}-{s['q3_ms']:<10.1f}"
-              f"{s['images_per_s']:>10.1f}"
-              f"{s['throughput_vs_ceiling']:>11.3f}")
+              f"{s['images_per_s']:>10.1f}{s['throughput_vs_ceiling']:>11.3f}")
     if args.compile:
         s, c = results["feeds"]["compiled"], results["compile"]  # noqa: the line below reads both
         s["throughput_vs_eager"] = results["feeds"]["batched"]["median_ms"] / s["median_ms"]
@@ -425,8 +422,7 @@ def print_table(title, stats, ratio_label, percent=False):
     fmt = lambda x, spec: "-" if x is None else format(x, spec)  # noqa: E731
     cuda = "cuda_peak_mb" in next(iter(stats.values()))
     print(f"\n{title}\n{'item':<22}{'median ms':>11}{'IQR ms':^21}{'min-max ms':^21}{'images/s':>11}"
-          f"{ratio_label:>14}"
-          + (f"{'CUDA peak MiB':>15}" if cuda else ""))
+          f"{ratio_label:>14}" + (f"{'CUDA peak MiB':>15}" if cuda else ""))
     for name, s in stats.items():
         ratio = fmt(100.0 * s["ratio_to_encoder"], ".2f") + " %" if percent else fmt(s["ratio_to_encoder"],
                                                                                      ".3f")
@@ -523,8 +519,7 @@ def gpu_check(args, cuda=torch.cuda.is_available):
           f"px\n{'check':<32}{'result':<8}{'seconds':>8}  detail")
     rows, speed = [], dict(results={}, goal=GPU_GOAL)
     report = dict(args=vars(args), torch=torch.__version__, device=torch.cuda.get_device_name(device),
-                  checks=rows,
-                  throughput=speed)
+                  checks=rows, throughput=speed)
     save = lambda: utils.write_json(report, args.output)  # noqa: E731
     for m in args.methods:
         for label, precision in (("bf16", "bf16"), ("fp16 + GradScaler", "fp16")):
@@ -535,10 +530,8 @@ def gpu_check(args, cuda=torch.cuda.is_available):
         try:  # every method against the bare encoder step, as the train-step table times them
             results = speed["results"].setdefault(precision, {})
             steps_section(argparse.Namespace(**dict(vars(args), batch_size=256, precision=precision,
-                                                    methods=methods,
-                                                    compiled=also, skip_steps=False, skip_loss=True,
-                                                    warmup=10,
-                                                    rounds=30)), device, results)
+                                                    methods=methods, compiled=also, skip_steps=False,
+                                                    skip_loss=True, warmup=10, rounds=30)), device, results)
         except Exception as e:  # the other checks still run, and get their summary and JSON
             speed.setdefault("errors",
                              {})[precision] = f"{type(e).__name__}: {str(e).strip()}".splitlines()[0][:150]
@@ -572,8 +565,7 @@ def gpu_check(args, cuda=torch.cuda.is_available):
                 if row["images_per_s"] and "vje" in steps:
                     speed["train_py"][label]["over_encoder_step"] = row["images_per_s"] / enc
                     print(f"{'':<48}{row['images_per_s']:,.0f} images/s, {row['images_per_s'] / enc:.3f} x "
-                          f"the bare "
-                          "encoder step")
+                          "the bare encoder step")
                 save()
         folder = os.path.join(tmp, "data")  # 2 classes of 40 random 32 px images: 5 steps of 16
         for c, i in itertools.product(range(2), range(40)):

@@ -215,8 +215,7 @@ def view_transform(size, mean, std, crop_scale, ratio, flip_p, jitter, jitter_p,
     torchvision's GaussianBlur(blur_kernel) for blur "kernel"), solarize, normalize."""
     mode = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC}[interpolation]
     ops = [T.RandomResizedCrop(size, scale=crop_scale, ratio=ratio, interpolation=mode),
-           T.RandomHorizontalFlip(flip_p),
-           T.RandomApply([T.ColorJitter(*jitter)], p=jitter_p),
+           T.RandomHorizontalFlip(flip_p), T.RandomApply([T.ColorJitter(*jitter)], p=jitter_p),
            T.RandomGrayscale(p=gray_p)]
     if blur_p > 0:
         op = PILGaussianBlur(blur_sigma) if blur == "pil" else T.GaussianBlur(blur_kernel, sigma=blur_sigma)

@@ -264,16 +264,14 @@ def get_args(argv=None):
                                             "checkpoint.")
     utils.add_eval_flags(p, "eval_knn.py")
     add = utils.add_flag
-    add(p, "--batch-size", 256,
-        "images per forward pass and process; 256 as train.py's monitor, whose number this reproduces (other "
-        "values change only the last float digits, and the speed)",
+    add(p, "--batch-size", 256, "images per forward pass and process; 256 as train.py's monitor, whose "
+        "number this reproduces (other values change only the last float digits, and the speed)",
         type=utils.number(int, 1, 1 << 20))
     add(p, "--feature", None,
         "z: the encoder output (the protocol's feature); mu: VJE's posterior mean; ema: the target encoder "
         "of BYOL, VSSL or VJE with --target ema", default_text="z", choices=("z", "mu", "ema"))
-    add(p, "--k", [20, 200],
-        "neighbour counts, one result each; 20 is the headline number, 200 the other common one",
-        type=utils.number(int, 1, 1 << 20), nargs="+")
+    add(p, "--k", [20, 200], "neighbour counts, one result each; 20 is the headline number, 200 the other "
+        "common one", type=utils.number(int, 1, 1 << 20), nargs="+")
     add(p, "--temperature", 0.07, "T in the vote weight exp(similarity / T); 0.07 is the usual value, and "
         "train.py's", type=utils.number(float, 0, 100, low_open=True))
     add(p, "--save-features", None, "also save the extracted features and labels to this .pt file, for "
@@ -340,8 +338,7 @@ def main(argv=None):
         check_output(args, dict(checkpoint=os.path.abspath(args.checkpoint), dataset=args.dataset,
                                 data_path=os.path.abspath(args.data_path), classes=args.classes))
         kw = dict(batch_size=args.batch_size, device=device, source=args.feature,
-                  num_workers=args.num_workers,
-                  rank=rank, world_size=world_size, precision=args.precision,
+                  num_workers=args.num_workers, rank=rank, world_size=world_size, precision=args.precision,
                   progress=utils.show_progress(master))
         t0 = time.time()
         # the bank stays sharded (unless it is saved, which needs all of it on rank 0)
@@ -350,8 +347,7 @@ def main(argv=None):
         test_f, test_y = extract_features(net, test_set, desc="test features", **kw)
         meta = dict(model_lib.checkpoint_meta(args.checkpoint, ckpt, train_args), dataset=args.dataset,
                     data_path=os.path.abspath(args.data_path), classes=args.classes,
-                    num_classes=info["num_classes"],
-                    feature=args.feature, precision=args.precision,
+                    num_classes=info["num_classes"], feature=args.feature, precision=args.precision,
                     extract_seconds=round(time.time() - t0, 1))
         if args.save_features:
             if master:
@@ -376,8 +372,7 @@ def main(argv=None):
     print(f"\nweighted k-NN, {results['method']} {results['arch']} epoch {results['checkpoint_epoch']}, "
           f"feature {args.feature}, T {args.temperature}")
     print(f"  {results['dataset']}: bank {results['num_bank']} train images, {results['num_test']} test "
-          f"images"
-          + (f", classes {','.join(results['classes'])}" if results.get("classes") else ""))
+          "images" + (f", classes {','.join(results['classes'])}" if results.get("classes") else ""))
     for k in args.k:
         print(f"  k = {k:<5d} top-1 {results[f'top1_k{k}']:6.2f} %")
     utils.write_json(results, output)

@@ -53,34 +53,29 @@ def get_args(argv=None):
                                             "top-1 and top-5 accuracy on the test split.")
     utils.add_eval_flags(p, "eval_linear.py")
     add, number = utils.add_flag, utils.number
-    add(p, "--batch-size", 256,
-        "global batch size of the probe's SGD, split over the processes; the learning rate scales with "
-        "it", type=number(int, 1, 1 << 20))
+    add(p, "--batch-size", 256, "global batch size of the probe's SGD, split over the processes; the "
+        "learning rate scales with it", type=number(int, 1, 1 << 20))
     add(p, "--feature", "z", "what the linear layer reads: z, the encoder output (the protocol's); mu: VJE's "
         "posterior mean; ema: the target encoder", choices=("z", "mu", "ema"))
     add(p, "--epochs", 100, "passes over the labelled training split", type=number(int, 1, 100_000))
-    add(p, "--lr", 0.1,
-        "learning rate for a global batch of 256, scaled linearly with --batch-size. 0.1 without weight "
-        "decay is the usual SGD probe on raw ResNet features (solo-learn's offline recipe); DINO's 0.001 "
-        "suits its layer-normed ViT tokens. Sweep it (0.01 to 1) for a number to publish",
+    add(p, "--lr", 0.1, "learning rate for a global batch of 256, scaled linearly with --batch-size. 0.1 "
+        "without weight decay is the usual SGD probe on raw ResNet features (solo-learn's offline recipe); "
+        "DINO's 0.001 suits its layer-normed ViT tokens. Sweep it (0.01 to 1) for a number to publish",
         type=number(float, 0, 100, low_open=True))
     add(p, "--momentum", 0.9, "SGD momentum", type=number(float, 0, 1))
-    add(p, "--weight-decay", 0.0,
-        "L2 on the linear layer; 0 is the usual choice, the frozen features are the "
-        "regularizer", type=number(float, 0, 1))
-    add(p, "--eval-every", 1,
-        "measure test top-1/top-5 every N epochs (cheap: the test features are extracted once); 0 measures "
-        "the last epoch only. The last epoch is the number reported (not the best)",
-        type=number(int, 0, 100_000))
+    add(p, "--weight-decay", 0.0, "L2 on the linear layer; 0 is the usual choice, the frozen features are "
+        "the regularizer", type=number(float, 0, 1))
+    add(p, "--eval-every", 1, "measure test top-1/top-5 every N epochs (cheap: the test features are "
+        "extracted once); 0 measures the last epoch only. The last epoch is the number reported (not the "
+        "best)", type=number(int, 0, 100_000))
     add(p, "--seed", 0, "seeds the layer's initialization, crops and order", type=number(int, 0, 2 ** 31 - 1))
     add(p, "--output-dir", None, "for args.json, log.jsonl and checkpoint.pt",
         default_text="linear_<feature>/ beside the checkpoint")
     add(p, "--resume", False, "continue from OUTPUT_DIR/checkpoint.pt", action="store_true")
     add(p, "--replace", False, "start a new probe in an --output-dir that holds one, removing it",
         action="store_true")
-    add(p, "--max-steps", None,
-        "stop after this many steps in all (smoke tests); the checkpoint holds the last whole "
-        "epoch", type=number(int, 1, 1 << 40))
+    add(p, "--max-steps", None, "stop after this many steps in all (smoke tests); the checkpoint holds the "
+        "last whole epoch", type=number(int, 1, 1 << 40))
     add(p, "--output", None, "JSON file for the final metrics",
         default_text="linear_<feature>.json beside the checkpoint")
     return p.parse_args(argv)
@@ -154,9 +149,8 @@ def build_probe_data(args, info, net, device, rank, world_size, master):
     loader = data.train_loader(train_set, args.batch_size // world_size, args.num_workers, args.seed, rank,
                                world_size, device.type)
     test_f, test_y = eval_knn.extract_features(net, test_set, args.batch_size // world_size, device,
-                                               args.feature,
-                                               args.num_workers, rank, world_size, args.precision,
-                                               utils.show_progress(master), "test features")
+                                               args.feature, args.num_workers, rank, world_size,
+                                               args.precision, utils.show_progress(master), "test features")
     if master:
         print(f"{args.dataset}: {len(train_set)} train / {len(test_set)} test images, {info['num_classes']} "
               f"classes, {world_size} process(es) on {device.type}, {len(loader)} steps/epoch")
@@ -245,8 +239,7 @@ def probe(args, net, train_args, ckpt, encoder, info, measurement, rank, world_s
         linear.train()
         t0 = time.time()
         totals, step, stopped = train_one_epoch(net, ddp_linear, loader, optimizer, lr_schedule, step, args,
-                                                device,
-                                                master, f"epoch {epoch + 1}/{args.epochs}")
+                                                device, master, f"epoch {epoch + 1}/{args.epochs}")
         if stopped:  # the partial epoch is not saved: --resume repeats it from the last checkpoint
             break
         done = epoch + 1
@@ -259,8 +252,7 @@ def probe(args, net, train_args, ckpt, encoder, info, measurement, rank, world_s
             entry.update(test_top1=top1, test_top5=top5)
         entry["epoch_time"] = time.time() - t0
         utils.save_training_state(ckpt_path, master, world_size, linear=linear, optimizer=optimizer,
-                                  epoch=done,
-                                  step=step, args=vars(args), encoder=encoder)
+                                  epoch=done, step=step, args=vars(args), encoder=encoder)
         utils.append_log(os.path.join(args.output_dir, "log.jsonl"), entry, master)
 
     # ---- final metrics ---------------------------------------------------------------------

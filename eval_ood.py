@@ -536,10 +536,9 @@ def get_args(argv=None):
     add = utils.add_flag
     add(p, "--batch-size", 256, "images per pass and process (speed and memory only)",
         type=utils.number(int, 1, 1 << 20))
-    add(p, "--ood-sets", None,
-        f"OOD sets: torchvision names ({', '.join(TORCHVISION_SETS)}) read from --ood-root; "
-        "tin (--tin-path); folders of images; presets of OpenOOD v1.5 (openood, openood-cifar10, "
-        "openood-cifar100). GROUP=SET puts a set in a group", nargs="+", metavar="SET",
+    add(p, "--ood-sets", None, f"OOD sets: torchvision names ({', '.join(TORCHVISION_SETS)}) read from "
+        "--ood-root; tin (--tin-path); folders of images; presets of OpenOOD v1.5 (openood, "
+        "openood-cifar10, openood-cifar100). GROUP=SET puts a set in a group", nargs="+", metavar="SET",
         default_text="the one set of --ood-dataset, --ood-data-path, --ood-classes")
     add(p, "--ood-root", None, "where the torchvision sets are read, or downloaded",
         default_text="--data-path")
@@ -551,15 +550,12 @@ def get_args(argv=None):
     add(p, "--ood-data-path", None, "where --ood-dataset lives", default_text="--data-path where that fits")
     add(p, "--ood-classes", None, "comma-separated classes of --ood-dataset",
         default_text="all, or the classes --classes leaves out of the in-distribution dataset")
-    add(p, "--scores", None, "scores to evaluate",
-        default_text="the method's own (vje vje-dir for VJE) and knn",
-        nargs="+", choices=SCORES)
-    add(p, "--score-encoder", "online",
-        "the encoder whose z the vje scores read: the trained one, or the EMA "
-        "encoder of a --target ema checkpoint", choices=("online", "ema"))
-    add(p, "--ood-k", 50,
-        "k of the knn score; Sun et al. use 50 on CIFAR-10's 50,000 images, 1000 on ImageNet",
-        type=utils.number(int, 1, 1 << 20))
+    add(p, "--scores", None, "scores to evaluate", default_text="the method's own (vje vje-dir for VJE) and "
+        "knn", nargs="+", choices=SCORES)
+    add(p, "--score-encoder", "online", "the encoder whose z the vje scores read: the trained one, or the "
+        "EMA encoder of a --target ema checkpoint", choices=("online", "ema"))
+    add(p, "--ood-k", 50, "k of the knn score; Sun et al. use 50 on CIFAR-10's 50,000 images, 1000 on "
+        "ImageNet", type=utils.number(int, 1, 1 << 20))
     add(p, "--feature", "z", "the knn score's feature: z, mu (VJE) or ema (the target encoder)",
         choices=("z", "mu", "ema"))
     add(p, "--output", None, "JSON file for the metrics", default_text="ood_<set>[+<set>...].json beside the "

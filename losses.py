@@ -106,8 +106,7 @@ def _student_t_log_norm(nu, dof):
     """−log of the normalizing constant of a `dof`-dim Student-t, unit scale."""
     if math.isinf(nu):
         return 0.5 * dof * math.log(2 * math.pi)
-    return (math.lgamma(nu / 2) - math.lgamma((nu + dof) / 2)
-            + 0.5 * dof * math.log(nu * math.pi))
+    return (math.lgamma(nu / 2) - math.lgamma((nu + dof) / 2) + 0.5 * dof * math.log(nu * math.pi))
 
 
 def _log_map_factors(theta, sin, small_angle=0.1):
@@ -139,8 +138,7 @@ def _cosine(a, b, eps=1e-8):
 # ----------------------------------------------------------------------------
 # VJE
 # ----------------------------------------------------------------------------
-def vje_directional_nll(target, sample, var, nu=1.0, center_var=False, normalized=False, *,
-                        validate=True):
+def vje_directional_nll(target, sample, var, nu=1.0, center_var=False, normalized=False, *, validate=True):
     """Student-t NLL of the target's direction on the sphere, at the sample's direction.
 
     VJE, Eqs. 20-27, with k = D − 1 and θ = angle(ŝ, ẑ):
@@ -331,8 +329,7 @@ def vje_loss(mu1, var1, mu2, var2, target1, target2, nu=1.0, beta=1.0, radial=Tr
     loss = directional.mean() + beta * kl.mean()
     if radial:
         loss = loss + radial_nll.mean()
-    terms = {"dir": directional.mean().detach(), "rad": radial_nll.mean().detach(),
-             "kl": kl.mean().detach()}
+    terms = {"dir": directional.mean().detach(), "rad": radial_nll.mean().detach(), "kl": kl.mean().detach()}
     return loss, terms
 
 

@@ -290,10 +290,8 @@ class VJE(Method):
             with torch.no_grad():
                 t = self.per_view(self.teacher, x)
         loss, terms = losses.vje_loss(mu[:b], var[:b], mu[b:], var[b:], t[:b], t[b:], nu=self.nu,
-                                      beta=self.beta,
-                                      radial=self.radial, center_var=self.center_var,
-                                      mc_samples=self.mc_samples,
-                                      validate=False)
+                                      beta=self.beta, radial=self.radial, center_var=self.center_var,
+                                      mc_samples=self.mc_samples, validate=False)
         terms = dict(terms)
         terms["kl"] = self.beta * terms["kl"]  # logged as it enters the loss, β·KL, as the notebook logs it
         return loss, terms

@@ -170,9 +170,8 @@ def make_shifted(src, dst, shift, scale=4):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Data tools. make-subset: copy the first N images of each class "
-                                            "(sorted file names) of an ImageFolder tree SRC into DST. "
-                                            "blur-check: compare the batched blurs with PIL's GaussianBlur "
-                                            "on real images.")
+                                "(sorted file names) of an ImageFolder tree SRC into DST. blur-check: "
+                                "compare the batched blurs with PIL's GaussianBlur on real images.")
     p.error = fail  # one "error: ..." line, as everywhere else
     commands = p.add_subparsers(dest="command", required=True)
     m = commands.add_parser("make-subset", help="copy the first N images of each class into a new tree")
@@ -188,9 +187,8 @@ def main(argv=None):
     c.error = fail
     c.add_argument("src", help="folder of images (any depth), e.g. cifar10-subset/test")
     c.add_argument("dst", help="new or empty folder for the copy (PNG files, same layout)")
-    c.add_argument("--shift", required=True, choices=("gray", "upsample"),
-                   help="gray: grayscale, kept as three equal channels; upsample: --scale times larger "
-                        "(bicubic)")
+    c.add_argument("--shift", required=True, choices=("gray", "upsample"), help="gray: grayscale, kept as "
+                   "three equal channels; upsample: --scale times larger (bicubic)")
     c.add_argument("--scale", type=int, default=4, help="upsampling factor of --shift upsample")
     b = commands.add_parser("blur-check", help="max and mean |difference| of the batched blurs from PIL's "
                                                "GaussianBlur on real images, and each blur's spread")

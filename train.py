@@ -49,8 +49,7 @@ def build_parser():
     suppressed when parsing, so that the parsed flags are the ones given."""
     number, methods = utils.number, model_lib.METHODS
     p = argparse.ArgumentParser(description="Self-supervised pre-training (VJE, VSSL, BYOL, SimSiam). Every "
-                                            "default is the method's recipe (see the README) or the one "
-                                            "shown.")
+                                "default is the method's recipe (see the README) or the one shown.")
     utils.one_line_errors(p, "train.py")
     defaults = {}
 
@@ -71,9 +70,8 @@ def build_parser():
     flag(g, "--epochs", RECIPE, "passes over the data", type=number(int, 1, 100_000))
     flag(g, "--warmup-epochs", RECIPE, "linear warm-up before the cosine decay", type=number(int, 0, 100_000))
     flag(g, "--batch-size", 256, "global batch size, split over the processes", type=number(int, 2, 1 << 20))
-    flag(g, "--lr", RECIPE,
-         "rate for a batch of 256, scaled with --batch-size (SGD: vje, simsiam; LARS: vssl, "
-         "byol)", type=number(float, 0, 100, low_open=True))
+    flag(g, "--lr", RECIPE, "rate for a batch of 256, scaled with --batch-size (SGD: vje, simsiam; LARS: "
+         "vssl, byol)", type=number(float, 0, 100, low_open=True))
     flag(g, "--weight-decay", RECIPE, "on weights only, not on norm layers and biases",
          type=number(float, 0, 1))
     flag(g, "--lr-schedule", RECIPE, "warm-up and cosine set once an epoch (the VJE notebook) or every step "
@@ -91,19 +89,16 @@ def build_parser():
 
     g = p.add_argument_group("data (--data-path and --num-workers may change on --resume)")
     flag(g, "--dataset", "cifar10", ", ".join(data.DATASETS))
-    flag(g, "--data-path", "./data",
-         "download folder of cifar10/cifar100/stl10; for imagenet/folder a tree of "
-         "train/ and test/ (or val/)")
+    flag(g, "--data-path", "./data", "download folder of cifar10/cifar100/stl10; for imagenet/folder a tree "
+         "of train/ and test/ (or val/)")
     flag(g, "--image-size", None, "image size in px", default_text="the dataset's", type=number(int, 8, 1024))
-    flag(g, "--classes", None,
-         "train (and evaluate) on these classes only, e.g. CIFAR-10's animals for an OOD "
-         "study: bird,cat,deer,dog,frog,horse", default_text="all")
+    flag(g, "--classes", None, "train (and evaluate) on these classes only, e.g. CIFAR-10's animals for an "
+         "OOD study: bird,cat,deer,dog,frog,horse", default_text="all")
     flag(g, "--aug", "auto", "the views made batched on the training device (the dataset held as one uint8 "
          "tensor) or per image with PIL in --num-workers processes; auto: batched for cifar10/cifar100/stl10 "
          "and folders of images up to 96 px", choices=("auto", "batched", "pil"))
-    flag(g, "--blur", "pil",
-         "PIL's GaussianBlur(radius=sigma), as the authors' code, or a torchvision kernel of "
-         "2*int(0.05*size)+1 px (3 px at 32 px, 2.5x weaker at sigma 2)", choices=data.BLURS)
+    flag(g, "--blur", "pil", "PIL's GaussianBlur(radius=sigma), as the authors' code, or a torchvision "
+         "kernel of 2*int(0.05*size)+1 px (3 px at 32 px, 2.5x weaker at sigma 2)", choices=data.BLURS)
     flag(g, "--interpolation", RECIPE, "the random resized crop's resampling", choices=data.INTERPOLATIONS)
     flag(g, "--normalize", "auto", "mean/std: auto, the dataset's in the code of the recipe (ImageNet's for "
          "imagenet and folder); a dataset's name for a folder of its images (cifar10 for a CIFAR-10 subset)",
@@ -129,14 +124,11 @@ def build_parser():
     flag(g, "--device", "auto", "auto takes a GPU when one is visible", choices=("auto", "cuda", "cpu"))
     flag(g, "--precision", None, "autocast precision (fp16 with a GradScaler); the losses are float32 always",
          default_text="bf16 on GPUs that support it, else fp32", choices=("fp32", "bf16", "fp16"))
-    flag(g, "--compile", None,
-         "torch.compile the forward + loss and the batched augmentation (the first step "
-         "compiles, a minute or so); if that fails, the run goes on eagerly",
-         action=argparse.BooleanOptionalAction,
-         default_text="--compile on CUDA, --no-compile on the CPU")
-    flag(g, "--log-every", 50,
-         "steps between the only host syncs of an epoch: the finite-loss check, the stop "
-         "flag, the progress bar", type=number(int, 1, 1 << 20))
+    flag(g, "--compile", None, "torch.compile the forward + loss and the batched augmentation (the first "
+         "step compiles, a minute or so); if that fails, the run goes on eagerly",
+         action=argparse.BooleanOptionalAction, default_text="--compile on CUDA, --no-compile on the CPU")
+    flag(g, "--log-every", 50, "steps between the only host syncs of an epoch: the finite-loss check, the "
+         "stop flag, the progress bar", type=number(int, 1, 1 << 20))
 
     for name, cls in methods.items():  # each method's own options; a shared one is added once
         g = p.add_argument_group(f"{name} options")
@@ -344,8 +336,7 @@ def train_one_epoch(run, epoch, step, first_step, sums=None):
             loss, logs = first_compiled_step(run, batch, momentum)
         else:
             loss, logs = train_step(run.ddp_model, run.model, batch, run.optimizer, run.probe_optimizer,
-                                    run.scaler,
-                                    args.precision, momentum)
+                                    run.scaler, args.precision, momentum)
         # accumulate on the device; nothing is read back until the boundary
         window[step - window_start] = loss.detach().float()
         for k, v in logs.items():
@@ -421,9 +412,8 @@ def resume_or_start(run, log_path, rank):
     if args.resume:
         recipe_flags = [k for k in vars(args) if k not in MAY_CHANGE_ON_RESUME]
         ckpt = utils.resume_training_state(run.ckpt_path, args, recipe_flags, rank, run.world_size,
-                                           model=run.model,
-                                           optimizer=run.optimizer, probe_optimizer=run.probe_optimizer,
-                                           scaler=run.scaler)
+                                           model=run.model, optimizer=run.optimizer,
+                                           probe_optimizer=run.probe_optimizer, scaler=run.scaler)
         cut = ckpt.get("epoch_sums") if ckpt["epoch_step"] else None
         if cut is not None:  # each process carries its share of the cut epoch's sums
             cut = {k: torch.tensor(v / run.world_size, device=run.device) for k, v in cut.items()}
@@ -525,8 +515,7 @@ def train(args, rank, local_rank, world_size, device):
         if args.classes:
             args.num_classes = len(data.class_list(args.classes))
         loader, monitor = build_data(args, info, model_lib.METHODS[args.method].views, rank, world_size,
-                                     device,
-                                     master)
+                                     device, master)
     if info.get("note"):
         utils.note(info["note"])
 

@@ -566,22 +566,19 @@ def add_eval_flags(p, script):
     p.add_argument("--checkpoint", required=True, help="the checkpoint.pt written by train.py")
     add_flag(p, "--dataset", None, "cifar10, cifar100, stl10, imagenet or folder",
              default_text="the checkpoint's")
-    add_flag(p, "--data-path", None,
-             "download folder (cifar10/cifar100/stl10) or a tree with train/ and test/ "
-             "(imagenet/folder)", default_text="the checkpoint's")
+    add_flag(p, "--data-path", None, "download folder (cifar10/cifar100/stl10) or a tree with train/ and "
+             "test/ (imagenet/folder)", default_text="the checkpoint's")
     add_flag(p, "--image-size", None, "image size in px; keep it unless you know the encoder copes",
              default_text="the checkpoint's", type=number(int, 8, 1024))
     add_flag(p, "--classes", None, "comma-separated class names: evaluate on these classes only, labels "
              "re-indexed in this order; 'all' for every class", default_text="the classes the checkpoint was "
              "trained on (train.py --classes), else all")
-    add_flag(p, "--num-workers", min(4, os.cpu_count() or 1),
-             "data-loading processes per process; on a 2-core CPU 0 or 2 are the sensible "
-             "values", type=number(int, 0, 256))
+    add_flag(p, "--num-workers", min(4, os.cpu_count() or 1), "data-loading processes per process; on a "
+             "2-core CPU 0 or 2 are the sensible values", type=number(int, 0, 256))
     add_flag(p, "--device", "auto", "auto takes a GPU when one is visible", choices=("auto", "cuda", "cpu"))
     add_flag(p, "--precision", None, "autocast precision of the frozen network",
-             choices=("fp32", "bf16", "fp16"),
-             default_text="the checkpoint's training precision (fp32 where this device cannot run it), so "
-                          "that train.py's logged numbers are reproduced")
+             choices=("fp32", "bf16", "fp16"), default_text="the checkpoint's training precision (fp32 where "
+             "this device cannot run it), so that train.py's logged numbers are reproduced")
 
 
 def one_line_errors(parser, script):
