@@ -279,6 +279,7 @@ def build_dataset(name, root, split, transform):
     if split not in ("pretrain", "train", "test"):
         raise ValueError(f"unknown split '{split}'")
     train = split != "test"
+    created = not os.path.exists(root)
     try:
         if name == "cifar10":
             return torchvision.datasets.CIFAR10(root, train=train, transform=transform, download=True)
@@ -288,6 +289,8 @@ def build_dataset(name, root, split, transform):
             stl_split = {"pretrain": "train+unlabeled", "train": "train", "test": "test"}[split]
             return torchvision.datasets.STL10(root, split=stl_split, transform=transform, download=True)
     except (OSError, RuntimeError) as e:  # no network, a corrupt archive, a full disk
+        if created and os.path.isdir(root) and not os.listdir(root):
+            os.rmdir(root)  # the download made it: leave no empty folder behind
         fail(f"could not load {name} from '{root}' ({e}); download it on a machine with internet or pass "
              f"--data-path to a folder that holds it")
     if name in ("imagenet", "folder"):

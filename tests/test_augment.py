@@ -405,8 +405,7 @@ def test_render_view_equals_a_per_sample_loop(method, blur):
     for i in range(32):
         one = {k: v[i:i + 1] for k, v in p.items()}
         img = augment.resized_crop(u8[i:i + 1].float() / 255, one["top"], one["left"], one["height"],
-                                   one["width"],
-                                32, one["flip"], recipe["interpolation"])
+                                   one["width"], 32, one["flip"], recipe["interpolation"])
         img = per_sample_jitter(img, one["factors"], one["order"], one["jitter"])
         if one["gray"]:
             img = augment.grayscale(img).expand_as(img)
@@ -593,8 +592,7 @@ def test_image_sizes_reads_the_image_headers_only(tmp_path, monkeypatch):
 def loader(n=40, batch=4, rank=0, world=1, seed=7, method="vje"):
     x = torch.randint(0, 256, (n, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     return augment.BatchedTwoViews(x, torch.arange(n), view_recipes(method, 8), 8, data.CIFAR_MEAN,
-                                   data.CIFAR_STD,
-                                   batch, seed, rank, world)
+                                   data.CIFAR_STD, batch, seed, rank, world)
 
 
 def test_batched_order_is_distributed_samplers_for_one_process():

@@ -113,8 +113,7 @@ def test_gpu_check_without_a_gpu_says_so_in_one_line_and_exits_0(tmp_path):
     out = tmp_path / "gpu.json"
     proc = subprocess.run([sys.executable, "bench.py", "--gpu-check", "--output", str(out)], cwd=ROOT,
                           env=dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1"),
-                          capture_output=True,
-                          text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 1 and "no CUDA GPU" in lines[0] and "nothing was checked" in lines[0], proc.stdout

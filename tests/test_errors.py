@@ -15,6 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torchvision
 
 from conftest import ROOT, make_image_folder
 
@@ -55,9 +56,9 @@ pytestmark = pytest.mark.usefixtures("scripts_on_one_thread")
 
 
 def flags(data_dir, out, method="vje", epochs=1, **extra):
-    f = ["--method", method, "--dataset", "folder", "--data-path", data_dir, "--arch", "tiny", "--batch-size",
-         8,
-         "--warmup-epochs", 1, "--num-workers", 0, "--output-dir", out, "--epochs", epochs, "--eval-every", 0]
+    f = ["--method", method, "--dataset", "folder", "--data-path", data_dir, "--arch", "tiny",
+         "--batch-size", 8, "--warmup-epochs", 1, "--num-workers", 0, "--output-dir", out,
+         "--epochs", epochs, "--eval-every", 0]
     if method in ("vssl", "byol"):  # the projector's width: a 64-wide one keeps the test fast
         f += ["--proj-hidden", 64]
     for k, v in extra.items():
@@ -119,6 +120,23 @@ def test_missing_and_empty_data_path(tmp_path):
     assert_clean_error(run_main("train.py", *flags(str(tmp_path / "empty"), out)), "has no train/ folder")
     (tmp_path / "noimg" / "train" / "cat").mkdir(parents=True)
     assert_clean_error(run_main("train.py", *flags(str(tmp_path / "noimg"), out)), "holds no images")
+
+
+def test_a_failed_download_is_one_line_and_leaves_no_empty_folder(tmp_path, monkeypatch):
+    """No network: torchvision makes the download folder, then urlopen fails. The user gets one
+    line naming the dataset and the folder, and finds no empty folder left where none was."""
+    def offline(root, **kw):
+        os.makedirs(root, exist_ok=True)
+        raise OSError("<urlopen error [Errno -2] Name or service not known>")
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    root = tmp_path / "downloads"
+    f = flags(str(root), str(tmp_path / "run"))
+    f[f.index("folder")] = "cifar10"
+    assert_clean_error(run_main("train.py", *f), "could not load cifar10", str(root), "Name or service")
+    assert not root.exists() and not (tmp_path / "run").exists()
+    (root / "old").mkdir(parents=True)  # a folder the user had is left as it was
+    assert_clean_error(run_main("train.py", *f), "could not load cifar10")
+    assert (root / "old").is_dir()
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -206,8 +224,7 @@ def test_eval_knn_feature_mu_on_byol_and_missing_checkpoint(tmp_path):
     assert run_main("train.py", *flags(data_dir, out, method="byol")).returncode == 0
     before = digest(out)
     assert_clean_error(run_main("eval_knn.py", "--checkpoint", os.path.join(out, "checkpoint.pt"),
-                                "--feature", "mu",
-                           "--num-workers", 0), "VJE")
+                                "--feature", "mu", "--num-workers", 0), "VJE")
     assert digest(out) == before
     assert_clean_error(run_main("eval_knn.py", "--checkpoint", str(tmp_path / "none.pt")), "not found")
 

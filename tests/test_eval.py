@@ -192,8 +192,7 @@ def run_train(folder, out, method, *extra):
     env = dict(os.environ, OMP_NUM_THREADS="1", LOCAL_WORLD_SIZE=str(os.cpu_count() or 1))
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--method", method, "--dataset", "folder",
            "--data-path", folder, "--arch", "tiny", "--batch-size", "8", "--epochs", "1", "--warmup-epochs",
-           "1",
-           "--num-workers", "0", "--device", "cpu", "--output-dir", out, *extra]
+           "1", "--num-workers", "0", "--device", "cpu", "--output-dir", out, *extra]
     if method in ("vssl", "byol"):  # a 64-wide projector keeps the test fast
         cmd += ["--proj-hidden", "64"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
@@ -317,8 +316,7 @@ def test_eval_ood_class_split_vje(vje_ckpt):
     """class0, class1 in-distribution, class2 OOD: all three scores, and the
     vje score's mean equals Eq. 39 computed here on the same test images."""
     res = eval_ood.main(["--checkpoint", vje_ckpt, *CPU, "--classes", "class0,class1", "--ood-classes",
-                         "class2",
-                         "--ood-k", "3"])
+                         "class2", "--ood-k", "3"])
     assert list(res["scores"]) == ["vje", "vje-dir", "knn"]
     assert res["in_distribution"]["num_images"] == 8 and res["ood"]["num_images"] == 4
     for m in res["scores"].values():

@@ -89,9 +89,8 @@ def test_no_host_sync_between_log_boundaries(method, aug, tmp_path, monkeypatch)
     monkeypatch.setattr(train, "train_step", counted_step)
     train.main(["--method", method, "--dataset", "folder", "--data-path", data_dir, "--arch", "tiny",
                 "--batch-size", "8", "--epochs", "1", "--warmup-epochs", "1",
-                *(["--proj-hidden", "64"] if method in ("vssl", "byol") else []),
-                "--eval-every", "0", "--log-every", "3", "--aug", aug, "--num-workers",
-                "2" if aug == "pil" else "0",
+                *(["--proj-hidden", "64"] if method in ("vssl", "byol") else []), "--eval-every", "0",
+                "--log-every", "3", "--aug", aug, "--num-workers", "2" if aug == "pil" else "0",
                 "--device", "cpu", "--output-dir", str(tmp_path / "run")])
     assert len(at_step_start) == 7
     per_step = [b - a for a, b in zip(at_step_start, at_step_start[1:])]

@@ -47,9 +47,8 @@ def error_of(script, args):
 
 def train_flags(data_dir, out, *extra):
     return ["--method", "vje", "--dataset", "folder", "--data-path", data_dir, "--arch", "tiny",
-            "--batch-size", 8,
-            "--warmup-epochs", 1, "--num-workers", 0, "--output-dir", out, "--epochs", 1, "--eval-every", 0,
-            *extra]
+            "--batch-size", 8, "--warmup-epochs", 1, "--num-workers", 0, "--output-dir", out, "--epochs", 1,
+            "--eval-every", 0, *extra]
 
 
 pytestmark = pytest.mark.usefixtures("scripts_on_one_thread")

@@ -119,8 +119,7 @@ def reference_directional_nll(target, sample, var, nu, center_var, normalized):
                 tangent_nll = tangent_nll + (torch.lgamma(nu_t / 2) - torch.lgamma((nu_t + k) / 2)
                                              + k / 2 * torch.log(nu_t * math.pi))
         out.append(tangent_nll + log_jacobian)
-        scale.append(energy.abs() + (tangent_nll - energy).abs() + logdet.abs() / 2
-                     + log_jacobian.abs())
+        scale.append(energy.abs() + (tangent_nll - energy).abs() + logdet.abs() / 2 + log_jacobian.abs())
     return torch.stack(out), torch.stack(scale)
 
 
@@ -138,8 +137,7 @@ def test_directional_nll_matches_explicit_tangent_basis(dim, nu):
     rel64 = scaled64 = scaled32 = 0.0
     for center_var in (False, True):
         for normalized in (False, True):
-            ref, scale = reference_directional_nll(target, sample, var, nu, center_var,
-                                                   normalized)
+            ref, scale = reference_directional_nll(target, sample, var, nu, center_var, normalized)
             ours64 = vje_directional_nll(target, sample, var, nu, center_var, normalized)
             ours32 = vje_directional_nll(target.float(), sample.float(), var.float(), nu,
                                          center_var, normalized)
@@ -686,8 +684,7 @@ def single_sample_vje_loss(mu1, var1, mu2, var2, target1, target2, eps1, eps2, n
     with the noise passed in; returns (loss, dir, rad, kl), batch means."""
     s1 = mu1 + var1.sqrt() * eps1
     s2 = mu2 + var2.sqrt() * eps2
-    d = 0.5 * (vje_directional_nll(target2, s1, var1, nu)
-               + vje_directional_nll(target1, s2, var2, nu))
+    d = 0.5 * (vje_directional_nll(target2, s1, var1, nu) + vje_directional_nll(target1, s2, var2, nu))
     r = 0.5 * (vje_radial_nll(target2, s1, nu) + vje_radial_nll(target1, s2, nu))
     kl = 0.5 * (kl_to_standard_normal(mu1, var1) + kl_to_standard_normal(mu2, var2))
     loss = d.mean() + beta * kl.mean() + r.mean()
@@ -719,8 +716,7 @@ def test_one_mc_sample_is_bit_for_bit_the_single_sample_loss():
     loss = vje_loss(mu1, var1, mu2, var2, z1, z2, nu=2.0, beta=0.7,
                     generator=torch.Generator().manual_seed(1))[0]
     eps1, eps2 = torch.randn(2, 8, 16, generator=gen)
-    assert torch.equal(loss, single_sample_vje_loss(mu1, var1, mu2, var2, z1, z2, eps1, eps2,
-                                                    2.0, 0.7)[0])
+    assert torch.equal(loss, single_sample_vje_loss(mu1, var1, mu2, var2, z1, z2, eps1, eps2, 2.0, 0.7)[0])
 
 
 @pytest.mark.parametrize("radial", [True, False])
@@ -762,8 +758,7 @@ def test_isotropic_variance_equals_its_expansion():
     for nu, center_var, normalized in [(1.0, False, False), (INF, True, True), (3.0, False, True)]:
         worst = max(worst, rel_err(vje_directional_nll(z1, mu1, iso1, nu, center_var, normalized),
                                    vje_directional_nll(z1, mu1, full1, nu, center_var, normalized)))
-    worst = max(worst, rel_err(kl_to_standard_normal(mu1, iso1),
-                               kl_to_standard_normal(mu1, full1)))
+    worst = max(worst, rel_err(kl_to_standard_normal(mu1, iso1), kl_to_standard_normal(mu1, full1)))
     worst = max(worst, rel_err(vje_ood_score(z1, mu1, iso1), vje_ood_score(z1, mu1, full1)))
     for k in (1, 3):
         iso_loss, iso_terms = vje_loss(mu1, iso1, mu2, iso2, z1, z2, mc_samples=k,

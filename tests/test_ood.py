@@ -130,8 +130,7 @@ def ood_dirs(tmp_path_factory):
 
 def run_ood(ckpt, tmp_path, name, *flags):
     return eval_ood.main(["--checkpoint", ckpt, *CPU, "--ood-k", "3", "--output",
-                          str(tmp_path / f"{name}.json"),
-                          *flags])
+                          str(tmp_path / f"{name}.json"), *flags])
 
 
 @pytest.fixture(scope="module")

@@ -239,8 +239,7 @@ def test_compile_is_the_cuda_default_and_off_on_the_cpu():
 
 @pytest.mark.parametrize("where", ["compile", "step"])
 def test_a_compile_failure_falls_back_to_eager_with_one_note_and_loses_nothing(where, folder, tmp_path,
-                                                                               capsys,
-                                                                               monkeypatch):
+                                                                               capsys, monkeypatch):
     """A compiler that fails (simulated: torch.compile itself raises for the step and the views;
     or the compiled step raises at its first call after a forward has run, which moved the
     batch-norm statistics and drew the posterior noise, as a failing backward compile would): one
