@@ -535,13 +535,13 @@ def train(args, rank, local_rank, world_size, device):
     # ---- resume, or start ----------------------------------------------------------
     run.ckpt_path = os.path.join(args.output_dir, "checkpoint.pt")
     log_path = os.path.join(args.output_dir, "log.jsonl")
-    start_epoch, step, epoch_step, cut_sums = resume_or_start(run, log_path, rank)
     if master:
         print(f"{args.method}, {args.arch}, on {args.dataset} '{args.data_path}': {info['num_images']} "
               f"images at {args.image_size} px, {args.num_classes} classes, {args.aug} augmentation")
         print(f"{world_size} process(es) on {device.type}, {args.precision}, "
               f"{'compiled' if args.compile else 'eager'}; {args.epochs} epochs of {run.steps_per_epoch} "
               f"steps of {args.batch_size}; writing to {args.output_dir}")
+    start_epoch, step, epoch_step, cut_sums = resume_or_start(run, log_path, rank)
     if start_epoch >= args.epochs:
         if master:
             print(f"the run in {args.output_dir} is complete ({start_epoch} of {args.epochs} epochs); "
