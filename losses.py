@@ -41,8 +41,7 @@ def _check_shapes(**tensors):
         raise ValueError(f"{first} must have shape (B, D), got {tuple(x0.shape)}")
     for name, x in rest:
         if x.shape != x0.shape:
-            raise ValueError(
-                f"{first} has shape {tuple(x0.shape)} but {name} has {tuple(x.shape)}")
+            raise ValueError(f"{first} has shape {tuple(x0.shape)} but {name} has {tuple(x.shape)}")
 
 
 def _check_variance_shape(name, var, shape):
@@ -75,11 +74,8 @@ def _as_float(*tensors):
 
 
 def _posterior_noise(mu, mc_samples, generator):
-    """ε ~ N(0, I) of shape (K, B, D) for K reparameterized samples from one view.
-
-    Without a generator, K = 1 is randn_like(mu): randn of the same shape would draw other
-    numbers for a non-contiguous mu.
-    """
+    """ε ~ N(0, I) of shape (K, B, D) for K reparameterized samples from one view. Without a
+    generator, K = 1 is randn_like(mu): randn would draw other numbers for a non-contiguous mu."""
     if generator is None and mc_samples == 1:
         return torch.randn_like(mu).unsqueeze(0)
     shape = (mc_samples, *mu.shape)
@@ -87,11 +83,8 @@ def _posterior_noise(mu, mc_samples, generator):
 
 
 def _unit(x, eps=1e-12):
-    """x / ‖x‖ along the last dim, and 0 for x = 0.
-
-    The clamp sits far below the smallest norms we support (1e-6): the customary eps = 1e-5
-    would shrink small "unit" vectors and bend the angles.
-    """
+    """x / ‖x‖ along the last dim, and 0 for x = 0. The clamp sits far below the smallest norms
+    we support (1e-6): the customary eps = 1e-5 would shrink small "unit" vectors and bend angles."""
     return x / x.norm(dim=-1, keepdim=True).clamp_min(eps)
 
 
@@ -110,13 +103,10 @@ def _student_t_log_norm(nu, dof):
 
 
 def _log_map_factors(theta, sin, small_angle=0.1):
-    """θ/sin θ and log(sin θ/θ) for θ in [0, π], given θ and sin θ.
-
-    Both are 0/0 at θ = 0, so below `small_angle` we use the Taylor series
-    θ/sin θ = 1 + θ²/6 + 7θ⁴/360 + 31θ⁶/15120 and log(sin θ/θ) = −θ²/6 − θ⁴/180 − θ⁶/2835,
-    whose next terms are < 3e-12 at θ = 0.1. Above it, sin θ is the perpendicular norm,
-    accurate up to θ = π − 1e-6 where sin(atan2(...)) would have lost its digits.
-    """
+    """θ/sin θ and log(sin θ/θ) for θ in [0, π], given θ and sin θ. Both are 0/0 at θ = 0, so
+    below `small_angle` we use the Taylor series θ/sin θ = 1 + θ²/6 + 7θ⁴/360 + 31θ⁶/15120 and
+    log(sin θ/θ) = −θ²/6 − θ⁴/180 − θ⁶/2835, whose next terms are < 3e-12 at θ = 0.1. Above it,
+    sin θ is the perpendicular norm, accurate up to θ = π − 1e-6 where sin(atan2(...)) is not."""
     small = theta < small_angle
     t2 = theta * theta
     ratio_taylor = 1 + t2 * (1 / 6 + t2 * (7 / 360 + t2 * 31 / 15120))

@@ -82,8 +82,8 @@ class InferenceNetwork(nn.Module):
     Linear(D,H,no bias) -> LayerNorm -> ReLU -> Linear(H,H,no bias) -> LayerNorm -> ReLU, then a
     mean head Linear(H,D) and a variance head Softplus(Linear(H,D)) + 1e-5, H = round(D / 4).
     `isotropic` (the paper's appendix ablation): var (B, 1) = Softplus(mean over d of Linear(H,D))
-    + 1e-5, one linear map stepping as far as each diagonal variance (a single output row takes the
-    gradients of all D terms, steps D times as far, and made the loss infinite in the warm-up)."""
+    + 1e-5, which steps as far as each diagonal variance (a single output row would take the
+    gradients of all D terms and step D times as far: the loss went infinite in the warm-up)."""
 
     def __init__(self, dim, isotropic=False):
         super().__init__()
@@ -265,8 +265,7 @@ class VJE(Method):
         center_var=dict(default=False,
                         help="unit geometric-mean variances in the directional term (App. A.2)"),
         mc_samples=dict(default=1, type=number(int, 1, 1024),
-                        help="posterior samples per view, the likelihood averaged over them (appendix "
-                             "ablation)"),
+                        help="posterior samples per view, the likelihood their average (appendix ablation)"),
         isotropic=dict(default=False, help="one posterior variance per image for all dimensions (appendix "
                                            "ablation)"))
     ood_scores = ("vje", "vje-dir")
