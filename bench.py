@@ -301,8 +301,8 @@ def augmentation_section(args, device, results):
     """Views/s, batched (per torch thread count) against PIL (per loader-process
     count, none for 1 core). Returns the decoded images, for the feeds."""
     info = data.dataset_info("folder", args.data_path, args.image_size)
-    images, labels = augment.images_as_tensor(data.build_dataset("folder", args.data_path, "pretrain", None),
-                                           num_workers=max(args.workers), progress=False)
+    dataset = data.build_dataset("folder", args.data_path, "pretrain", None)
+    images, labels = augment.images_as_tensor(dataset, num_workers=max(args.workers), progress=False)
     images, threads, rows = images.to(device), torch.get_num_threads(), []
     for m in args.methods:
         for t in args.aug_threads:
@@ -677,8 +677,8 @@ def main(argv=None):
         data_section(args, device, results)
     if args.data_path is not None and not args.skip_aug:
         feeds_section(*augmentation_section(args, device, results), args, device, results)
-    results["breakdown"] = None if args.skip_steps or args.skip_loss else breakdown_section(results,
-                                                                                            args.methods)
+    skip = args.skip_steps or args.skip_loss
+    results["breakdown"] = None if skip else breakdown_section(results, args.methods)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux reports KiB, macOS bytes
     results["memory"] = dict(cpu_peak_rss_mb=peak / 2 ** (20 if sys.platform == "darwin" else 10))
     print(f"\npeak RSS of this process: {results['memory']['cpu_peak_rss_mb']:.0f} MiB")

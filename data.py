@@ -76,13 +76,7 @@ def folder_image_size(paths, where):
     largest side if that is 96 px or less (small images at their own size: CIFAR 32, STL-10 96),
     else 224. Read off every image's header; mixed sizes are said in a note. Returns (size, note,
     the count of each (width, height))."""
-    sizes = collections.Counter()
-    for path in paths:
-        try:
-            with Image.open(path) as im:
-                sizes[im.size] += 1
-        except (OSError, ValueError, Image.DecompressionBombError):
-            continue  # left to the decoding, which names the file
+    sizes = header_sizes(paths)
     if not sizes:
         return 224, None, sizes
     side = max(max(s) for s in sizes)
@@ -391,25 +385,30 @@ def same_path(a, b):
     return a is not None and b is not None and os.path.realpath(a) == os.path.realpath(b)
 
 
+def header_sizes(paths):
+    """How many of the image files `paths` have each (width, height), read off their headers (PIL
+    opens lazily: no pixel is decoded). A file that cannot be opened is left to the decoding, which
+    names it."""
+    sizes = collections.Counter()
+    for path in paths:
+        try:
+            with Image.open(path) as im:
+                sizes[im.size] += 1
+        except (OSError, ValueError, Image.DecompressionBombError):
+            continue
+    return sizes
+
+
 def image_sizes(dataset):
-    """How many images of each (width, height) an ImageFolder dataset (or a ClassSubset of one)
-    holds, read off the headers (PIL opens lazily: no pixel is decoded); None for datasets held
-    as one array (CIFAR, STL-10: one size). A file that cannot be opened is left to the decoding,
-    which names it."""
+    """`header_sizes` of an ImageFolder dataset's images (or a ClassSubset's); None for datasets
+    held as one array (CIFAR, STL-10: one size)."""
     indices = None
     if isinstance(dataset, ClassSubset):
         dataset, indices = dataset.dataset, dataset.indices
     samples = getattr(dataset, "samples", None)
     if samples is None:
         return None
-    sizes = collections.Counter()
-    for i in (range(len(samples)) if indices is None else indices):
-        try:
-            with Image.open(samples[i][0]) as im:
-                sizes[im.size] += 1
-        except (OSError, ValueError, Image.DecompressionBombError):
-            continue
-    return sizes
+    return header_sizes(samples[i][0] for i in (range(len(samples)) if indices is None else indices))
 
 
 def resolve_eval_data(args, train_args):

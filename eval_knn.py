@@ -87,8 +87,8 @@ def labels_of(images):
 
 @torch.no_grad()
 def extract_features(model, images, batch_size=256, device="cpu", source="z", num_workers=0, rank=0,
-                     world_size=1,
-                     precision="fp32", progress=False, desc="features", forward=None, gather=True):
+                     world_size=1, precision="fp32", progress=False, desc="features", forward=None,
+                     gather=True):
     """Features of the images (a dataset or TensorImages), float32, with their labels.
 
     Each process extracts the images rank, rank + W, rank + 2W, ... With
@@ -169,13 +169,14 @@ def knn_classify(train_features, train_labels, test_features, num_classes, k=20,
         dist.all_reduce(n)
         n_bank = int(n)
     k = min(k, n_bank)
+    padded_labels = torch.cat([labels, labels.new_zeros(k)])  # the padding's -inf columns index past N
     preds = []
     for start in range(0, len(test), chunk):
         sim = test[start:start + chunk] @ bank.T                      # (m, N) cosine similarities
         if sim.shape[1] < k:
             sim = torch.cat([sim, sim.new_full((len(sim), k - sim.shape[1]), -float("inf"))], 1)
         top_sim, top_idx = sim.topk(k, dim=1)                         # (m, k) in this process's bank
-        top_labels = torch.cat([labels, labels.new_zeros(k)])[top_idx]
+        top_labels = padded_labels[top_idx]
         top_sim, top_labels = merge_topk(top_sim, top_labels, k)      # (m, k) over all processes
         weights = (top_sim / temperature).exp()
         votes = torch.zeros(len(sim), num_classes, device=bank.device)
@@ -248,7 +249,7 @@ def monitor(model, bank, test, num_classes, args, device, rank, world_size):
         test_f, test_y = extract_features(model, test, desc="k-NN test", forward=fwd, **kw)
         for key, bank_part, test_part in zip(keys, bank_f.chunk(len(keys), 1), test_f.chunk(len(keys), 1)):
             out[key] = knn_accuracy(bank_part, bank_y, test_part, test_y, num_classes, args.knn_k,
-                                             args.knn_temperature)
+                                    args.knn_temperature)
             if key == "knn_acc" and model.probe is not None:
                 pred = model.probe(test_part.to(device)).argmax(1)
                 out["probe_acc"] = 100.0 * (pred == test_y.to(device)).float().mean().item()

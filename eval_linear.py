@@ -28,7 +28,6 @@ exactly. The final metrics go to --output as JSON (default
 linear_<feature>.json beside the checkpoint).
 """
 import argparse
-import json
 import os
 import time
 
@@ -226,8 +225,7 @@ def probe(args, net, train_args, ckpt, encoder, info, measurement, rank, world_s
             print(f"resumed from {ckpt_path} at epoch {start_epoch}")
     utils.on_rank0(lambda: utils.check_result_file(args.output, measurement))
     if master:
-        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=2, sort_keys=True)
+        utils.write_json(dict(sorted(vars(args).items())), os.path.join(args.output_dir, "args.json"))
         print(f"linear probe on {encoder['method']} {encoder['arch']} (epoch {encoder['epoch']}), feature "
               f"{args.feature}, lr {base_lr:.4g}")
 

@@ -225,9 +225,9 @@ def score_forward(net, feature, scores, score_encoder="online"):
             columns["knn"] = embedding("ema") if feature == "ema" else \
                 net.embedding_feature(embedding("online"), feature)
         # VJE's Eq. 39 at s = mu, one un-augmented view, in float32 whatever the autocast
-        for name in ("vje", "vje-dir"):
+        for name in net.ood_scores:
             if name in scores:
-                columns[name] = net.ood_score(embedding(score_encoder), radial=name == "vje")[:, None]
+                columns[name] = net.ood_score(embedding(score_encoder), name)[:, None]
         return torch.cat([columns[name].float() for name in layout], dim=1)
     return forward, layout
 
@@ -453,8 +453,10 @@ def load_set(s, raw_test, transform):
         return load_torchvision_set(e["dataset"], e["data_path"], transform)
     if s.kind == "folder":
         return ImageFiles(e["data_path"], transform, "--tin-path" if e["dataset"] == TIN else "the OOD set")
-    raw = raw_test if s.kind == "held-out" else data.build_dataset(e["dataset"], e["data_path"], "test",
-                                                                   transform)
+    if s.kind == "held-out":
+        raw = raw_test
+    else:
+        raw = data.build_dataset(e["dataset"], e["data_path"], "test", transform)
     return data.select_classes(raw, e["classes"]) if e["classes"] else raw
 
 
@@ -468,8 +470,8 @@ def build_sets(args, info, scores, local_rank=0):
     args.ood_root = args.ood_root or args.data_path
     pairs = expand_sets(args.ood_sets or [], args.dataset)
     ood_sets = [describe_set(group, body, args, preset) for group, body, preset in pairs]
-    if args.ood_sets is None or any(v is not None for v in (args.ood_dataset, args.ood_data_path,
-                                                            args.ood_classes)):
+    one_set = (args.ood_dataset, args.ood_data_path, args.ood_classes)
+    if args.ood_sets is None or any(v is not None for v in one_set):
         ood_sets.append(legacy_set(args, raw_test))
     unique_labels(ood_sets)
     transform = ood_transform(info)

@@ -217,8 +217,9 @@ class Method(nn.Module):
         if source not in self.feature_sources():
             needs = {"mu": "a VJE checkpoint", "ema": "a target encoder"}.get(source, "another network")
             raise ValueError(f"feature '{source}' needs {needs}; this {self.name} network has none")
-        return self.teacher_encoder()(x) if source == "ema" else self.embedding_feature(self.encoder(x),
-                                                                                        source)
+        if source == "ema":
+            return self.teacher_encoder()(x)
+        return self.embedding_feature(self.encoder(x), source)
 
     def embedding_feature(self, z, source):
         """The feature `source` (z, or VJE's mu) of encoder outputs z."""
@@ -317,10 +318,11 @@ class VJE(Method):
         z = self.encoder(x)
         return torch.cat([z, self.head(z)[0]], 1)
 
-    def ood_score(self, z, radial=True):
-        """VJE's Eq. 39 of embeddings z (B, D) under their own posterior g(z), at s = mu."""
+    def ood_score(self, z, name):
+        """Score `name` of embeddings z (B, D) under their own posterior g(z), at s = mu: "vje" is
+        VJE's Eq. 39, "vje-dir" its directional part."""
         mu, var = self.head(z)
-        return losses.vje_ood_score(z, mu, var, self.nu, radial=radial, center_var=self.center_var)
+        return losses.vje_ood_score(z, mu, var, self.nu, radial=name == "vje", center_var=self.center_var)
 
 
 # -----------------------------------------------------------------------------

@@ -547,9 +547,8 @@ def train(args, rank, local_rank, world_size, device):
             print(f"the run in {args.output_dir} is complete ({start_epoch} of {args.epochs} epochs); "
                   f"nothing to do")
         return model
-    if master:
-        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=2, sort_keys=True)
+    if master:  # atomically: --resume reads it
+        utils.write_json(dict(sorted(vars(args).items())), os.path.join(args.output_dir, "args.json"))
 
     run.stopper = utils.Stopper(args.max_steps)
     try:
