@@ -202,8 +202,10 @@ def saved_arguments(given, defaults):
     out = given.get("output_dir") or default_output_dir({k: given.get(k, defaults[k]) for k in defaults})
     ckpt = os.path.join(out, "checkpoint.pt")
     if not os.path.isfile(ckpt):
-        utils.fail(f"--resume but '{ckpt}' does not exist; check --output-dir, or leave out --resume to "
-                   f"start a new run")
+        started = os.path.isfile(os.path.join(out, "args.json"))
+        stopped = "; the run there stopped before its first checkpoint" * started
+        utils.fail(f"--resume but '{ckpt}' does not exist{stopped}: check --output-dir, or leave out "
+                   f"--resume to start it")
     try:
         with open(os.path.join(out, "args.json")) as f:
             return json.load(f)

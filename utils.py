@@ -2,10 +2,6 @@
 precision, checkpoints (atomic writes, loads that cannot run code, resume), the output folder of a
 run (one run a folder, locked while it runs, its log) and of a result file, and the command line's
 flags (range checks, defaults said once, one-line errors).
-
-An older checkpoint of this project (numpy arrays in its RNG state) is refused
-by the safe loader; convert it once with
-    python utils.py upgrade-checkpoint runs/vje-cifar10-resnet18/checkpoint.pt
 """
 import argparse
 import contextlib
@@ -13,9 +9,7 @@ import json
 import math
 import os
 import random
-import shutil
 import signal
-import socket
 import sys
 
 import numpy as np
@@ -232,10 +226,6 @@ def save_checkpoint(obj, path):
              f"unchanged")
 
 
-NUMPY_GLOBALS = {"numpy.dtype", "numpy.ndarray", "numpy.core.multiarray._reconstruct",
-                 "numpy._core.multiarray._reconstruct"}
-
-
 def load_checkpoint(path, what="checkpoint"):
     """Loads a file written by save_checkpoint on the CPU with weights_only=True:
     tensors and plain Python values only, so a crafted file cannot run code.
@@ -249,33 +239,11 @@ def load_checkpoint(path, what="checkpoint"):
             unsafe = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
         except Exception:
             unsafe = set()
-        if unsafe and unsafe <= NUMPY_GLOBALS:
-            fail(f"{what} '{path}' was written by an older version of this project (numpy arrays in its "
-                 f"random state); convert it once with: python utils.py upgrade-checkpoint {path}")
         if unsafe:
             fail(f"{what} '{path}' holds Python objects other than tensors and plain values "
                  f"({', '.join(sorted(unsafe)[:3])}); refused, since loading them could run code")
         fail(f"{what} '{path}' is unreadable (truncated, empty or not a checkpoint of this project: "
              f"{type(e).__name__})")
-
-
-def upgrade_checkpoint(path):
-    """Rewrites an older checkpoint whose RNG state holds numpy arrays in the
-    current form. Allows numpy arrays and dtypes besides tensors, nothing else."""
-    unsafe = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
-    if not unsafe <= NUMPY_GLOBALS:
-        fail(f"'{path}' holds {', '.join(sorted(unsafe - NUMPY_GLOBALS))}, not only numpy arrays: not "
-             f"converted")
-    core = getattr(np, "_core", None) or np.core  # numpy 2 renamed numpy.core
-    allowed = [np.ndarray, np.dtype, np.dtype("uint32").__class__, core.multiarray._reconstruct]
-    with torch.serialization.safe_globals(allowed):
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    for state in ckpt.get("rng") or []:
-        if isinstance(state.get("numpy"), tuple):
-            kind, keys, pos, has_gauss, cached = state["numpy"]
-            state["numpy"] = [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached]
-    save_checkpoint(ckpt, path)
-    print(f"upgraded {path}")
 
 
 def write_json(results, path):
@@ -324,10 +292,6 @@ def resume_training_state(path, args, recipe_flags, rank, world_size, **objects)
     if changed:
         fail(f"--resume with changed recipe flags: {', '.join(changed)}; use the original flags or a new "
              f"--output-dir")
-    missing = [f"--{k.replace('_', '-')}" for k in recipe_flags if k not in old]
-    if missing:  # a flag this version added: the old run trained another way
-        fail(f"checkpoint '{path}' was written by an earlier version of this project, which had no "
-             f"{', '.join(missing)}; continue it with that version, or start a new --output-dir")
     for name, obj in objects.items():
         if ckpt.get(name) is None or obj is None:
             continue
@@ -344,8 +308,8 @@ def resume_training_state(path, args, recipe_flags, rank, world_size, **objects)
 # -----------------------------------------------------------------------------
 # the output folder of a run, and result files
 
-RUN_FILES = ("args.json", "log.jsonl", "checkpoint.pt", "checkpoint.pt.tmp")
-RESULTS = ("knn_", "linear_", "ood_")  # the evaluation scripts' outputs beside a checkpoint
+RUN_FILES = ("args.json", "log.jsonl", "checkpoint.pt", "checkpoint.pt.tmp")  # all a run writes
+LOCK = "run.lock"
 
 
 def on_rank0(fn):
@@ -366,40 +330,45 @@ def on_rank0(fn):
     return result
 
 
-def run_contents(path):
-    """What a folder holds of a run: its files and the evaluation results beside them."""
-    if not os.path.isdir(path):
-        return []
-    return sorted(n for n in os.listdir(path) if n in RUN_FILES or n.startswith(RESULTS))
-
-
 def prepare_run_dir(path, resume, replace, command):
-    """The output folder of a run (train.py, eval_linear.py), made ready: a new run stops with one
-    line if the folder holds another run, unless `replace` (which removes it); every run locks the
-    folder, so that a second process on it stops with one line. Returns what `unlock` releases:
-    the lock, and the folder itself if this run made it and it is still empty then."""
+    """The output folder of a run (train.py, eval_linear.py), made ready and locked.
+
+    A folder holds a run when it holds the run's checkpoint.pt: a new run there stops with one
+    line, unless `replace`. A run that stopped before its first checkpoint left only args.json
+    (and log.jsonl): the next run starts it again. A run writes only RUN_FILES, and removes only
+    those: anything else in the folder (notes, evaluation results) is not the run's, and stays.
+    The lock is a file created exclusively, as git's index.lock: a second process on the folder
+    stops with one line naming it. Returns what `unlock` releases."""
     created = not os.path.exists(path)
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as e:
         fail(f"cannot create --output-dir '{path}' ({e.strerror})")
-    if not os.access(path, os.W_OK):
-        fail(f"--output-dir '{path}' is not writable")
-    lock = (lock_dir(path), path if created else None)
-    there = run_contents(path)
-    if there and not resume and not replace:
-        unlock(lock)
-        fail(f"'{path}' holds a run ({describe_run(path, there)}); continue it with `{command} --output-dir "
+    lock = os.path.join(path, LOCK)
+    try:
+        os.close(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        fail(f"'{lock}' exists: another run is using '{path}'. If no run is, remove that file and run again")
+    except OSError as e:
+        fail(f"--output-dir '{path}' is not writable ({e.strerror})")
+    taken = (lock, path if created else None)
+    ours = [n for n in RUN_FILES if os.path.exists(os.path.join(path, n))]
+    has_checkpoint = "checkpoint.pt" in ours
+    if resume and not has_checkpoint:
+        unlock(taken)
+        stopped = "; the run there stopped before its first checkpoint" * bool(ours)
+        fail(f"--resume but '{os.path.join(path, 'checkpoint.pt')}' does not exist{stopped}: leave out "
+             f"--resume to start it")
+    if has_checkpoint and not resume and not replace:
+        unlock(taken)
+        fail(f"'{path}' holds a run ({describe_run(path, ours)}); continue it with `{command} --output-dir "
              f"{path} --resume`, replace it with --replace, or give another --output-dir")
-    if there and replace and not resume:
-        for name in there:
-            target = os.path.join(path, name)
-            if os.path.isdir(target):
-                shutil.rmtree(target)
-            else:
-                os.remove(target)
-        note(f"--replace: removed {', '.join(there)} from '{path}'")
-    return lock
+    if ours and not resume:
+        for name in ours:
+            os.remove(os.path.join(path, name))
+        why = "--replace" if has_checkpoint else "a run that stopped before its first checkpoint"
+        note(f"{why}: removed {', '.join(ours)} from '{path}'")
+    return taken
 
 
 def describe_run(path, names):
@@ -416,50 +385,15 @@ def describe_run(path, names):
     return ", ".join(words + [", ".join(names)])
 
 
-def lock_dir(path):
-    """Takes OUTPUT_DIR/run.lock for this process; stops with one line while a live process holds
-    it. A lock left by a process that died (SIGKILL) is taken over."""
-    lock = os.path.join(path, "run.lock")
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                with open(lock) as f:
-                    pid, host = f.read().split()
-                if host != socket.gethostname() or process_alive(int(pid)):
-                    fail(f"'{path}' is in use by another run (process {pid} on {host}); wait for it to end, "
-                         f"or give another --output-dir")
-            except (OSError, ValueError):  # half-written or gone: a run that died as it started
-                pass
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(lock)
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{os.getpid()} {socket.gethostname()}")
-        return lock
-    fail(f"could not lock '{path}' (another run keeps taking it)")
-
-
-def process_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    return True
-
-
-def unlock(lock):
+def unlock(taken):
     """Releases what prepare_run_dir took (None: nothing): the lock, and a folder it made that
     nothing was written to (a run that stopped with an error line leaves nothing behind)."""
-    if lock is not None:
+    if taken is not None:
         with contextlib.suppress(FileNotFoundError):
-            os.remove(lock[0])
-        if lock[1] is not None:
+            os.remove(taken[0])
+        if taken[1] is not None:
             with contextlib.suppress(OSError):
-                os.rmdir(lock[1])
+                os.rmdir(taken[1])
 
 
 def round_floats(entry):
@@ -590,8 +524,3 @@ def one_line_errors(parser, script):
     parser.error = error
     return parser
 
-
-if __name__ == "__main__":
-    if len(sys.argv) != 3 or sys.argv[1] != "upgrade-checkpoint":
-        sys.exit("usage: python utils.py upgrade-checkpoint PATH")
-    upgrade_checkpoint(sys.argv[2])

@@ -19,6 +19,7 @@ import data
 import eval_knn
 import eval_linear
 import eval_ood
+import losses
 import train
 import utils
 
@@ -71,16 +72,16 @@ def test_a_second_run_into_a_used_folder_is_refused_and_changes_nothing(folder, 
     assert "--replace" in line and "another --output-dir" in line
     assert digest(out) == before
     train.main(flags(folder, out, "--epochs", "1", "--nu", "inf", "--replace"))
-    assert "--replace: removed args.json, checkpoint.pt, log.jsonl" in capsys.readouterr().out
+    assert "--replace: removed args.json, log.jsonl, checkpoint.pt" in capsys.readouterr().out
     log = [json.loads(line) for line in open(out / "log.jsonl")]
     assert [e["epoch"] for e in log] == [1]
     assert json.load(open(out / "args.json"))["nu"] == float("inf")
 
 
 def test_two_runs_at_once_in_one_folder_the_second_stops(folder, tmp_path, capsys):
-    """A run locks its folder: a second process on it stops with one line naming the first, and
-    writes nothing; once the first has ended (here killed, its lock left behind) the lock is
-    taken over."""
+    """A run locks its folder with a file created exclusively (git's index.lock): a second process
+    on it stops with one line naming that file, and writes nothing. A killed run leaves the file
+    behind; the line says to remove it if no run is using the folder, and then the folder is free."""
     out = tmp_path / "run"
     slow = make_image_folder(tmp_path / "slow", train_per_class=200)  # 75 steps an epoch
     first = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"),
@@ -94,14 +95,70 @@ def test_two_runs_at_once_in_one_folder_the_second_stops(folder, tmp_path, capsy
             time.sleep(0.1)
         before = digest(out)
         line = error_line(capsys, lambda: train.main(flags(slow, out, "--epochs", "1", "--replace")))
-        assert f"is in use by another run (process {first.pid}" in line
+        assert f"'{out / 'run.lock'}' exists: another run is using" in line
         assert digest(out) == before
     finally:
         first.kill()
         first.wait()
     assert (out / "run.lock").exists()  # a killed run leaves its lock behind
+    line = error_line(capsys, lambda: train.main(flags(folder, out, "--epochs", "1", "--replace")))
+    assert "If no run is, remove that file" in line
+    os.remove(out / "run.lock")
     train.main(flags(folder, out, "--epochs", "1", "--replace"))
     assert not (out / "run.lock").exists() and (out / "checkpoint.pt").exists()
+
+
+def test_a_lock_left_on_another_host_names_its_file(folder, tmp_path, capsys):
+    """A lock left behind by a run on another host (or by a process whose id was reused) is not
+    guessed about: the refusal names the file and says when to remove it, and removing it frees
+    the folder."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "run.lock").write_text("12345 another-host")
+    line = error_line(capsys, lambda: train.main(flags(folder, out, "--epochs", "1")))
+    assert str(out / "run.lock") in line and "remove that file" in line
+    os.remove(out / "run.lock")
+    train.main(flags(folder, out, "--epochs", "1"))
+    assert (out / "checkpoint.pt").exists() and not (out / "run.lock").exists()
+
+
+def test_a_folder_of_someone_elses_files_is_not_a_run(folder, tmp_path, capsys):
+    """A folder of a user's own files (notes, a folder of models, a draft) takes a run beside
+    them, and --replace later removes the run's files by their names, never the user's."""
+    out = tmp_path / "work"
+    (out / "linear_models").mkdir(parents=True)
+    (out / "linear_models" / "probe.pt").write_bytes(b"mine")
+    (out / "knn_notes.md").write_text("my notes")
+    (out / "ood_paper_draft.tex").write_text("my draft")
+    mine = digest(out)
+    train.main(flags(folder, out, "--epochs", "1"))
+    assert {k: v for k, v in digest(out).items() if k in mine} == mine
+    train.main(flags(folder, out, "--epochs", "1", "--nu", "inf", "--replace"))
+    assert "--replace: removed args.json, log.jsonl, checkpoint.pt" in capsys.readouterr().out
+    assert {k: v for k, v in digest(out).items() if k in mine} == mine
+    assert json.load(open(out / "args.json"))["nu"] == float("inf")
+
+
+def test_a_run_stopped_before_its_first_checkpoint_is_started_again(folder, tmp_path, monkeypatch, capsys):
+    """A run that stops before its first checkpoint (here a non-finite loss in the first epoch)
+    leaves a folder that the next command accepts: --resume says to leave it out, and the plain
+    command starts the run again there."""
+    out = tmp_path / "run"
+    vje_loss = losses.vje_loss
+
+    def diverged(*args, **kwargs):
+        loss, terms = vje_loss(*args, **kwargs)
+        return loss * float("nan"), terms
+
+    with monkeypatch.context() as m:
+        m.setattr(losses, "vje_loss", diverged)
+        line = error_line(capsys, lambda: train.main(flags(folder, out, "--epochs", "1", "--log-every", "1")))
+    assert "non-finite loss" in line and "before the first checkpoint" in line
+    assert not (out / "checkpoint.pt").exists()
+    line = error_line(capsys, lambda: train.main(flags(folder, out, "--epochs", "1", "--resume")))
+    assert "stopped before its first checkpoint" in line and "leave out --resume" in line
+    train.main(flags(folder, out, "--epochs", "1"))
+    assert (out / "checkpoint.pt").exists()
 
 
 # -----------------------------------------------------------------------------
