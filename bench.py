@@ -39,6 +39,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import augment
+import cli
 import data
 import losses
 import model as model_lib
@@ -590,10 +591,10 @@ def gpu_check(args, cuda=torch.cuda.is_available):
 # the script
 
 def get_args(argv=None):
-    number = utils.number
+    number = cli.number
     p = argparse.ArgumentParser(description="Speed of each method of train.py, every ratio within one run.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    utils.one_line_errors(p, "bench.py")
+    cli.one_line_errors(p, "bench.py")
     p.add_argument("--arch", default="resnet18", choices=model_lib.ARCHS,
                    help="encoder; tiny is the 0.4 M-parameter CPU network, good for a smoke run only")
     p.add_argument("--batch-size", type=number(int, 2, 1 << 20), default=256,

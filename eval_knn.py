@@ -30,6 +30,7 @@ reports the number train.py logged for that epoch. The metrics go to
 --output as JSON (default: knn_<feature>.json beside the checkpoint).
 """
 import argparse
+import json
 import os
 import time
 
@@ -39,6 +40,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import augment
+import cli
 import data
 import model as model_lib
 import utils
@@ -260,21 +262,59 @@ def monitor(model, bank, test, num_classes, args, device, rank, world_size):
 # -----------------------------------------------------------------------------
 # the script
 
+def add_eval_flags(p, script):
+    """The flags every evaluation script has: the checkpoint, its dataset (each defaulting to what
+    the checkpoint was trained on), and how to run."""
+    cli.one_line_errors(p, script)
+    p.add_argument("--checkpoint", required=True, help="the checkpoint.pt written by train.py")
+    cli.add_flag(p, "--dataset", None, "cifar10, cifar100, stl10, imagenet or folder",
+             default_text="the checkpoint's")
+    cli.add_flag(p, "--data-path", None, "download folder (cifar10/cifar100/stl10) or a tree with train/ and "
+             "test/ (imagenet/folder)", default_text="the checkpoint's")
+    cli.add_flag(p, "--image-size", None, "image size in px; keep it unless you know the encoder copes",
+             default_text="the checkpoint's", type=cli.number(int, 8, 1024))
+    cli.add_flag(p, "--classes", None, "comma-separated class names: evaluate on these classes only, labels "
+             "re-indexed in this order; 'all' for every class", default_text="the classes the checkpoint was "
+             "trained on (train.py --classes), else all")
+    cli.add_flag(p, "--num-workers", min(4, os.cpu_count() or 1), "data-loading processes per process; on a "
+             "2-core CPU 0 or 2 are the sensible values", type=cli.number(int, 0, 256))
+    cli.add_flag(p, "--device", "auto", "auto takes a GPU when one is visible",
+                 choices=("auto", "cuda", "cpu"))
+    cli.add_flag(p, "--precision", None, "autocast precision of the frozen network",
+             choices=("fp32", "bf16", "fp16"), default_text="the checkpoint's training precision (fp32 where "
+             "this device cannot run it), so that train.py's logged numbers are reproduced")
+
+
+def check_result_file(path, measurement):
+    """Stops with one line, before anything is computed, if `path` holds the result of another
+    measurement (a different value of one of `measurement`'s keys): a result file is replaced
+    only by the same measurement made again."""
+    try:
+        with open(path) as f:
+            old = json.load(f)
+    except (OSError, ValueError):
+        return
+    differ = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in measurement.items() if old.get(k) != v]
+    if differ:
+        utils.fail(f"'{path}' holds another measurement ({'; '.join(differ)[:300]}); pass --output to write "
+                   f"this one elsewhere, or remove that file")
+
+
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="Weighted k-NN accuracy of the frozen encoder of a train.py "
                                             "checkpoint.")
-    utils.add_eval_flags(p, "eval_knn.py")
-    add = utils.add_flag
+    add_eval_flags(p, "eval_knn.py")
+    add = cli.add_flag
     add(p, "--batch-size", 256, "images per forward pass and process; 256 as train.py's monitor, whose "
         "number this reproduces (other values change only the last float digits, and the speed)",
-        type=utils.number(int, 1, 1 << 20))
+        type=cli.number(int, 1, 1 << 20))
     add(p, "--feature", None,
         "z: the encoder output (the protocol's feature); mu: VJE's posterior mean; ema: the target encoder "
         "of BYOL, VSSL or VJE with --target ema", default_text="z", choices=("z", "mu", "ema"))
     add(p, "--k", [20, 200], "neighbour counts, one result each; 20 is the headline number, 200 the other "
-        "common one", type=utils.number(int, 1, 1 << 20), nargs="+")
+        "common one", type=cli.number(int, 1, 1 << 20), nargs="+")
     add(p, "--temperature", 0.07, "T in the vote weight exp(similarity / T); 0.07 is the usual value, and "
-        "train.py's", type=utils.number(float, 0, 100, low_open=True))
+        "train.py's", type=cli.number(float, 0, 100, low_open=True))
     add(p, "--save-features", None, "also save the extracted features and labels to this .pt file, for "
         "--load-features")
     add(p, "--load-features", None, "use features saved with --save-features instead of running the network")
@@ -303,9 +343,9 @@ def output_path(args):
 
 
 def check_output(args, measured):
-    """Stops before any work if the output file holds another measurement (utils.check_result_file)."""
+    """Stops before any work if the output file holds another measurement (check_result_file)."""
     measurement = dict(measured, feature=args.feature, temperature=args.temperature, k=args.k)
-    utils.on_rank0(lambda: utils.check_result_file(output_path(args), measurement))
+    utils.on_rank0(lambda: check_result_file(output_path(args), measurement))
 
 
 def main(argv=None):

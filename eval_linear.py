@@ -37,6 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import cli
 import data
 import eval_knn
 import model as model_lib
@@ -50,8 +51,8 @@ RECIPE_FLAGS = ("feature", "dataset", "classes", "image_size", "batch_size", "lr
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="Linear probe on the frozen encoder of a train.py checkpoint: "
                                             "top-1 and top-5 accuracy on the test split.")
-    utils.add_eval_flags(p, "eval_linear.py")
-    add, number = utils.add_flag, utils.number
+    eval_knn.add_eval_flags(p, "eval_linear.py")
+    add, number = cli.add_flag, cli.number
     add(p, "--batch-size", 256, "global batch size of the probe's SGD, split over the processes; the "
         "learning rate scales with it", type=number(int, 1, 1 << 20))
     add(p, "--feature", "z", "what the linear layer reads: z, the encoder output (the protocol's); mu: VJE's "
@@ -215,15 +216,16 @@ def probe(args, net, train_args, ckpt, encoder, info, measurement, rank, world_s
     ckpt_path = os.path.join(args.output_dir, "checkpoint.pt")
     start_epoch, step = 0, 0
     if args.resume:
-        state = utils.resume_training_state(ckpt_path, args, RECIPE_FLAGS, rank, world_size, linear=linear,
-                                            optimizer=optimizer)
+        state = utils.load_checkpoint(ckpt_path)
+        utils.refuse_changes(state.get("args", {}), vars(args), RECIPE_FLAGS)
+        utils.restore_training_state(state, ckpt_path, rank, world_size, linear=linear, optimizer=optimizer)
         if state.get("encoder") != encoder:
             utils.fail(f"{ckpt_path} probes {state.get('encoder')}, but --checkpoint is now {encoder}; use a "
                        f"new --output-dir")
         start_epoch, step = state["epoch"], state["step"]
         if master:
             print(f"resumed from {ckpt_path} at epoch {start_epoch}")
-    utils.on_rank0(lambda: utils.check_result_file(args.output, measurement))
+    utils.on_rank0(lambda: eval_knn.check_result_file(args.output, measurement))
     if master:
         utils.write_json(dict(sorted(vars(args).items())), os.path.join(args.output_dir, "args.json"))
         print(f"linear probe on {encoder['method']} {encoder['arch']} (epoch {encoder['epoch']}), feature "

@@ -63,6 +63,7 @@ import torch
 import torchvision
 import torchvision.transforms as T
 
+import cli
 import data
 import eval_knn
 import model as model_lib
@@ -534,10 +535,10 @@ def default_output(args, ood_sets):
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="OOD detection scores of a train.py checkpoint on one or several "
                                             "OOD sets: AUROC, AUPR-In, AUPR-Out, FPR at 95 % TPR.")
-    utils.add_eval_flags(p, "eval_ood.py")
-    add = utils.add_flag
+    eval_knn.add_eval_flags(p, "eval_ood.py")
+    add = cli.add_flag
     add(p, "--batch-size", 256, "images per pass and process (speed and memory only)",
-        type=utils.number(int, 1, 1 << 20))
+        type=cli.number(int, 1, 1 << 20))
     add(p, "--ood-sets", None, f"OOD sets: torchvision names ({', '.join(TORCHVISION_SETS)}) read from "
         "--ood-root; tin (--tin-path); folders of images; presets of OpenOOD v1.5 (openood, "
         "openood-cifar10, openood-cifar100). GROUP=SET puts a set in a group", nargs="+", metavar="SET",
@@ -557,7 +558,7 @@ def get_args(argv=None):
     add(p, "--score-encoder", "online", "the encoder whose z the vje scores read: the trained one, or the "
         "EMA encoder of a --target ema checkpoint", choices=("online", "ema"))
     add(p, "--ood-k", 50, "k of the knn score; Sun et al. use 50 on CIFAR-10's 50,000 images, 1000 on "
-        "ImageNet", type=utils.number(int, 1, 1 << 20))
+        "ImageNet", type=cli.number(int, 1, 1 << 20))
     add(p, "--feature", "z", "the knn score's feature: z, mu (VJE) or ema (the target encoder)",
         choices=("z", "mu", "ema"))
     add(p, "--output", None, "JSON file for the metrics", default_text="ood_<set>[+<set>...].json beside the "
@@ -612,7 +613,7 @@ def main(argv=None):
         score_encoder=args.score_encoder if vje_scored else None,
         score_names=scores, set_paths={s.label: s.entry["data_path"] for s in ood_sets})
     output = args.output or default_output(args, ood_sets)
-    utils.on_rank0(lambda: utils.check_result_file(output, measured))
+    utils.on_rank0(lambda: eval_knn.check_result_file(output, measured))
     if master:
         listed = ", ".join(f"{s.label} ({len(s.dataset)})" for s in ood_sets)
         print(f"{train_args['method']} {train_args['arch']} (epoch {ckpt.get('epoch')}): in-distribution "

@@ -26,11 +26,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
+import cli
 import losses
 import utils
 
 ARCHS = ("tiny", "resnet18", "resnet50")
-number = utils.number
+number = cli.number
 
 
 # -----------------------------------------------------------------------------

@@ -17,69 +17,75 @@ options) or a general one below; `--help` lists them. Everything a run writes go
 checkpoint.pt (after every epoch, written atomically). `--resume` continues from checkpoint.pt.
 """
 import argparse
+import dataclasses
 import json
 import math
 import os
 import sys
 import time
-from types import SimpleNamespace
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 import augment
+import cli
 import data
 import eval_knn
 import model as model_lib
 import utils
 
-RECIPE = "recipe"  # a flag's default is the method's recipe (model.py)
 # what --resume may change: how the run is carried out, not what it trains
 MAY_CHANGE_ON_RESUME = ("resume", "replace", "output_dir", "max_steps", "data_path", "num_workers", "device",
                         "precision", "compile", "log_every", "eval_every", "knn_k", "knn_temperature")
-ONE_INVOCATION = ("resume", "replace", "output_dir", "max_steps")  # not taken from the run on --resume
+ONE_INVOCATION = ("resume", "replace", "output_dir", "max_steps")  # never taken from the run on --resume
+# the flags whose default is the method's recipe (model.py); None until get_args fills them
+RECIPE_FLAGS = ("epochs", "warmup_epochs", "lr", "weight_decay", "lr_schedule", "ema_momentum", "lars_clip",
+                "interpolation")
 
 
 # -----------------------------------------------------------------------------
-# flags: built from the general defaults below and each method's recipe and options
+# flags: the general defaults below, each method's recipe and options (model.py)
+
+def recipe_default(key):
+    """How --help shows a recipe flag's default: each method's value, or one for all."""
+    name, methods = "--" + key.replace("_", "-"), model_lib.METHODS
+    values = {m: cli.show_default(name, cls.recipe[key]) for m, cls in methods.items()
+              if cls.recipe.get(key) is not None}
+    if len(set(values.values())) == 1 and len(values) == len(methods):
+        return f"{values['vje']}, every method's recipe"
+    return ", ".join(f"{m} {v}" for m, v in values.items())
+
 
 def build_parser():
-    """The parser, and each flag's default (RECIPE: the method's recipe). The defaults are
-    suppressed when parsing, so that the parsed flags are the ones given."""
-    number, methods = utils.number, model_lib.METHODS
+    """The parser. A recipe flag or a method's option defaults to None, which get_args fills from
+    the method: so a value that is not None was given."""
+    number, methods = cli.number, model_lib.METHODS
     p = argparse.ArgumentParser(description="Self-supervised pre-training (VJE, VSSL, BYOL, SimSiam). Every "
                                 "default is the method's recipe (see the README) or the one shown.")
-    utils.one_line_errors(p, "train.py")
-    defaults = {}
+    cli.one_line_errors(p, "train.py")
 
     def flag(group, name, default, help, **kw):
-        if default == RECIPE:
-            key = name[2:].replace("-", "_")
-            values = {m: utils.show_default(name, cls.recipe[key]) for m, cls in methods.items()
-                      if cls.recipe.get(key) is not None}
-            kw["default_text"] = ", ".join(f"{m} {v}" for m, v in values.items())
-            if len(set(values.values())) == 1 and len(values) == len(methods):
-                kw["default_text"] = f"{values['vje']}, every method's recipe"
-        action = utils.add_flag(group, name, default, help, **kw)
-        defaults[action.dest] = default
+        if name[2:].replace("-", "_") in RECIPE_FLAGS:
+            kw["default_text"] = recipe_default(name[2:].replace("-", "_"))
+        cli.add_flag(group, name, default, help, **kw)
 
     g = p.add_argument_group("training")
-    flag(g, "--method", "vje", ", ".join(methods))
-    flag(g, "--arch", "resnet18", "resnet18, resnet50, or tiny (the 0.4 M-parameter CPU network)")
-    flag(g, "--epochs", RECIPE, "passes over the data", type=number(int, 1, 100_000))
-    flag(g, "--warmup-epochs", RECIPE, "linear warm-up before the cosine decay", type=number(int, 0, 100_000))
+    flag(g, "--method", "vje", "the method", choices=tuple(methods))
+    flag(g, "--arch", "resnet18", "tiny is the 0.4 M-parameter CPU network", choices=model_lib.ARCHS)
+    flag(g, "--epochs", None, "passes over the data", type=number(int, 1, 100_000))
+    flag(g, "--warmup-epochs", None, "linear warm-up before the cosine decay", type=number(int, 0, 100_000))
     flag(g, "--batch-size", 256, "global batch size, split over the processes", type=number(int, 2, 1 << 20))
-    flag(g, "--lr", RECIPE, "rate for a batch of 256, scaled with --batch-size (SGD: vje, simsiam; LARS: "
+    flag(g, "--lr", None, "rate for a batch of 256, scaled with --batch-size (SGD: vje, simsiam; LARS: "
          "vssl, byol)", type=number(float, 0, 100, low_open=True))
-    flag(g, "--weight-decay", RECIPE, "on weights only, not on norm layers and biases",
+    flag(g, "--weight-decay", None, "on weights only, not on norm layers and biases",
          type=number(float, 0, 1))
-    flag(g, "--lr-schedule", RECIPE, "warm-up and cosine set once an epoch (the VJE notebook) or every step "
+    flag(g, "--lr-schedule", None, "warm-up and cosine set once an epoch (the VJE notebook) or every step "
          "(solo-learn)", choices=("epoch", "step"))
-    flag(g, "--ema-momentum", RECIPE, "teacher momentum at the start, raised to 1", type=number(float, 0, 1))
+    flag(g, "--ema-momentum", None, "teacher momentum at the start, raised to 1", type=number(float, 0, 1))
     flag(g, "--ema-schedule", "cosine", "raised on a per-step cosine (the authors' codes), or constant",
          choices=("cosine", "constant"))
-    flag(g, "--lars-clip", RECIPE, "solo-learn's clip_lr: each layer's step is min(lr, trust ratio)",
+    flag(g, "--lars-clip", None, "solo-learn's clip_lr: each layer's step is min(lr, trust ratio)",
          action=argparse.BooleanOptionalAction)
     flag(g, "--probe-lr", 0.1, "the online probe's SGD rate (batch 256)",
          type=number(float, 0, 100, low_open=True))
@@ -88,7 +94,7 @@ def build_parser():
     flag(g, "--seed", 0, "seeds the weights, the views and the order", type=number(int, 0, 2 ** 31 - 1))
 
     g = p.add_argument_group("data (--data-path and --num-workers may change on --resume)")
-    flag(g, "--dataset", "cifar10", ", ".join(data.DATASETS))
+    flag(g, "--dataset", "cifar10", "the dataset", choices=data.DATASETS)
     flag(g, "--data-path", "./data", "download folder of cifar10/cifar100/stl10; for imagenet/folder a tree "
          "of train/ and test/ (or val/)")
     flag(g, "--image-size", None, "image size in px", default_text="the dataset's", type=number(int, 8, 1024))
@@ -99,7 +105,7 @@ def build_parser():
          "and folders of images up to 96 px", choices=("auto", "batched", "pil"))
     flag(g, "--blur", "pil", "PIL's GaussianBlur(radius=sigma), as the authors' code, or a torchvision "
          "kernel of 2*int(0.05*size)+1 px (3 px at 32 px, 2.5x weaker at sigma 2)", choices=data.BLURS)
-    flag(g, "--interpolation", RECIPE, "the random resized crop's resampling", choices=data.INTERPOLATIONS)
+    flag(g, "--interpolation", None, "the random resized crop's resampling", choices=data.INTERPOLATIONS)
     flag(g, "--normalize", "auto", "mean/std: auto, the dataset's in the code of the recipe (ImageNet's for "
          "imagenet and folder); a dataset's name for a folder of its images (cifar10 for a CIFAR-10 subset)",
          choices=data.NORMALIZE_CHOICES)
@@ -117,7 +123,7 @@ def build_parser():
          default_text="runs/<method>-<dataset>-<arch>")
     flag(g, "--resume", False, "continue the run in --output-dir with its own arguments; flags given with it "
          "must agree, but those of the groups that may change", action="store_true")
-    flag(g, "--replace", False, "start a new run in an --output-dir that holds one, removing it",
+    flag(g, "--replace", False, "start a new run in an --output-dir that holds one, removing its files",
          action="store_true")
     flag(g, "--max-steps", None, "stop after this many steps in all, with a checkpoint --resume continues",
          type=number(int, 1, 1 << 40))
@@ -125,49 +131,52 @@ def build_parser():
     flag(g, "--precision", None, "autocast precision (fp16 with a GradScaler); the losses are float32 always",
          default_text="bf16 on GPUs that support it, else fp32", choices=("fp32", "bf16", "fp16"))
     flag(g, "--compile", None, "torch.compile the forward + loss and the batched augmentation (the first "
-         "step compiles, a minute or so); if that fails, the run goes on eagerly",
-         action=argparse.BooleanOptionalAction, default_text="--compile on CUDA, --no-compile on the CPU")
+         "step compiles, a minute or so)", action=argparse.BooleanOptionalAction,
+         default_text="--compile on CUDA, --no-compile on the CPU")
     flag(g, "--log-every", 50, "steps between the only host syncs of an epoch: the finite-loss check, the "
          "stop flag, the progress bar", type=number(int, 1, 1 << 20))
 
+    added = set()
     for name, cls in methods.items():  # each method's own options; a shared one is added once
         g = p.add_argument_group(f"{name} options")
         for key, option in cls.options.items():
-            if key not in defaults:
-                owners = [m for m, c in methods.items() if key in c.options]
-                kw = {k: v for k, v in option.items() if k not in ("default", "help")}
-                shared = f" ({' and '.join(owners)})" if len(owners) > 1 else ""
-                flag(g, "--" + key.replace("_", "-"), option["default"], option["help"] + shared, **kw)
-    for action in p._actions:
-        action.default = argparse.SUPPRESS
-    return p, defaults
+            if key in added:
+                continue
+            added.add(key)
+            owners = [m for m, c in methods.items() if key in c.options]
+            kw = {k: v for k, v in option.items() if k not in ("default", "help")}
+            if isinstance(option["default"], bool):
+                kw["action"] = argparse.BooleanOptionalAction
+            shared = f" ({' and '.join(owners)})" if len(owners) > 1 else ""
+            flag(g, "--" + key.replace("_", "-"), None, option["help"] + shared,
+                 default_text=cli.show_default("--" + key.replace("_", "-"), option["default"]), **kw)
+    return p
 
 
 def get_args(argv=None):
-    """The resolved arguments: the flags given, the method's options and recipe, the general
-    defaults; with --resume, the run's own arguments, which the flags given must agree with."""
-    p, defaults = build_parser()
-    given = vars(p.parse_args(argv))
-    saved = saved_arguments(given, defaults) if given.get("resume") else {}
-    method = given.get("method", saved.get("method", defaults["method"]))
-    if method not in model_lib.METHODS:
-        p.error(f"unknown method '{method}'; choose one of {', '.join(model_lib.METHODS)}")
-    cls = model_lib.METHODS[method]
-    options = {k for c in model_lib.METHODS.values() for k in c.options}
-    for key in given:
-        if key in options and key not in cls.options:
-            p.error(f"{flag_name(key)} is not an option of --method {method}")
-        if defaults[key] == RECIPE and cls.recipe.get(key) is None:
-            p.error(f"{flag_name(key)} does not apply to --method {method}, whose recipe has none")
-    if given.get("resume") and given.get("replace"):
+    """The resolved arguments: the flags given, then the method's recipe and options for those
+    left unset (one loop), then the general defaults; with --resume, the run's own arguments
+    (resumed_arguments)."""
+    p = build_parser()
+    args = vars(p.parse_args(argv))
+    if args["resume"] and args["replace"]:
         p.error("--resume continues the run in --output-dir and --replace removes it: give one of them")
-    args = {k: cls.recipe.get(k) if v == RECIPE else v for k, v in defaults.items() if k not in options}
-    args.update(model_lib.option_defaults(method), **given)
+    if args["resume"]:
+        args = resumed_arguments(p, argv, args)
+    cls = model_lib.METHODS[args["method"]]
+    options = {k for c in model_lib.METHODS.values() for k in c.options}
+    for key in RECIPE_FLAGS + tuple(sorted(options)):  # the method's defaults, for the flags left unset
+        if key in cls.options:
+            args[key] = cls.options[key]["default"] if args[key] is None else args[key]
+        elif key in options and args.get(key) is not None:
+            p.error(f"--{key.replace('_', '-')} is not an option of --method {cls.name}")
+        elif key in options:
+            args.pop(key, None)
+        elif args[key] is None:
+            args[key] = cls.recipe.get(key)
+        elif cls.recipe.get(key) is None:
+            p.error(f"--{key.replace('_', '-')} does not apply to --method {cls.name}, whose recipe has none")
     args.update(optimizer=cls.recipe["optimizer"], nesterov=cls.recipe["nesterov"])
-    if args["dataset"] not in data.DATASETS:
-        p.error(f"unknown dataset '{args['dataset']}'; choose one of {', '.join(data.DATASETS)}")
-    if args["arch"] not in model_lib.ARCHS:
-        p.error(f"unknown architecture '{args['arch']}'; choose one of {', '.join(model_lib.ARCHS)}")
     reason = cls.check(args) if hasattr(cls, "check") else None
     if reason:
         p.error(reason)
@@ -176,30 +185,18 @@ def get_args(argv=None):
     args["data_path"] = os.path.abspath(args["data_path"])  # so that a run is found from any folder
     if os.path.exists(args["output_dir"]) and not os.path.isdir(args["output_dir"]):
         p.error(f"--output-dir '{args['output_dir']}' is a file; name a folder")
-    if saved:
-        changed = [f"{flag_name(k)} ({saved.get(k)} -> {args[k]})" for k in given
-                   if k not in MAY_CHANGE_ON_RESUME and args[k] != saved.get(k)]
-        if changed:
-            hint = "; --epochs is the length of the run's schedule, which --resume continues" * \
-                ("epochs" in given and args["epochs"] != saved.get("epochs"))
-            utils.fail(f"--resume with changed recipe flags: {', '.join(changed)}; use the original flags or "
-                       f"a new --output-dir{hint}")
-        # the run's own arguments, but for the flags given here and those of one invocation only
-        args = dict(saved, **{k: args[k] for k in MAY_CHANGE_ON_RESUME if k in given or k in ONE_INVOCATION})
     return argparse.Namespace(**args)
-
-
-def flag_name(key):
-    return "--" + key.replace("_", "-")
 
 
 def default_output_dir(args):
     return os.path.join("runs", f"{args['method']}-{args['dataset']}-{args['arch']}")
 
 
-def saved_arguments(given, defaults):
-    """The arguments of the run --resume continues: its args.json, else its checkpoint's."""
-    out = given.get("output_dir") or default_output_dir({k: given.get(k, defaults[k]) for k in defaults})
+def resumed_arguments(p, argv, first):
+    """The arguments of the run --resume continues (its args.json, else its checkpoint's), with
+    this invocation's flags over them; stops with one line if a flag that defines the run
+    (not MAY_CHANGE_ON_RESUME) was given another value."""
+    out = first["output_dir"] or default_output_dir(first)
     ckpt = os.path.join(out, "checkpoint.pt")
     if not os.path.isfile(ckpt):
         started = os.path.isfile(os.path.join(out, "args.json"))
@@ -208,9 +205,15 @@ def saved_arguments(given, defaults):
                    f"--resume to start it")
     try:
         with open(os.path.join(out, "args.json")) as f:
-            return json.load(f)
+            saved = json.load(f)
     except (OSError, ValueError):
-        return utils.load_checkpoint(ckpt).get("args", {})
+        saved = utils.load_checkpoint(ckpt).get("args", {})
+    p.set_defaults(**{k: v for k, v in saved.items() if k not in ONE_INVOCATION})
+    args = vars(p.parse_args(argv))
+    hint = "; --epochs is the length of the run's schedule, which --resume continues" * \
+        (args["epochs"] != saved.get("epochs"))
+    utils.refuse_changes(saved, args, [k for k in args if k not in MAY_CHANGE_ON_RESUME], hint)
+    return dict(saved, **args)
 
 
 # -----------------------------------------------------------------------------
@@ -244,7 +247,7 @@ def ema_momentum_schedule(base, total_steps, constant=False):
 
 
 # -----------------------------------------------------------------------------
-# data
+# set-up: the data, the networks and their optimizers, the schedules
 
 def build_data(args, info, views, rank, world_size, device, master):
     """The training loader (batched on the device, or PIL in loader processes) and the k-NN
@@ -288,95 +291,6 @@ def build_data(args, info, views, rank, world_size, device, master):
     return loader, monitor
 
 
-# -----------------------------------------------------------------------------
-# one step, one epoch
-
-def train_step(ddp_model, model, batch, optimizer, probe_optimizer, scaler, precision, ema_momentum):
-    """Forward under autocast, backward, both optimizer steps, the teacher's EMA update. Returns
-    (loss, logs) as tensors: nothing here reads a value back to the host, so a GPU never waits."""
-    (x1, x2), y = batch
-    with utils.autocast(precision, x1.device):
-        loss, logs = ddp_model(x1, x2, y)
-    optimizer.zero_grad(set_to_none=True)
-    if probe_optimizer is not None:
-        probe_optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.step(optimizer)
-    if probe_optimizer is not None:
-        scaler.step(probe_optimizer)
-    scaler.update()
-    model.update_teacher(ema_momentum)
-    return loss, logs
-
-
-def train_one_epoch(run, epoch, step, first_step, sums=None):
-    """Steps `first_step`.. of one epoch. Returns (the sums of the logged terms over this process's
-    steps, added to `sums` from the checkpoint of a stop, steps done, the global step, why it
-    stopped or None). Host syncs only at --log-every boundaries and the epoch's last step, where
-    one all-reduce carries the window's losses (each must be finite), the running loss for the
-    progress bar and the stop flag."""
-    args, device = run.args, run.device
-    data.set_epoch(run.loader, epoch, skip_steps=first_step)  # part-way into an epoch after a stop
-    run.model.train()
-    carried = first_step if sums else 0  # steps already in `sums`
-    sums, count = dict(sums or {}), 0
-    window = torch.zeros(args.log_every, device=device)  # this window's losses, read at its end
-    window_start = step
-    bar = tqdm(run.loader, desc=f"epoch {epoch + 1}/{args.epochs}",
-               disable=not utils.show_progress(run.master), leave=False,
-               initial=first_step, total=first_step + len(run.loader))
-    for it, ((x1, x2), y) in enumerate(bar, start=first_step):
-        for g in run.optimizer.param_groups:
-            g["lr"] = float(run.lr_schedule[step])  # a Python float: the checkpoint holds plain values only
-        if run.probe_optimizer is not None:
-            for g in run.probe_optimizer.param_groups:
-                g["lr"] = float(run.probe_lr_schedule[step])
-        batch = ((run.to_device(x1), run.to_device(x2)), y.to(device, non_blocking=True))
-        momentum = float(run.momentum_schedule[step])
-        if run.first_step_pending:  # a compiled run's first step compiles the model, or falls back to eager
-            run.first_step_pending = False
-            loss, logs = first_compiled_step(run, batch, momentum)
-        else:
-            loss, logs = train_step(run.ddp_model, run.model, batch, run.optimizer, run.probe_optimizer,
-                                    run.scaler, args.precision, momentum)
-        # accumulate on the device; nothing is read back until the boundary
-        window[step - window_start] = loss.detach().float()
-        for k, v in logs.items():
-            sums[k] = sums.get(k, 0.0) + v.detach().float()
-        count += 1
-        step += 1
-        last = it + 1 == run.steps_per_epoch
-        if step - window_start < args.log_every and not last and step != args.max_steps:
-            continue
-        # ---- boundary: the one host sync of the window ----------------------------
-        n = step - window_start
-        check = utils.all_reduce_sum(torch.cat([window[:n], (sums["ssl_loss"] / (carried + count)).view(1),
-                                                torch.full((1,), float(run.stopper.signal), device=device)]))
-        values = check.tolist()
-        bad = [i for i, v in enumerate(values[:n]) if not math.isfinite(v)]
-        if bad:
-            where = (f"non-finite loss ({values[bad[0]] / run.world_size}) at epoch {epoch + 1}, step "
-                     f"{window_start + bad[0]}")
-            # --lr and --warmup-epochs are recipe flags: --resume refuses them
-            if os.path.isfile(run.ckpt_path):
-                utils.fail(f"{where}; {run.ckpt_path} still holds the last good state. Continue it with "
-                           f"--resume --precision fp32, or start a new --output-dir with a lower --lr or a "
-                           f"longer --warmup-epochs.")
-            utils.fail(f"{where}, before the first checkpoint. Start again with a lower --lr, a longer "
-                       f"--warmup-epochs or --precision fp32.")
-        window_start = step
-        if run.master:
-            bar.set_postfix(loss=f"{values[n] / run.world_size:.4f}", lr=f"{run.lr_schedule[step - 1]:.4f}")
-        why = run.stopper.reason(values[n + 1] > 0, step)
-        if why is not None:
-            bar.close()
-            return sums, count, step, why
-    bar.close()
-    return sums, count, step, None
-
-
-# -----------------------------------------------------------------------------
-
 def build_networks(args, device, world_size):
     """The model, its DDP wrapper (the model itself for one process), and the two optimizers."""
     model = model_lib.build(vars(args)).to(device)
@@ -405,78 +319,223 @@ def build_schedules(args, steps_per_epoch):
                                   constant=args.ema_schedule == "constant"))
 
 
-def resume_or_start(run, log_path, rank):
-    """With --resume, the checkpoint into the model, optimizers and scaler, and the log trimmed to
-    it. Returns (epochs done, the global step, steps done of the next epoch, the sums of that
-    epoch's logged terms over those steps or None)."""
-    args = run.args
-    start = (0, 0, 0, None)
-    if args.resume:
-        recipe_flags = [k for k in vars(args) if k not in MAY_CHANGE_ON_RESUME]
-        ckpt = utils.resume_training_state(run.ckpt_path, args, recipe_flags, rank, run.world_size,
-                                           model=run.model, optimizer=run.optimizer,
-                                           probe_optimizer=run.probe_optimizer, scaler=run.scaler)
-        cut = ckpt.get("epoch_sums") if ckpt["epoch_step"] else None
-        if cut is not None:  # each process carries its share of the cut epoch's sums
-            cut = {k: torch.tensor(v / run.world_size, device=run.device) for k, v in cut.items()}
-        start = ckpt["epoch"], ckpt["step"], ckpt["epoch_step"], cut
+def resolve_compile(flag, device):
+    """--compile unset: on on CUDA (train.py ran 2.4x the eager images/s on an H100), off on the CPU
+    (tiny, batch 64, 2 cores: 345 pairs/s compiled against 390 eager, after 65 s of compiling)."""
+    return device.type == "cuda" if flag is None else flag
+
+
+def schedule_note(args):
+    """One line when the run's length leaves its warm-up or its schedule unusual."""
+    if args.warmup_epochs >= args.epochs:
+        utils.note(f"--epochs {args.epochs} ends within the {args.warmup_epochs} warm-up epochs: the rate "
+                   f"never reaches its peak (--lr {args.lr}); lower --warmup-epochs for a full schedule")
+    elif 4 * args.warmup_epochs > args.epochs:
+        utils.note(f"the warm-up ({args.warmup_epochs} epochs) is more than a quarter of the run "
+                   f"({args.epochs} epochs)")
+
+
+def compiled(fn, what):
+    """torch.compile(fn), which compiles at its first call. If compiling fails (no C compiler, an
+    unsupported GPU or Python, an error in the graph), the run stops with one line naming
+    --no-compile: nothing is saved mid-step, so the next run starts from the checkpoint as it was."""
+    def failed(error):
+        reason = (str(error).strip().splitlines() or [""])[0][:200]
+        utils.fail(f"torch.compile failed on {what} ({type(error).__name__}: {reason}); run the command "
+                   f"again with --no-compile")
+
+    try:
+        fn_compiled = torch.compile(fn)
+    except Exception as e:  # noqa: BLE001 - whatever the compiler raised
+        failed(e)
+    done = []
+
+    def call(*args, **kwargs):
+        if done:
+            return fn_compiled(*args, **kwargs)
+        try:
+            out = fn_compiled(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - the first call is the one that compiles
+            failed(e)
+        done.append(True)
+        return out
+    return call
+
+
+# -----------------------------------------------------------------------------
+# the step
+
+def train_step(ddp_model, model, batch, optimizer, probe_optimizer, scaler, precision, ema_momentum):
+    """Forward under autocast, backward, both optimizer steps, the teacher's EMA update. Returns
+    (loss, logs) as tensors: nothing here reads a value back to the host, so a GPU never waits."""
+    (x1, x2), y = batch
+    with utils.autocast(precision, x1.device):
+        loss, logs = ddp_model(x1, x2, y)
+    optimizer.zero_grad(set_to_none=True)
+    if probe_optimizer is not None:
+        probe_optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    if probe_optimizer is not None:
+        scaler.step(probe_optimizer)
+    scaler.update()
+    model.update_teacher(ema_momentum)
+    return loss, logs
+
+
+
+# -----------------------------------------------------------------------------
+# the epoch
+
+@dataclasses.dataclass
+class Run:
+    """What the epoch loop reads, made once in `train`."""
+    args: argparse.Namespace
+    device: torch.device
+    world_size: int
+    loader: object          # data.train_loader or augment.BatchedTwoViews: batches ((x1, x2), y)
+    steps_per_epoch: int
+    model: torch.nn.Module  # the method (model.py)
+    forward: object         # the model as the step calls it: DDP-wrapped, compiled, or itself
+    optimizer: torch.optim.Optimizer
+    probe_optimizer: object  # SGD of the online probe, or None
+    scaler: torch.amp.GradScaler
+    lr: np.ndarray          # per-step schedules (build_schedules)
+    probe_lr: np.ndarray
+    momentum: np.ndarray
+    ckpt_path: str
+    stopper: utils.Stopper
+
+    @property
+    def master(self):
+        return utils.is_rank0()
+
+
+def train_one_epoch(run, epoch, step, first_step, sums):
+    """Steps `first_step`.. of one epoch. `sums` holds the sums of the logged terms over this
+    process's steps of the epoch so far (from the checkpoint of a stop part-way, else empty); the
+    steps add to them. Returns (sums, the global step, why it stopped or None). Host syncs only
+    at --log-every boundaries and the epoch's last step, where one all-reduce carries the window's
+    losses (each must be finite), the epoch's running loss for the progress bar and the stop flag."""
+    args, device = run.args, run.device
+    data.set_epoch(run.loader, epoch, skip_steps=first_step)  # part-way into an epoch after a stop
+    run.model.train()
+    window = torch.zeros(args.log_every, device=device)  # this window's losses, read at its end
+    window_start = step
+    bar = tqdm(run.loader, desc=f"epoch {epoch + 1}/{args.epochs}",
+               disable=not utils.show_progress(run.master), leave=False, initial=first_step,
+               total=run.steps_per_epoch)
+    for it, ((x1, x2), y) in enumerate(bar, start=first_step):
+        for g in run.optimizer.param_groups:
+            g["lr"] = float(run.lr[step])  # a Python float: the checkpoint holds plain values only
+        if run.probe_optimizer is not None:
+            for g in run.probe_optimizer.param_groups:
+                g["lr"] = float(run.probe_lr[step])
+        layout = torch.channels_last if device.type == "cuda" else torch.preserve_format
+        batch = ((x1.to(device, non_blocking=True, memory_format=layout),
+                  x2.to(device, non_blocking=True, memory_format=layout)), y.to(device, non_blocking=True))
+        loss, logs = train_step(run.forward, run.model, batch, run.optimizer, run.probe_optimizer, run.scaler,
+                                args.precision, float(run.momentum[step]))
+        # accumulate on the device; nothing is read back until the boundary
+        window[step - window_start] = loss.detach().float()
+        for k, v in logs.items():
+            sums[k] = sums.get(k, 0.0) + v.detach().float()
+        step += 1
+        last = it + 1 == run.steps_per_epoch
+        if step - window_start < args.log_every and not last and step != args.max_steps:
+            continue
+        # ---- boundary: the one host sync of the window ----------------------------
+        n = step - window_start
+        check = utils.all_reduce_sum(torch.cat([window[:n], (sums["ssl_loss"] / (it + 1)).view(1),
+                                                torch.full((1,), float(run.stopper.signal), device=device)]))
+        values = check.tolist()
+        bad = [i for i, v in enumerate(values[:n]) if not math.isfinite(v)]
+        if bad:
+            non_finite(run, values[bad[0]] / run.world_size, epoch, window_start + bad[0])
+        window_start = step
         if run.master:
-            print(f"resumed from {run.ckpt_path} at epoch {start[0]}" +
-                  (f" + {start[2]} steps" if start[2] else "") + f" (step {start[1]})")
-            utils.trim_log(log_path, start[0], ckpt.get("log_entry"))
-    return start
+            bar.set_postfix(loss=f"{values[n] / run.world_size:.4f}", lr=f"{run.lr[step - 1]:.4f}")
+        why = run.stopper.reason(values[n + 1] > 0, step)
+        if why is not None:
+            bar.close()
+            return sums, step, why
+    bar.close()
+    return sums, step, None
 
 
-def fit(run, monitor, log_path, rank, start_epoch, step, epoch_step, cut_sums=None):
+def non_finite(run, value, epoch, step):
+    """Stops with one line saying where the loss went non-finite and what to do."""
+    where = f"non-finite loss ({value}) at epoch {epoch + 1}, step {step}"
+    # --lr and --warmup-epochs are recipe flags: --resume refuses them
+    if os.path.isfile(run.ckpt_path):
+        utils.fail(f"{where}; {run.ckpt_path} still holds the last good state. Continue it with --resume "
+                   f"--precision fp32, or start a new --output-dir with a lower --lr or a longer "
+                   f"--warmup-epochs.")
+    utils.fail(f"{where}, before the first checkpoint. Start again with a lower --lr, a longer "
+               f"--warmup-epochs or --precision fp32.")
+
+
+def global_sums(sums):
+    """The sums of the logged terms over all processes, as floats (one all-reduce): what a
+    checkpoint cut part-way through an epoch carries, and what epoch_means divides."""
+    keys = sorted(sums)
+    return dict(zip(keys, utils.all_reduce_sum(torch.stack([sums[k] for k in keys])).tolist()))
+
+
+def epoch_means(sums, count, device):
+    """The epoch's per-step means over all processes: the method's loss, each of its terms, and the
+    online probe's training accuracy."""
+    values = global_sums({**sums, "steps": torch.full((), float(count), device=device)})
+    steps = values.pop("steps")
+    out = {"loss": values.pop("ssl_loss") / steps}
+    correct, labelled = values.pop("probe_correct", 0.0), values.pop("probe_count", 0.0)
+    out.update({k: v / steps for k, v in values.items()})
+    if labelled:
+        out["probe_train_acc"] = 100.0 * correct / labelled
+    return out
+
+
+def save(run, epoch, step, epoch_step=0, log_entry=None, epoch_sums=None):
+    """The checkpoint after `epoch` epochs + `epoch_step` steps (every process calls it)."""
+    utils.save_training_state(run.ckpt_path, run.master, run.world_size, model=run.model,
+                              optimizer=run.optimizer, probe_optimizer=run.probe_optimizer, scaler=run.scaler,
+                              epoch=epoch, epoch_step=epoch_step, step=step, args=vars(run.args),
+                              log_entry=log_entry, epoch_sums=epoch_sums)
+
+
+def fit(run, monitor, log_path, start_epoch, step, epoch_step, sums):
     """The epoch loop: train_one_epoch, then the epoch's means, the k-NN monitor, the checkpoint and
     the log line; a stop part-way through an epoch saves where it stopped, for --resume."""
-    args, master, device, model = run.args, run.master, run.device, run.model
-
-    # after `epoch` epochs + `epoch_step` steps
-    def save(epoch, epoch_step=0, log_entry=None, epoch_sums=None):
-        utils.save_training_state(run.ckpt_path, master, run.world_size, model=model, optimizer=run.optimizer,
-                                  probe_optimizer=run.probe_optimizer, scaler=run.scaler, epoch=epoch,
-                                  epoch_step=epoch_step, step=step, args=vars(args), log_entry=log_entry,
-                                  epoch_sums=epoch_sums)
+    args, master = run.args, run.master
 
     def evaluate():
-        return eval_knn.monitor(model, *monitor, args.num_classes, args, device, rank, run.world_size)
+        return eval_knn.monitor(run.model, *monitor, args.num_classes, args, run.device, utils.rank(),
+                                run.world_size)
 
-    # the random network's k-NN, as a baseline
-    if start_epoch == 0 and epoch_step == 0 and monitor is not None:
+    if start_epoch == 0 and epoch_step == 0 and monitor is not None:  # the random network, as a baseline
         entry = dict(epoch=0, step=0, **{k: v for k, v in evaluate().items() if k.startswith("knn_acc")})
         utils.append_log(log_path, entry, master)
-
-    # ---- training loop --------------------------------------------------------------
     for epoch in range(start_epoch, args.epochs):
-        t_epoch = time.time()
-        sums, count, step, why = train_one_epoch(run, epoch, step, epoch_step, cut_sums)
-        train_time, done, epoch_step = time.time() - t_epoch, epoch_step + count, 0
-        # `sums` covers the steps before a resume too when the checkpoint carried them (not in older ones)
-        steps_in_sums = count if cut_sums is None else done
-        cut_sums = None
+        t_epoch, first_step = time.time(), step
+        sums, step, why = train_one_epoch(run, epoch, step, epoch_step, sums)
+        done = step - epoch * run.steps_per_epoch  # steps of this epoch, before a resume too
+        train_time, epoch_step = time.time() - t_epoch, 0
         if why is not None and done < run.steps_per_epoch:  # stopped part-way: save where it stopped
-            save(epoch, done, epoch_sums=global_sums(sums) if steps_in_sums == done else None)
+            save(run, epoch, step, done, epoch_sums=global_sums(sums))
             if master:
                 print(f"stopped by {why} at epoch {epoch + 1}, step {step}; checkpoint saved to "
                       f"{run.ckpt_path}; continue with --resume")
             break
-
         # ---- end of epoch: reduce metrics, evaluate, checkpoint, log -------------------
-        entry = dict(epoch=epoch + 1, step=step, lr=float(run.lr_schedule[step - 1]),
-                     **epoch_means(sums, steps_in_sums, device),
-                     images_per_s=count * args.batch_size / max(train_time, 1e-9))
+        entry = dict(epoch=epoch + 1, step=step, lr=float(run.lr[step - 1]),
+                     **epoch_means(sums, done, run.device),
+                     images_per_s=(step - first_step) * args.batch_size / max(train_time, 1e-9))
+        sums = {}
         if monitor is not None and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
             entry.update(evaluate())
-        entry["epoch_time"] = time.time() - t_epoch
-        if run.compile_seconds:  # the first compiled calls (augmentation, step), compiling included
-            entry["compile_seconds"] = sum(run.compile_seconds)
-            if master:
-                print(f"compiled in {entry['compile_seconds']:.1f} s (the first step and its views)")
-            run.compile_seconds = []
-        entry = utils.round_floats(entry)
+        entry = utils.round_floats(dict(entry, epoch_time=time.time() - t_epoch))
         # the checkpoint first: a failed write leaves both files as they were
-        save(epoch + 1, log_entry=entry)
+        save(run, epoch + 1, step, log_entry=entry)
         utils.append_log(log_path, entry, master)
         if why is not None:
             if master:
@@ -486,6 +545,9 @@ def fit(run, monitor, log_path, rank, start_epoch, step, epoch_step, cut_sums=No
         report_best(log_path)
         print(f"checkpoint: {run.ckpt_path}\nlog: {log_path}")
 
+
+# -----------------------------------------------------------------------------
+# main: the flags, torchrun, the run folder; then data, networks, resume and the epoch loop
 
 def main(argv=None):
     args = get_args(argv)
@@ -521,40 +583,35 @@ def train(args, rank, local_rank, world_size, device):
     if info.get("note"):
         utils.note(info["note"])
 
-    # ---- networks, optimizers, schedules; what train_one_epoch reads, in one place ---
+    # ---- networks, optimizers, schedules -------------------------------------------
     model, ddp_model, optimizer, probe_optimizer = build_networks(args, device, world_size)
-    layout = torch.channels_last if device.type == "cuda" else torch.preserve_format
-    run = SimpleNamespace(args=args, device=device, master=master, world_size=world_size, loader=loader,
-                          steps_per_epoch=len(loader), model=model, ddp_model=ddp_model, optimizer=optimizer,
-                          probe_optimizer=probe_optimizer, scaler=utils.grad_scaler(args.precision, device),
-                          to_device=lambda x: x.to(device, non_blocking=True, memory_format=layout),
-                          compile_seconds=[], compile_failed=None, first_step_pending=args.compile)
     if args.compile and isinstance(loader, augment.BatchedTwoViews):  # both views of a batch as one graph
-        loader.make_views = compiled_views(augment.two_views, run)
-    run.lr_schedule, run.probe_lr_schedule, run.momentum_schedule = build_schedules(args, run.steps_per_epoch)
+        loader.make_views = compiled(augment.two_views, "the batched augmentation")
+    forward = compiled(ddp_model, "the training step") if args.compile else ddp_model
+    run = Run(args, device, world_size, loader, len(loader), model, forward, optimizer, probe_optimizer,
+              utils.grad_scaler(args.precision, device), *build_schedules(args, len(loader)),
+              ckpt_path=os.path.join(args.output_dir, "checkpoint.pt"), stopper=utils.Stopper(args.max_steps))
     schedule_note(args)
 
     # ---- resume, or start ----------------------------------------------------------
-    run.ckpt_path = os.path.join(args.output_dir, "checkpoint.pt")
     log_path = os.path.join(args.output_dir, "log.jsonl")
     if master:
         print(f"{args.method}, {args.arch}, on {args.dataset} '{args.data_path}': {info['num_images']} "
               f"images at {args.image_size} px, {args.num_classes} classes, {args.aug} augmentation")
         print(f"{world_size} process(es) on {device.type}, {args.precision}, "
-              f"{'compiled' if args.compile else 'eager'}; {args.epochs} epochs of {run.steps_per_epoch} "
+              f"{'compiled' if args.compile else 'eager'}; {args.epochs} epochs of {len(loader)} "
               f"steps of {args.batch_size}; writing to {args.output_dir}")
-    start_epoch, step, epoch_step, cut_sums = resume_or_start(run, log_path, rank)
+    start_epoch, step, epoch_step, sums = resume(run, log_path) if args.resume else (0, 0, 0, {})
     if start_epoch >= args.epochs:
+        run.stopper.restore()
         if master:
             print(f"the run in {args.output_dir} is complete ({start_epoch} of {args.epochs} epochs); "
                   f"nothing to do")
         return model
     if master:  # atomically: --resume reads it
         utils.write_json(dict(sorted(vars(args).items())), os.path.join(args.output_dir, "args.json"))
-
-    run.stopper = utils.Stopper(args.max_steps)
     try:
-        fit(run, monitor, log_path, rank, start_epoch, step, epoch_step, cut_sums)
+        fit(run, monitor, log_path, start_epoch, step, epoch_step, sums)
     finally:  # Ctrl-C and SIGTERM go back to their handlers, also after an error line
         run.stopper.restore()
     utils.cleanup_distributed()
@@ -563,94 +620,22 @@ def train(args, rank, local_rank, world_size, device):
     return model
 
 
-def resolve_compile(flag, device):
-    """--compile unset: on on CUDA (train.py ran 2.4x the eager images/s on an H100), off on the CPU
-    (tiny, batch 64, 2 cores: 345 pairs/s compiled against 390 eager, after 65 s of compiling)."""
-    return device.type == "cuda" if flag is None else flag
-
-
-def schedule_note(args):
-    """One line when the run's length leaves its warm-up or its schedule unusual."""
-    if args.warmup_epochs >= args.epochs:
-        utils.note(f"--epochs {args.epochs} ends within the {args.warmup_epochs} warm-up epochs: the rate "
-                   f"never reaches its peak (--lr {args.lr}); lower --warmup-epochs for a full schedule")
-    elif 4 * args.warmup_epochs > args.epochs:
-        utils.note(f"the warm-up ({args.warmup_epochs} epochs) is more than a quarter of the run "
-                   f"({args.epochs} epochs)")
-
-
-def compiled_views(fn, run):
-    """fn (the batched augmentation) through torch.compile, decided at its first call: if
-    compiling fails (no C compiler, an unsupported GPU or Python, an error in the graph), fn itself
-    from then on, with one note. fn is a function of its inputs only, so nothing is lost."""
-    chosen = []
-
-    def call(*args, **kwargs):
-        if not chosen:
-            t0 = time.time()
-            try:
-                compiled = torch.compile(fn)
-                out = compiled(*args, **kwargs)
-            except Exception as e:  # noqa: BLE001 - whatever the compiler raised, the run goes on eagerly
-                compile_failed(run, "the batched augmentation", e)
-                chosen.append(fn)
-                return fn(*args, **kwargs)
-            chosen.append(compiled)
-            run.compile_seconds.append(time.time() - t0)
-            return out
-        return chosen[0](*args, **kwargs)
-    return call
-
-
-def first_compiled_step(run, batch, momentum):
-    """The first step of a compiled run, which compiles the forward + loss and its backward. If
-    compiling fails, the model and every random generator go back to where they were before the
-    step, which is then made eagerly: nothing is lost, and the run goes on eagerly."""
-    step_args = (run.model, batch, run.optimizer, run.probe_optimizer, run.scaler, run.args.precision,
-                 momentum)
-    if run.compile_failed is None:
-        state, rng = {k: v.clone() for k, v in run.model.state_dict().items()}, utils.rng_state()
-        t0 = time.time()
-        try:
-            compiled = torch.compile(run.ddp_model)
-            out = train_step(compiled, *step_args)
-            run.ddp_model = compiled
-            run.compile_seconds.append(time.time() - t0)
-            return out
-        except Exception as e:  # noqa: BLE001 - whatever the compiler raised, the run goes on eagerly
-            run.model.load_state_dict(state)
-            utils.set_rng_state(rng)
-            compile_failed(run, "the training step", e)
-    return train_step(run.ddp_model, *step_args)
-
-
-def compile_failed(run, what, error):
-    """One note for the whole run: it goes on eagerly."""
-    if run.compile_failed is None:
-        reason = (str(error).strip().splitlines() or [""])[0][:200]
-        utils.note(f"torch.compile failed on {what} ({type(error).__name__}: {reason}); the run goes on "
-                   f"eagerly")
-        run.compile_failed = what
-
-
-def global_sums(sums):
-    """The sums of the logged terms over all processes, as floats (one all-reduce): what a
-    checkpoint cut part-way through an epoch carries, and what epoch_means divides."""
-    keys = sorted(sums)
-    return dict(zip(keys, utils.all_reduce_sum(torch.stack([sums[k] for k in keys])).tolist()))
-
-
-def epoch_means(sums, count, device):
-    """The epoch's per-step means over all processes: the method's loss, each of its terms, and the
-    online probe's training accuracy."""
-    values = global_sums({**sums, "steps": torch.full((), float(count), device=device)})
-    steps = values.pop("steps")
-    out = {"loss": values.pop("ssl_loss") / steps}
-    correct, labelled = values.pop("probe_correct", 0.0), values.pop("probe_count", 0.0)
-    out.update({k: v / steps for k, v in values.items()})
-    if labelled:
-        out["probe_train_acc"] = 100.0 * correct / labelled
-    return out
+def resume(run, log_path):
+    """The checkpoint into the model, optimizers and scaler, and the log trimmed to it. Returns
+    (epochs done, the global step, steps done of the next epoch, this process's share of that
+    epoch's sums of the logged terms)."""
+    ckpt = utils.load_checkpoint(run.ckpt_path)
+    utils.restore_training_state(ckpt, run.ckpt_path, utils.rank(), run.world_size, model=run.model,
+                                 optimizer=run.optimizer, probe_optimizer=run.probe_optimizer,
+                                 scaler=run.scaler)
+    sums = {}
+    if ckpt["epoch_step"]:  # each process carries its share of the cut epoch's sums
+        sums = {k: torch.tensor(v / run.world_size, device=run.device) for k, v in ckpt["epoch_sums"].items()}
+    if run.master:
+        print(f"resumed from {run.ckpt_path} at epoch {ckpt['epoch']}" +
+              (f" + {ckpt['epoch_step']} steps" if ckpt["epoch_step"] else "") + f" (step {ckpt['step']})")
+        utils.trim_log(log_path, ckpt["epoch"], ckpt.get("log_entry"))
+    return ckpt["epoch"], ckpt["step"], ckpt["epoch_step"], sums
 
 
 def report_best(log_path):

@@ -17,9 +17,14 @@ import torch
 import torch.distributed as dist
 
 
+def rank():
+    """This process's rank in a torchrun launch (0 without torchrun)."""
+    return int(os.environ.get("RANK", 0))
+
+
 def is_rank0():
     """Whether this is the first process of a torchrun launch (or the only process)."""
-    return int(os.environ.get("RANK", 0)) == 0
+    return rank() == 0
 
 
 def fail(message):
@@ -277,21 +282,20 @@ def save_training_state(path, master, world_size, **entries):
         save_checkpoint(state, path)
 
 
-def resume_training_state(path, args, recipe_flags, rank, world_size, **objects):
-    """Loads a save_training_state checkpoint for --resume: refuses changed
-    recipe flags, loads the state dict of each of `objects` (skipping those
-    saved as None), restores this process's RNG state when the process count
-    is the one that saved it (exact continuation), and returns the checkpoint."""
-    if not os.path.isfile(path):
-        fail(f"--resume but '{path}' does not exist; check --output-dir, or leave out --resume to start a "
-             f"new run")
-    ckpt = load_checkpoint(path)
-    old = ckpt.get("args", {})
-    changed = [f"--{k.replace('_', '-')} ({old[k]} -> {getattr(args, k)})"
-               for k in recipe_flags if k in old and old[k] != getattr(args, k)]
+def refuse_changes(saved, args, keys, hint=""):
+    """Stops with one line if --resume was given another value of one of `keys` (the flags that
+    define a run) than the run `saved` (its arguments)."""
+    changed = [f"--{k.replace('_', '-')} ({saved[k]} -> {args[k]})" for k in keys if k in saved
+               and saved[k] != args[k]]
     if changed:
         fail(f"--resume with changed recipe flags: {', '.join(changed)}; use the original flags or a new "
-             f"--output-dir")
+             f"--output-dir{hint}")
+
+
+def restore_training_state(ckpt, path, rank, world_size, **objects):
+    """Puts a save_training_state checkpoint (read from `path`) back for --resume: the state dict
+    of each of `objects` (skipping those saved as None), and this process's RNG state when the
+    process count is the one that saved it (exact continuation)."""
     for name, obj in objects.items():
         if ckpt.get(name) is None or obj is None:
             continue
@@ -302,7 +306,6 @@ def resume_training_state(path, args, recipe_flags, rank, world_size, **objects)
             fail(f"checkpoint '{path}' does not fit this run ({name}: {reason})")
     if len(ckpt.get("rng", [])) == world_size:
         set_rng_state(ckpt["rng"][rank])
-    return ckpt
 
 
 # -----------------------------------------------------------------------------
@@ -424,103 +427,3 @@ def trim_log(path, epoch, entry):
     with open(path + ".tmp", "w") as f:
         f.writelines(lines)
     os.replace(path + ".tmp", path)
-
-
-def check_result_file(path, measurement):
-    """Stops with one line, before anything is computed, if `path` holds the result of another
-    measurement (a different value of one of `measurement`'s keys): a result file is replaced
-    only by the same measurement made again."""
-    try:
-        with open(path) as f:
-            old = json.load(f)
-    except (OSError, ValueError):
-        return
-    differ = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in measurement.items() if old.get(k) != v]
-    if differ:
-        fail(f"'{path}' holds another measurement ({'; '.join(differ)[:300]}); pass --output to write this "
-             f"one elsewhere, or remove that file")
-
-
-# -----------------------------------------------------------------------------
-# numeric flags: argparse types that check the range where the flag is parsed
-
-def number(kind=float, low=None, high=None, low_open=False, allow_inf=False):
-    """An argparse `type` for a number in [low, high] ((low, high] with
-    low_open); NaN is refused, and infinity unless `allow_inf`. A bad value
-    becomes argparse's one-line error naming the flag and the allowed range."""
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'a whole number' if kind is int else 'a number'}, "
-                                             f"got '{text}'") from None
-        if kind is float and (math.isnan(value) or (math.isinf(value) and not (allow_inf and value > 0))):
-            raise argparse.ArgumentTypeError(f"'{text}' is not allowed: {describe()}")
-        too_low = low is not None and (value <= low if low_open else value < low)
-        too_high = high is not None and value > high and not (allow_inf and math.isinf(value))
-        if too_low or too_high:
-            raise argparse.ArgumentTypeError(f"{text} is out of range: {describe()}")
-        return value
-
-    def describe():
-        def show(v):
-            return str(int(v)) if float(v).is_integer() else f"{v:g}"
-        lo = "" if low is None else f"{'>' if low_open else '>='} {show(low)}"
-        hi = "" if high is None else f"<= {show(high)}"
-        rng = " and ".join(s for s in (lo, hi) if s)
-        return f"{'a whole number' if kind is int else 'a number'} {rng}" + (" or inf" if allow_inf else "")
-    parse.__name__ = "int" if kind is int else "float"
-    return parse
-
-
-def show_default(name, value):
-    """A default as a user types it: --x / --no-x for a switch, inf, words for lists."""
-    if isinstance(value, bool):
-        return name if value else "--no-" + name[2:]
-    if isinstance(value, (list, tuple)):
-        return " ".join(map(str, value))
-    return "none" if value is None else str(value)
-
-
-def add_flag(group, name, default, help, default_text=None, **kw):
-    """Adds a flag whose help ends with its default, said once in the form a user types it (or
-    `default_text`); a boolean default makes a --x / --no-x switch, unless it is a store_true."""
-    if isinstance(default, bool):
-        kw.setdefault("action", argparse.BooleanOptionalAction)
-    action = group.add_argument(name, default=default, **kw)
-    shown = default_text or ("off" if kw.get("action") == "store_true" else show_default(name, default))
-    action.help = f"{help} (default: {shown})".replace("%", "%%")  # argparse formats help with %
-    return action
-
-
-def add_eval_flags(p, script):
-    """The flags every evaluation script has: the checkpoint, its dataset (each defaulting to what
-    the checkpoint was trained on), and how to run."""
-    one_line_errors(p, script)
-    p.add_argument("--checkpoint", required=True, help="the checkpoint.pt written by train.py")
-    add_flag(p, "--dataset", None, "cifar10, cifar100, stl10, imagenet or folder",
-             default_text="the checkpoint's")
-    add_flag(p, "--data-path", None, "download folder (cifar10/cifar100/stl10) or a tree with train/ and "
-             "test/ (imagenet/folder)", default_text="the checkpoint's")
-    add_flag(p, "--image-size", None, "image size in px; keep it unless you know the encoder copes",
-             default_text="the checkpoint's", type=number(int, 8, 1024))
-    add_flag(p, "--classes", None, "comma-separated class names: evaluate on these classes only, labels "
-             "re-indexed in this order; 'all' for every class", default_text="the classes the checkpoint was "
-             "trained on (train.py --classes), else all")
-    add_flag(p, "--num-workers", min(4, os.cpu_count() or 1), "data-loading processes per process; on a "
-             "2-core CPU 0 or 2 are the sensible values", type=number(int, 0, 256))
-    add_flag(p, "--device", "auto", "auto takes a GPU when one is visible", choices=("auto", "cuda", "cpu"))
-    add_flag(p, "--precision", None, "autocast precision of the frozen network",
-             choices=("fp32", "bf16", "fp16"), default_text="the checkpoint's training precision (fp32 where "
-             "this device cannot run it), so that train.py's logged numbers are reproduced")
-
-
-def one_line_errors(parser, script):
-    """Argument mistakes give one `error:` line (exit 2) instead of the usage dump."""
-    def error(message):
-        if is_rank0():
-            sys.stderr.write(f"error: {message} (see python {script} --help)\n")
-        sys.exit(2)
-    parser.error = error
-    return parser
-

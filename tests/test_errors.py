@@ -98,9 +98,9 @@ def trained(tmp_path_factory):
 # bad flags and data
 
 @pytest.mark.parametrize("flag,value,needle", [
-    ("--method", "simclr", "unknown method 'simclr'"),
-    ("--dataset", "mnist", "unknown dataset 'mnist'"),
-    ("--arch", "vit", "unknown architecture 'vit'"),
+    ("--method", "simclr", "invalid choice: 'simclr'"),
+    ("--dataset", "mnist", "invalid choice: 'mnist'"),
+    ("--arch", "vit", "invalid choice: 'vit'"),
     ("--precision", "fp8", "invalid choice: 'fp8'"),
 ])
 def test_unknown_names(trained, tmp_path, flag, value, needle):
@@ -299,13 +299,18 @@ def test_non_finite_loss_before_the_first_checkpoint_says_there_is_none(tmp_path
 
 def test_sigkill_during_checkpoint_write_then_resume(tmp_path):
     """Killed half-way through writing the 2nd checkpoint: the 1st stays
-    loadable, and --resume finishes the run with every epoch logged once."""
+    loadable, and --resume (once the lock the kill left is removed, as its
+    refusal says) finishes the run with every epoch logged once."""
     data_dir = make_image_folder(tmp_path / "data")
     out = str(tmp_path / "run")
     r = run_with_fault(tmp_path, "kill-during-save", 2, *flags(data_dir, out, epochs=3))
     assert r.returncode == -signal.SIGKILL
     assert torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)["epoch"] == 1
     assert os.path.exists(os.path.join(out, "checkpoint.pt.tmp"))  # the half-written file
+    lock = os.path.join(out, "run.lock")  # a killed run leaves its lock: the refusal names it
+    r = run_main("train.py", *flags(data_dir, out, epochs=3), "--resume")
+    assert_clean_error(r, lock, "remove that file")
+    os.remove(lock)
     r = run_main("train.py", *flags(data_dir, out, epochs=3), "--resume")
     assert r.returncode == 0, r.stderr[-2000:]
     ckpt = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
