@@ -149,7 +149,7 @@ def loss_item(method, args, device, z):
     and VSSL's keep only their projector (the teacher encoder's forward is in the train step)."""
     heads, _ = build_model(method, args, device)
     heads.encoder = torch.nn.Identity()  # unused here
-    if heads.teacher is not None and heads.teacher_encoder() is not heads.teacher:
+    if heads.teacher is not None and len(heads.teacher_of) > 1:
         # a teacher encoder before its projector: the identity, layout kept
         heads.teacher[0] = torch.nn.Identity()
 

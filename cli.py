@@ -1,9 +1,16 @@
-"""The command line every script shares: numbers checked against their range where the flag is
-parsed, each default said once in the help, and one `error:` line for a mistake."""
+"""The command line. train.py's flags: the general defaults, each method's recipe and options
+(model.py) filled in for the flags left unset, every range in one table, and --resume's argument
+set. And what every script's flags share: numbers checked where they are parsed, each default said
+once in the help, one `error:` line for a mistake."""
 import argparse
+import json
 import math
 import os
 import sys
+
+import data
+import model
+import utils
 
 
 def number(kind=float, low=None, high=None, low_open=False, allow_inf=False):
@@ -64,3 +71,198 @@ def one_line_errors(parser, script):
     parser.error = error
     return parser
 
+
+# -----------------------------------------------------------------------------
+# train.py's flags
+
+# every range a train.py flag is checked against (by `number`, as it is parsed), the methods'
+# options included
+RANGES = dict(
+    epochs=number(int, 1, 100_000), warmup_epochs=number(int, 0, 100_000),
+    batch_size=number(int, 2, 1 << 20), lr=number(float, 0, 100, low_open=True),
+    weight_decay=number(float, 0, 1), ema_momentum=number(float, 0, 1),
+    probe_lr=number(float, 0, 100, low_open=True), seed=number(int, 0, 2 ** 31 - 1),
+    image_size=number(int, 8, 1024), num_workers=number(int, 0, 256), eval_every=number(int, 0, 100_000),
+    knn_k=number(int, 1, 100_000), knn_temperature=number(float, 0, 100, low_open=True),
+    max_steps=number(int, 1, 1 << 40), log_every=number(int, 1, 1 << 20),
+    nu=number(float, 0, 1e6, low_open=True, allow_inf=True), beta=number(float, 0, 1e6),
+    mc_samples=number(int, 1, 1024), vssl_kl_beta=number(float, 0, 1e3, low_open=True),
+    vssl_nll_beta=number(float, 0, 1e3, low_open=True), proj_hidden=number(int, 1, 1 << 16),
+    proj_dim=number(int, 1, 1 << 16))
+# what --resume may change: how the run is carried out, not what it trains
+MAY_CHANGE_ON_RESUME = ("resume", "replace", "output_dir", "max_steps", "data_path", "num_workers", "device",
+                        "precision", "compile", "log_every", "eval_every", "knn_k", "knn_temperature")
+ONE_INVOCATION = ("resume", "replace", "output_dir", "max_steps")  # never taken from the run on --resume
+# the flags whose default is the method's recipe (model.py); None until get_args fills them
+RECIPE_FLAGS = ("epochs", "warmup_epochs", "lr", "weight_decay", "lr_schedule", "ema_momentum", "lars_clip",
+                "interpolation")
+
+
+# -----------------------------------------------------------------------------
+# flags: the general defaults below, each method's recipe and options (model.py)
+
+def recipe_default(key):
+    """How --help shows a recipe flag's default: each method's value, or one for all."""
+    name, methods = "--" + key.replace("_", "-"), model.METHODS
+    values = {m: show_default(name, cls.recipe[key]) for m, cls in methods.items()
+              if cls.recipe.get(key) is not None}
+    if len(set(values.values())) == 1 and len(values) == len(methods):
+        return f"{values['vje']}, every method's recipe"
+    return ", ".join(f"{m} {v}" for m, v in values.items())
+
+
+def build_parser():
+    """train.py's parser. A recipe flag or a method's option defaults to None, which get_args fills
+    from the method: so a value that is not None was given. Numbers are checked against RANGES."""
+    methods = model.METHODS
+    p = argparse.ArgumentParser(description="Self-supervised pre-training (VJE, VSSL, BYOL, SimSiam). Every "
+                                "default is the method's recipe (see the README) or the one shown.")
+    one_line_errors(p, "train.py")
+
+    def flag(group, name, default, help, **kw):
+        key = name[2:].replace("-", "_")
+        if key in RECIPE_FLAGS:
+            kw["default_text"] = recipe_default(key)
+        if key in RANGES:
+            kw["type"] = RANGES[key]
+        add_flag(group, name, default, help, **kw)
+
+    g = p.add_argument_group("training")
+    flag(g, "--method", "vje", "the method", choices=tuple(methods))
+    flag(g, "--arch", "resnet18", "tiny is the 0.4 M-parameter CPU network", choices=model.ARCHS)
+    flag(g, "--epochs", None, "passes over the data")
+    flag(g, "--warmup-epochs", None, "linear warm-up before the cosine decay")
+    flag(g, "--batch-size", 256, "global batch size, split over the processes")
+    flag(g, "--lr", None, "rate for a batch of 256, scaled with --batch-size (SGD: vje, simsiam; LARS: "
+         "vssl, byol)")
+    flag(g, "--weight-decay", None, "on weights only, not on norm layers and biases")
+    flag(g, "--lr-schedule", None, "warm-up and cosine set once an epoch (the VJE notebook) or every step "
+         "(solo-learn)", choices=("epoch", "step"))
+    flag(g, "--ema-momentum", None, "teacher momentum at the start, raised to 1")
+    flag(g, "--ema-schedule", "cosine", "raised on a per-step cosine (the authors' codes), or constant",
+         choices=("cosine", "constant"))
+    flag(g, "--lars-clip", None, "solo-learn's clip_lr: each layer's step is min(lr, trust ratio)",
+         action=argparse.BooleanOptionalAction)
+    flag(g, "--probe-lr", 0.1, "the online probe's SGD rate (batch 256)")
+    flag(g, "--joint-bn", False, "both views in one pass through the networks (one set of batch-norm "
+         "statistics), not one pass per view as the authors' code")
+    flag(g, "--seed", 0, "seeds the weights, the views and the order")
+
+    g = p.add_argument_group("data (--data-path and --num-workers may change on --resume)")
+    flag(g, "--dataset", "cifar10", "the dataset", choices=data.DATASETS)
+    flag(g, "--data-path", "./data", "download folder of cifar10/cifar100/stl10; for imagenet/folder a tree "
+         "of train/ and test/ (or val/)")
+    flag(g, "--image-size", None, "image size in px", default_text="the dataset's")
+    flag(g, "--classes", None, "train (and evaluate) on these classes only, e.g. CIFAR-10's animals for an "
+         "OOD study: bird,cat,deer,dog,frog,horse", default_text="all")
+    flag(g, "--aug", "auto", "the views made batched on the training device (the dataset held as one uint8 "
+         "tensor) or per image with PIL in --num-workers processes; auto: batched for cifar10/cifar100/stl10 "
+         "and folders of images up to 96 px", choices=("auto", "batched", "pil"))
+    flag(g, "--blur", "pil", "PIL's GaussianBlur(radius=sigma), as the authors' code, or a torchvision "
+         "kernel of 2*int(0.05*size)+1 px (3 px at 32 px, 2.5x weaker at sigma 2)", choices=data.BLURS)
+    flag(g, "--interpolation", None, "the random resized crop's resampling", choices=data.INTERPOLATIONS)
+    flag(g, "--normalize", "auto", "mean/std: auto, the dataset's in the code of the recipe (ImageNet's for "
+         "imagenet and folder); a dataset's name for a folder of its images (cifar10 for a CIFAR-10 subset)",
+         choices=data.NORMALIZE_CHOICES)
+    flag(g, "--num-workers", min(4, os.cpu_count() or 1), "data-loading processes per training process")
+
+    g = p.add_argument_group("the k-NN monitor (may change on --resume)")
+    flag(g, "--eval-every", 5, "every N epochs and at 0; 0 turns it off")
+    flag(g, "--knn-k", 20, "neighbours")
+    flag(g, "--knn-temperature", 0.07, "T of the votes exp(similarity / T)")
+
+    g = p.add_argument_group("the run (may change on --resume)")
+    flag(g, "--output-dir", None, "args.json, log.jsonl, checkpoint.pt",
+         default_text="runs/<method>-<dataset>-<arch>")
+    flag(g, "--resume", False, "continue the run in --output-dir with its own arguments; flags given with it "
+         "must agree, but those of the groups that may change", action="store_true")
+    flag(g, "--replace", False, "start a new run in an --output-dir that holds one, removing its files",
+         action="store_true")
+    flag(g, "--max-steps", None, "stop after this many steps in all, with a checkpoint --resume continues")
+    flag(g, "--device", "auto", "auto takes a GPU when one is visible", choices=("auto", "cuda", "cpu"))
+    flag(g, "--precision", None, "autocast precision (fp16 with a GradScaler); the losses are float32 always",
+         default_text="bf16 on GPUs that support it, else fp32", choices=("fp32", "bf16", "fp16"))
+    flag(g, "--compile", None, "torch.compile the forward + loss and the batched augmentation (the first "
+         "step compiles, a minute or so)", action=argparse.BooleanOptionalAction,
+         default_text="--compile on CUDA, --no-compile on the CPU")
+    flag(g, "--log-every", 50, "steps between the only host syncs of an epoch: the finite-loss check, the "
+         "stop flag, the progress bar")
+
+    added = set()
+    for name, cls in methods.items():  # each method's own options; a shared one is added once
+        g = p.add_argument_group(f"{name} options")
+        for key, option in cls.options.items():
+            if key in added:
+                continue
+            added.add(key)
+            owners = [m for m, c in methods.items() if key in c.options]
+            kw = {k: v for k, v in option.items() if k not in ("default", "help")}
+            if isinstance(option["default"], bool):
+                kw["action"] = argparse.BooleanOptionalAction
+            shared = f" ({' and '.join(owners)})" if len(owners) > 1 else ""
+            flag(g, "--" + key.replace("_", "-"), None, option["help"] + shared,
+                 default_text=show_default("--" + key.replace("_", "-"), option["default"]), **kw)
+    return p
+
+
+def get_args(argv=None):
+    """The resolved arguments: the flags given, then the method's recipe and options for those
+    left unset (one loop), then the general defaults; with --resume, the run's own arguments
+    (resumed_arguments)."""
+    p = build_parser()
+    args = vars(p.parse_args(argv))
+    if args["resume"] and args["replace"]:
+        p.error("--resume continues the run in --output-dir and --replace removes it: give one of them")
+    if args["resume"]:
+        args = resumed_arguments(p, argv, args)
+    cls = model.METHODS[args["method"]]
+    options = {k for c in model.METHODS.values() for k in c.options}
+    for key in RECIPE_FLAGS + tuple(sorted(options)):  # the method's defaults, for the flags left unset
+        if key in cls.options:
+            args[key] = cls.options[key]["default"] if args[key] is None else args[key]
+        elif key in options and args.get(key) is not None:
+            p.error(f"--{key.replace('_', '-')} is not an option of --method {cls.name}")
+        elif key in options:
+            args.pop(key, None)
+        elif args[key] is None:
+            args[key] = cls.recipe.get(key)
+        elif cls.recipe.get(key) is None:
+            p.error(f"--{key.replace('_', '-')} does not apply to --method {cls.name}, whose recipe has none")
+    args.update(optimizer=cls.recipe["optimizer"], nesterov=cls.recipe["nesterov"])
+    reason = cls.check(args) if hasattr(cls, "check") else None
+    if reason:
+        p.error(reason)
+    args["normalize"] = data.normalization(args["normalize"], args["dataset"], cls.recipe["constants"])
+    args["output_dir"] = os.path.abspath(args["output_dir"] or default_output_dir(args))
+    args["data_path"] = os.path.abspath(args["data_path"])  # so that a run is found from any folder
+    if os.path.exists(args["output_dir"]) and not os.path.isdir(args["output_dir"]):
+        p.error(f"--output-dir '{args['output_dir']}' is a file; name a folder")
+    return argparse.Namespace(**args)
+
+
+def default_output_dir(args):
+    return os.path.join("runs", f"{args['method']}-{args['dataset']}-{args['arch']}")
+
+
+def resumed_arguments(p, argv, first):
+    """The arguments of the run --resume continues (its args.json, else its checkpoint's), with
+    this invocation's flags over them; stops with one line if a flag that defines the run
+    (not MAY_CHANGE_ON_RESUME) was given another value."""
+    out = first["output_dir"] or default_output_dir(first)
+    ckpt = os.path.join(out, "checkpoint.pt")
+    if not os.path.isfile(ckpt):
+        started = os.path.isfile(os.path.join(out, "args.json"))
+        stopped = "; the run there stopped before its first checkpoint" * started
+        utils.fail(f"--resume but '{ckpt}' does not exist{stopped}: check --output-dir, or leave out "
+                   f"--resume to start it")
+    try:
+        with open(os.path.join(out, "args.json")) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        saved = utils.load_checkpoint(ckpt).get("args", {})
+    p.set_defaults(**{k: v for k, v in saved.items() if k not in ONE_INVOCATION})
+    args = vars(p.parse_args(argv))
+    hint = "; --epochs is the length of the run's schedule, which --resume continues" * \
+        (args["epochs"] != saved.get("epochs"))
+    utils.refuse_changes(saved, args, [k for k in args if k not in MAY_CHANGE_ON_RESUME], hint)
+    return dict(saved, **args)

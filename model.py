@@ -1,5 +1,5 @@
 """Networks: the encoders, one class per method (its heads, its loss, its recipe and its views),
-batch norm across processes, and building a network back from a checkpoint.
+and building a network back from a checkpoint.
 
     import model
     net = model.build(dict(model.option_defaults("vje"), method="vje", arch="resnet18",
@@ -26,12 +26,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-import cli
 import losses
 import utils
 
 ARCHS = ("tiny", "resnet18", "resnet50")
-number = cli.number
 
 
 # -----------------------------------------------------------------------------
@@ -126,7 +124,7 @@ class Method(nn.Module):
     name = None
     recipe = {}    # train.py's recipe flags: optimizer, nesterov, lr, weight_decay, epochs, ...
     views = {}     # jitter, and the two views' crop scale, blur p, solarize p ("small" < 96 px, "large")
-    options = {}   # the method's own flags: name -> dict(default=..., help=..., type / choices)
+    options = {}   # the method's own flags: name -> dict(default=..., help=..., choices); ranges: cli.RANGES
     ood_scores = ()  # eval_ood.py scores besides knn, from `ood_score`
     monitored = ("knn_acc",)  # the k-NN monitor's log keys, one per block of `monitor_features`
 
@@ -134,7 +132,7 @@ class Method(nn.Module):
         super().__init__()
         self.joint_bn = joint_bn  # both views in one pass: one set of batch-norm statistics
         self.encoder, self.dim = build_encoder(arch, image_size)
-        self.teacher = None
+        self.teacher, self.teacher_of = None, ()
         self.build(**options)
         if self.teacher is not None:
             for p in self.teacher.parameters():
@@ -185,10 +183,17 @@ class Method(nn.Module):
         return loss
 
     # -- the teacher ---------------------------------------------------------------------------
-    def student_for_teacher(self):
-        """The student modules whose EMA the teacher is, in the teacher's order."""
-        return nn.Sequential(self.encoder, self.projector,
-                             *([self.predictor] if len(self.teacher) == 3 else []))
+    def make_teacher(self, *names):
+        """The EMA teacher: a copy of the student modules `names` (the encoder first), one module
+        for one name, else an nn.Sequential of the copies. update_teacher averages each copy
+        towards its original: the pairs (getattr(self, name), copy), fixed here."""
+        self.teacher_of = names
+        copies = [copy.deepcopy(getattr(self, name)) for name in names]
+        self.teacher = copies[0] if len(copies) == 1 else nn.Sequential(*copies)
+
+    def teacher_parts(self):
+        """The teacher's copies, in the order of `teacher_of`."""
+        return [self.teacher] if len(self.teacher_of) == 1 else list(self.teacher)
 
     @torch.no_grad()
     def update_teacher(self, momentum):
@@ -199,12 +204,10 @@ class Method(nn.Module):
         statistics), so their buffers only matter to `--feature ema` at evaluation."""
         if self.teacher is None:
             return
-        student = self.student_for_teacher()
-        torch._foreach_lerp_(list(self.teacher.parameters()), list(student.parameters()), 1.0 - momentum)
-        torch._foreach_copy_(list(self.teacher.buffers()), list(student.buffers()))
-
-    def teacher_encoder(self):
-        return self.teacher[0]
+        student = [getattr(self, name) for name in self.teacher_of]
+        torch._foreach_lerp_(list(self.teacher.parameters()), [p for m in student for p in m.parameters()],
+                             1.0 - momentum)
+        torch._foreach_copy_(list(self.teacher.buffers()), [b for m in student for b in m.buffers()])
 
     # -- features for evaluation -----------------------------------------------------------
     def feature_sources(self):
@@ -219,7 +222,7 @@ class Method(nn.Module):
             needs = {"mu": "a VJE checkpoint", "ema": "a target encoder"}.get(source, "another network")
             raise ValueError(f"feature '{source}' needs {needs}; this {self.name} network has none")
         if source == "ema":
-            return self.teacher_encoder()(x)
+            return self.teacher_parts()[0](x)
         return self.embedding_feature(self.encoder(x), source)
 
     def embedding_feature(self, z, source):
@@ -233,9 +236,8 @@ class Method(nn.Module):
 
 def projector_options():
     """The projector and predictor widths of BYOL and VSSL."""
-    return dict(proj_hidden=dict(default=4096, type=number(int, 1, 1 << 16),
-                                 help="hidden width of the projector and the predictor"),
-                proj_dim=dict(default=256, type=number(int, 1, 1 << 16),
+    return dict(proj_hidden=dict(default=4096, help="hidden width of the projector and the predictor"),
+                proj_dim=dict(default=256,
                               help="projection size (BYOL); latent size d of the Gaussians (VSSL)"))
 
 
@@ -258,15 +260,14 @@ class VJE(Method):
                  large=(dict(crop_scale=(0.08, 1.0), blur_p=1.0, solarize_p=0.0),
                         dict(crop_scale=(0.08, 1.0), blur_p=0.1, solarize_p=0.2)))
     options = dict(
-        nu=dict(default=1.0, type=number(float, 0, 1e6, low_open=True, allow_inf=True),
-                help="Student-t degrees of freedom of both likelihoods; inf gives Gaussians"),
-        beta=dict(default=1.0, type=number(float, 0, 1e6), help="weight of the KL to the prior"),
+        nu=dict(default=1.0, help="Student-t degrees of freedom of both likelihoods; inf gives Gaussians"),
+        beta=dict(default=1.0, help="weight of the KL to the prior"),
         target=dict(default="stopgrad", choices=("stopgrad", "ema"),
                     help="the other view's embedding detached (the paper's CIFAR run), or an EMA encoder's"),
         radial=dict(default=True, help="the radial likelihood in the loss (it is logged either way)"),
         center_var=dict(default=False,
                         help="unit geometric-mean variances in the directional term (App. A.2)"),
-        mc_samples=dict(default=1, type=number(int, 1, 1024),
+        mc_samples=dict(default=1,
                         help="posterior samples per view, the likelihood their average (appendix ablation)"),
         isotropic=dict(default=False, help="one posterior variance per image for all dimensions (appendix "
                                            "ablation)"))
@@ -278,7 +279,7 @@ class VJE(Method):
         self.center_var, self.mc_samples = center_var, mc_samples
         self.head = InferenceNetwork(self.dim, isotropic)
         if target == "ema":
-            self.teacher = copy.deepcopy(self.encoder)
+            self.make_teacher("encoder")
 
     def embedding_loss(self, z, x):
         """losses.vje_loss of view 1's posterior against view 2's target and back. z: (2B, D),
@@ -296,12 +297,6 @@ class VJE(Method):
         terms = dict(terms)
         terms["kl"] = self.beta * terms["kl"]  # logged as it enters the loss, β·KL, as the notebook logs it
         return loss, terms
-
-    def student_for_teacher(self):
-        return self.encoder
-
-    def teacher_encoder(self):
-        return self.teacher
 
     def train(self, mode=True):
         super().train(mode)
@@ -349,7 +344,7 @@ class BYOL(Method):
     def build(self, proj_hidden, proj_dim):
         self.projector = mlp(self.dim, proj_hidden, proj_dim)
         self.predictor = mlp(proj_dim, proj_hidden, proj_dim)
-        self.teacher = nn.Sequential(copy.deepcopy(self.encoder), copy.deepcopy(self.projector))
+        self.make_teacher("encoder", "projector")
 
     def embedding_loss(self, z, x):
         b = z.shape[0] // 2
@@ -385,15 +380,13 @@ class VSSL(Method):
         vssl_same_view=dict(default=False, help="add the same-view pairs of Eq. 8's double sum"),
         vssl_positive_var=dict(default=False, help="positive variances (softplus) in the cosine form too"),
         vssl_teacher_predictor=dict(default=False,
-                                    help="an EMA copy of the predictor in the teacher, the prior read after "
-                                                        "it (Algorithm 1, lines 11-12)"),
+                                    help="an EMA copy of the predictor in the teacher, the prior read "
+                                         "after it (Algorithm 1, lines 11-12)"),
         vssl_likelihood_view=dict(default="other", choices=("other", "same"),
                                   help="the likelihood scores the teacher's distribution of the other view "
                                        "(Algorithm 1) or of the posterior's view (Eq. 8 taken literally)"),
-        vssl_kl_beta=dict(default=3.0, type=number(float, 0, 1e3, low_open=True),
-                          help="beta of softplus_beta in the cosine KL (Eq. 9)"),
-        vssl_nll_beta=dict(default=1.0, type=number(float, 0, 1e3, low_open=True),
-                           help="beta of softplus_beta in the cosine likelihood (Eq. 10)"),
+        vssl_kl_beta=dict(default=3.0, help="beta of softplus_beta in the cosine KL (Eq. 9)"),
+        vssl_nll_beta=dict(default=1.0, help="beta of softplus_beta in the cosine likelihood (Eq. 10)"),
         **projector_options())
 
     @staticmethod
@@ -416,8 +409,7 @@ class VSSL(Method):
         # the denoiser D_phi: one MLP for the mean, one for the variance, each reading a sample
         self.denoiser_mu = mlp(proj_dim, proj_hidden, proj_dim)
         self.denoiser_var = mlp(proj_dim, proj_hidden, proj_dim)
-        parts = [self.encoder, self.projector] + [self.predictor] * vssl_teacher_predictor
-        self.teacher = nn.Sequential(*(copy.deepcopy(m) for m in parts))
+        self.make_teacher("encoder", "projector", *["predictor"] * vssl_teacher_predictor)
 
     def embedding_loss(self, z, x):
         """losses.vssl_loss (Eq. 8) summed over the ordered pairs of views."""
@@ -427,7 +419,7 @@ class VSSL(Method):
                                      self.positive)
         with torch.no_grad():
             mu_p, var_p = split_gaussian(self.per_view(self.teacher[:2], x), self.positive)
-            if len(self.teacher) == 3:  # the momentum predictor reads [mu, var] as the student's does
+            if "predictor" in self.teacher_of:  # the momentum predictor reads [mu, var] as the student's does
                 prior = self.per_view(self.teacher[2], torch.cat([mu_p, var_p], dim=1))
                 mu_p, var_p = split_gaussian(prior, self.positive)
         sample = losses.vssl_sample(mu_q.float(), var_q.float(), mode=self.sampling, validate=False)
@@ -598,102 +590,3 @@ def build_optimizer(model, args):
                     clip=args.lars_clip)
     return torch.optim.SGD(groups, lr=0.0, momentum=0.9, weight_decay=args.weight_decay,
                            nesterov=args.nesterov)
-
-
-# -----------------------------------------------------------------------------
-# batch norm across processes
-
-class _AllReduceSum(torch.autograd.Function):
-    """Sum over processes whose backward is again a sum over processes (the gradient of every
-    process's loss with respect to the shared statistic)."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        x = x.clone()
-        dist.all_reduce(x, group=group)
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.clone()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
-
-
-class DistBatchNorm(nn.modules.batchnorm._BatchNorm):
-    """BatchNorm whose batch statistics are taken over all processes: torch.nn.SyncBatchNorm
-    runs on GPUs only, and this is its CPU (gloo) stand-in. Its collectives run on a process
-    group of their own: on the default group they could interleave with DDP's gradient
-    all-reduces in another order on each process and mix the two up."""
-
-    group = None  # set by convert_batchnorm
-
-    def _check_input_dim(self, x):
-        if x.dim() not in (2, 3, 4, 5):
-            raise ValueError(f"expected 2D-5D input, got {x.dim()}D")
-
-    def forward(self, x):
-        if not (self.training and utils.distributed()):
-            return super().forward(x)
-        c = x.shape[1]
-        dims = [0] + list(range(2, x.dim()))
-        shape = [1, c] + [1] * (x.dim() - 2)
-        xf = x.float()
-        count = torch.full((1,), xf.numel() / c, device=xf.device, dtype=xf.dtype)  # no host-to-device copy
-        stats = _AllReduceSum.apply(torch.cat([xf.sum(dims), count]), self.group)
-        n = stats[-1]
-        mean = stats[:c] / n
-        # The variance in a second pass, about the global mean: the one-pass E[x²] − mean² cancels
-        # where mean² >> var, as in SimSiam's projector at initialization (mean²/var up to ~100 on
-        # 8 images: a variance 100 times less accurate than float32, amplified by the backward).
-        centred = xf - mean.view(shape)
-        var = _AllReduceSum.apply((centred * centred).sum(dims), self.group) / n  # biased, as BatchNorm's
-        if self.track_running_stats:
-            with torch.no_grad():
-                self.num_batches_tracked.add_(1)
-                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-                self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
-                self.running_var.mul_(1 - m).add_(var.detach() * n / (n - 1).clamp_min(1), alpha=m)
-        y = centred * torch.rsqrt(var.view(shape) + self.eps)
-        if self.affine:
-            y = y * self.weight.view(shape) + self.bias.view(shape)
-        return y.to(x.dtype)
-
-
-def convert_batchnorm(module, device_type, group=None):
-    """Every BatchNorm layer normalizing over the global batch under DDP: torch's SyncBatchNorm
-    on CUDA, DistBatchNorm elsewhere. Every process must call it (it makes a process group)."""
-    if device_type == "cuda":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
-    if group is None and utils.distributed():
-        group = dist.new_group()
-    out = module
-    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, DistBatchNorm):
-        out = DistBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                            module.track_running_stats)
-        out.load_state_dict(module.state_dict())
-        out.train(module.training)
-    if isinstance(out, DistBatchNorm):
-        out.group = group
-    for name, child in module.named_children():
-        out.add_module(name, convert_batchnorm(child, device_type, group))
-    return out
-
-
-def wrap_ddp(model, device):
-    """Batch norm over the global batch, then DistributedDataParallel. The teacher is left out of
-    DDP's bookkeeping: every process updates it from identical student weights, so it needs no
-    syncing (with its batch-norm collectives inside DDP's forward, the gradients of the two
-    processes came out different on gloo)."""
-    model = convert_batchnorm(model, device.type).to(device)
-    ignore = [n for n,
-              _ in list(model.named_parameters()) + list(model.named_buffers()) if n.startswith("teacher.")]
-    nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignore)
-    ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    # DDP has copied rank 0's student to every process; the teacher, which it does not manage,
-    # must start from rank 0's copy too (each process drew its own initial weights)
-    if model.teacher is not None:
-        for t in model.teacher.state_dict().values():
-            dist.broadcast(t, 0)
-    return model, ddp

@@ -16,6 +16,7 @@ import torch.multiprocessing as mp
 
 from conftest import ROOT
 
+import ddp
 import losses
 import model as model_lib
 import train
@@ -101,12 +102,14 @@ def test_vje_ema_target_and_feature_sources():
     assert not net.teacher.training  # the EMA target stays in eval mode
     x = torch.randn(4, 3, 16, 16)
     net.eval()
-    assert torch.allclose(net.features(x, "ema"), net.features(x, "z"))  # a fresh copy
-    assert net.features(x, "mu").shape == (4, 256)
+    features = net.features(x)
+    assert set(features) == {"z", "mu", "ema"}
+    assert torch.allclose(features["ema"], features["z"])  # a fresh copy
+    assert features["mu"].shape == (4, 256)
     with pytest.raises(ValueError, match="needs a VJE checkpoint"):
-        small_model("byol").features(x, "mu")
+        small_model("byol").features(x, ["mu"])
     with pytest.raises(ValueError, match="needs a target encoder"):
-        small_model("simsiam").features(x, "ema")
+        small_model("simsiam").features(x, ["ema"])
 
 
 def test_vje_ablation_flags_reach_the_model_and_the_loss():
@@ -167,7 +170,7 @@ def test_ema_update_matches_formula():
         for p in net.encoder.parameters():
             p.add_(1.0)
     t_before = [p.clone() for p in net.teacher.parameters()]
-    s = [p.clone() for p in net.student_for_teacher().parameters()]
+    s = [p.clone() for name in net.teacher_of for p in getattr(net, name).parameters()]
     net.update_teacher(0.9)
     for t0, s0, t1 in zip(t_before, s, net.teacher.parameters()):
         assert torch.allclose(t1, 0.9 * t0 + 0.1 * s0, atol=1e-6)
@@ -494,7 +497,7 @@ def one_step(net, batch, method, distributed):
     """One training step of `net` on `batch` (the local shard), with the
     recipe's optimizer at lr 0.1; returns the updated state dict."""
     args = train.get_args(["--method", method])
-    net, wrapped = model_lib.wrap_ddp(net, torch.device("cpu")) if distributed else (net, net)
+    net, wrapped = ddp.wrap_ddp(net, torch.device("cpu")) if distributed else (net, net)
     opt = model_lib.build_optimizer(net, args)
     for g in opt.param_groups:
         g["lr"] = 0.1
