@@ -206,25 +206,25 @@ def build_parser():
 
 
 def get_args(argv=None):
-    """The resolved arguments: the flags given, then the method's recipe and options for those
-    left unset (one loop), then the general defaults; with --resume, the run's own arguments
-    (resumed_arguments)."""
+    """The resolved arguments: the flags given, then the method's options and recipe for those
+    left unset, then the general defaults; with --resume, the run's own arguments
+    (resumed_arguments) under the flags given, which must agree with them."""
     p = build_parser()
     args = vars(p.parse_args(argv))
     if args["resume"] and args["replace"]:
         p.error("--resume continues the run in --output-dir and --replace removes it: give one of them")
-    if args["resume"]:
-        args = resumed_arguments(p, argv, args)
+    saved = resumed_arguments(p, args) if args["resume"] else {}
+    if saved:  # the run's own arguments, with this invocation's flags over them
+        args = vars(p.parse_args(argv))
     cls = model.METHODS[args["method"]]
-    options = {k for c in model.METHODS.values() for k in c.options}
-    for key in RECIPE_FLAGS + tuple(sorted(options)):  # the method's defaults, for the flags left unset
-        if key in cls.options:
-            args[key] = cls.options[key]["default"] if args[key] is None else args[key]
-        elif key in options and args.get(key) is not None:
-            p.error(f"--{key.replace('_', '-')} is not an option of --method {cls.name}")
-        elif key in options:
-            args.pop(key, None)
-        elif args[key] is None:
+    for c in model.METHODS.values():  # another method's options: not given, and not kept
+        for key in set(c.options) - set(cls.options):
+            if args.pop(key, None) is not None:
+                p.error(f"--{key.replace('_', '-')} is not an option of --method {cls.name}")
+    for key, option in cls.options.items():
+        args[key] = option["default"] if args[key] is None else args[key]
+    for key in RECIPE_FLAGS:  # the method's recipe, for the flags left unset
+        if args[key] is None:
             args[key] = cls.recipe.get(key)
         elif cls.recipe.get(key) is None:
             p.error(f"--{key.replace('_', '-')} does not apply to --method {cls.name}, whose recipe has none")
@@ -237,6 +237,10 @@ def get_args(argv=None):
     args["data_path"] = os.path.abspath(args["data_path"])  # so that a run is found from any folder
     if os.path.exists(args["output_dir"]) and not os.path.isdir(args["output_dir"]):
         p.error(f"--output-dir '{args['output_dir']}' is a file; name a folder")
+    if saved:
+        hint = "; --epochs is the length of the run's schedule, which --resume continues" * \
+            (args["epochs"] != saved.get("epochs"))
+        utils.refuse_changes(saved, args, [k for k in args if k not in MAY_CHANGE_ON_RESUME], hint)
     return argparse.Namespace(**args)
 
 
@@ -244,10 +248,11 @@ def default_output_dir(args):
     return os.path.join("runs", f"{args['method']}-{args['dataset']}-{args['arch']}")
 
 
-def resumed_arguments(p, argv, first):
-    """The arguments of the run --resume continues (its args.json, else its checkpoint's), with
-    this invocation's flags over them; stops with one line if a flag that defines the run
-    (not MAY_CHANGE_ON_RESUME) was given another value."""
+def resumed_arguments(p, first):
+    """The arguments of the run --resume continues (its args.json, else its checkpoint's), made
+    the parser's defaults but for ONE_INVOCATION: parsed again, the flags given stand over them.
+    get_args then refuses a flag that defines the run (not MAY_CHANGE_ON_RESUME) with another
+    value."""
     out = first["output_dir"] or default_output_dir(first)
     ckpt = os.path.join(out, "checkpoint.pt")
     if not os.path.isfile(ckpt):
@@ -261,8 +266,4 @@ def resumed_arguments(p, argv, first):
     except (OSError, ValueError):
         saved = utils.load_checkpoint(ckpt).get("args", {})
     p.set_defaults(**{k: v for k, v in saved.items() if k not in ONE_INVOCATION})
-    args = vars(p.parse_args(argv))
-    hint = "; --epochs is the length of the run's schedule, which --resume continues" * \
-        (args["epochs"] != saved.get("epochs"))
-    utils.refuse_changes(saved, args, [k for k in args if k not in MAY_CHANGE_ON_RESUME], hint)
-    return dict(saved, **args)
+    return saved

@@ -98,12 +98,12 @@ def extract_features(model, images, batch_size=256, device="cpu", source="z", nu
     in dataset order; without it each returns its own shard (the k-NN bank,
     which is never gathered). The caller puts the network in eval mode; `model`
     is the bare SSLModel (not the DDP wrapper). `forward`, if given, replaces
-    `model.features(x, source)`: any function from a batch of images
+    `model.features(x, [source])[source]`: any function from a batch of images
     (B, 3, H, W) to a (B, D) tensor (eval_ood.py computes its scores so).
     Returns (features (N or shard, D) on `device`, labels on the CPU).
     """
     device = torch.device(device)
-    forward = forward or (lambda x: model.features(x, source))
+    forward = forward or (lambda x: model.features(x, [source])[source])
     rows = list(range(rank, len(images), world_size))
     chunks = []
     batches = image_batches(images, rows, batch_size, num_workers, device)
@@ -233,28 +233,31 @@ def monitor_images(split, info, images, num_workers, master):
 @torch.no_grad()
 def monitor(model, bank, test, num_classes, args, device, rank, world_size):
     """train.py's k-NN monitor: k-NN accuracy on un-augmented images, with the network in eval mode,
-    on each feature the method monitors (model.monitor_features: the encoder output z, "knn_acc",
-    and VJE's posterior mean mu, "knn_acc_mu", side by side from one pass) and on the EMA target
-    encoder's ("knn_acc_ema"), as the VJE notebook monitors; and the online probe's test accuracy.
+    on each feature of model.features: the encoder output z ("knn_acc"), VJE's posterior mean mu
+    ("knn_acc_mu") and the EMA target encoder's ("knn_acc_ema"), as the VJE notebook monitors; and
+    the online probe's test accuracy.
     `bank` and `test` are datasets or, on the batched path, TensorImages already on the device."""
     was_training = model.training
     model.eval()
     kw = dict(batch_size=max(256, args.batch_size // world_size), device=device, num_workers=args.num_workers,
               rank=rank, world_size=world_size, precision=args.precision,
               progress=utils.show_progress(rank == 0))
-    sources = [(model.monitored, model.monitor_features)]
-    if model.teacher is not None:
-        sources.append((["knn_acc_ema"], lambda x: model.features(x, "ema")))
+    names = model.feature_names()
+
+    def every_feature(x):  # side by side, (B, D) each
+        features = model.features(x)
+        return torch.cat([features[name] for name in names], 1)
+    bank_f, bank_y = extract_features(model, bank, desc="k-NN bank", gather=False, forward=every_feature,
+                                      **kw)
+    test_f, test_y = extract_features(model, test, desc="k-NN test", forward=every_feature, **kw)
     out = {}
-    for keys, fwd in sources:
-        bank_f, bank_y = extract_features(model, bank, desc="k-NN bank", gather=False, forward=fwd, **kw)
-        test_f, test_y = extract_features(model, test, desc="k-NN test", forward=fwd, **kw)
-        for key, bank_part, test_part in zip(keys, bank_f.chunk(len(keys), 1), test_f.chunk(len(keys), 1)):
-            out[key] = knn_accuracy(bank_part, bank_y, test_part, test_y, num_classes, args.knn_k,
-                                    args.knn_temperature)
-            if key == "knn_acc" and model.probe is not None:
-                pred = model.probe(test_part.to(device)).argmax(1)
-                out["probe_acc"] = 100.0 * (pred == test_y.to(device)).float().mean().item()
+    for name, bank_part, test_part in zip(names, bank_f.chunk(len(names), 1), test_f.chunk(len(names), 1)):
+        key = "knn_acc" if name == "z" else f"knn_acc_{name}"
+        out[key] = knn_accuracy(bank_part, bank_y, test_part, test_y, num_classes, args.knn_k,
+                                args.knn_temperature)
+        if name == "z" and model.probe is not None:
+            pred = model.probe(test_part.to(device)).argmax(1)
+            out["probe_acc"] = 100.0 * (pred == test_y.to(device)).float().mean().item()
     model.train(was_training)
     return out
 
@@ -283,6 +286,18 @@ def add_eval_flags(p, script):
     cli.add_flag(p, "--precision", None, "autocast precision of the frozen network",
              choices=("fp32", "bf16", "fp16"), default_text="the checkpoint's training precision (fp32 where "
              "this device cannot run it), so that train.py's logged numbers are reproduced")
+
+
+def eval_precision(precision, train_args, device):
+    """The evaluation scripts' --precision: by default the one the checkpoint
+    was trained with (so that train.py's logged k-NN number is reproduced),
+    fp32 where this device cannot run it (fp16 off CUDA)."""
+    if precision is None:
+        precision = train_args.get("precision", "fp32")
+        if (precision == "fp16" and device.type != "cuda") or \
+                (precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported()):
+            precision = "fp32"
+    return utils.resolve_precision(precision, device)
 
 
 def check_result_file(path, measurement):
@@ -367,7 +382,7 @@ def main(argv=None):
         args.feature = args.feature or "z"
         net, train_args, ckpt = model_lib.load_model(args.checkpoint)
         model_lib.check_feature(net, args.feature)
-        args.precision = utils.eval_precision(args.precision, train_args, device)
+        args.precision = eval_precision(args.precision, train_args, device)
         info = data.resolve_eval_data(args, train_args)
         net.to(device).eval()
         tf = data.eval_transform(info)

@@ -121,7 +121,7 @@ def train_one_epoch(net, ddp_linear, loader, optimizer, lr_schedule, step, args,
             g["lr"] = float(lr_schedule[step])  # a Python float: the checkpoint holds plain values only
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with torch.no_grad(), utils.autocast(args.precision, device):
-            features = net.features(x, args.feature)
+            features = net.features(x, [args.feature])[args.feature]
         logits = ddp_linear(features.float())
         loss = F.cross_entropy(logits, y)
         optimizer.zero_grad(set_to_none=True)
@@ -183,7 +183,7 @@ def main(argv=None):
     # ---- frozen network, output folder ------------------------------------------------
     net, train_args, ckpt = model_lib.load_model(args.checkpoint)
     model_lib.check_feature(net, args.feature)
-    args.precision = utils.eval_precision(args.precision, train_args, device)
+    args.precision = eval_knn.eval_precision(args.precision, train_args, device)
     net.to(device).eval().requires_grad_(False)
     encoder = dict(method=train_args["method"], arch=train_args["arch"], epoch=ckpt.get("epoch"))
     info = data.resolve_eval_data(args, train_args)

@@ -213,22 +213,18 @@ def score_forward(net, feature, scores, score_encoder="online"):
         layout[name] = slice(width, width + size)
         width += size
 
+    scored = "z" if score_encoder == "online" else "ema"  # what the method's scores read
+    needed = ([feature] if "knn" in scores else []) + [scored] * any(n in scores for n in net.ood_scores)
+
     def forward(x):
-        embeddings = {}
-
-        def embedding(encoder):  # each encoder runs at most once per batch
-            if encoder not in embeddings:
-                embeddings[encoder] = net.encoder(x) if encoder == "online" else net.features(x, "ema")
-            return embeddings[encoder]
-
+        features = net.features(x, needed)  # each network runs at most once per batch
         columns = {}
         if "knn" in scores:
-            columns["knn"] = embedding("ema") if feature == "ema" else \
-                net.embedding_feature(embedding("online"), feature)
+            columns["knn"] = features[feature]
         # VJE's Eq. 39 at s = mu, one un-augmented view, in float32 whatever the autocast
         for name in net.ood_scores:
             if name in scores:
-                columns[name] = net.ood_score(embedding(score_encoder), name)[:, None]
+                columns[name] = net.ood_score(features[scored], name)[:, None]
         return torch.cat([columns[name].float() for name in layout], dim=1)
     return forward, layout
 
@@ -601,7 +597,7 @@ def main(argv=None):
     scores = choose_scores(args, net)
     check_score_encoder(args, net, scores)
     nu = getattr(net, "nu", None)
-    args.precision = utils.eval_precision(args.precision, train_args, device)
+    args.precision = eval_knn.eval_precision(args.precision, train_args, device)
     net.to(device).eval()
     info = data.resolve_eval_data(args, train_args)
     id_test, ood_sets, bank_set = build_sets(args, info, scores, local_rank)

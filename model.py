@@ -126,7 +126,6 @@ class Method(nn.Module):
     views = {}     # jitter, and the two views' crop scale, blur p, solarize p ("small" < 96 px, "large")
     options = {}   # the method's own flags: name -> dict(default=..., help=..., choices); ranges: cli.RANGES
     ood_scores = ()  # eval_ood.py scores besides knn, from `ood_score`
-    monitored = ("knn_acc",)  # the k-NN monitor's log keys, one per block of `monitor_features`
 
     def __init__(self, arch, image_size, num_classes, joint_bn, **options):
         super().__init__()
@@ -210,28 +209,35 @@ class Method(nn.Module):
         torch._foreach_copy_(list(self.teacher.buffers()), [b for m in student for b in m.buffers()])
 
     # -- features for evaluation -----------------------------------------------------------
-    def feature_sources(self):
-        """The --feature values this network gives: z (the encoder), mu (VJE), ema (a teacher)."""
+    def feature_names(self):
+        """The evaluation features this network gives: z (the encoder), mu (VJE), ema (a teacher)."""
         return ("z",) + ("ema",) * (self.teacher is not None)
 
+    def missing_feature(self, name):
+        """Why this network cannot give the feature `name` (one line), or None if it can."""
+        if name in self.feature_names():
+            return None
+        use = f"Use --feature {' or '.join(self.feature_names())}"
+        if name == "mu":
+            return f"--feature mu is VJE's posterior mean; it needs a VJE checkpoint, not {self.name}. {use}"
+        hint = " (it has one only when trained with --target ema)" if "target" in self.options else ""
+        return f"--feature {name} needs a target encoder; this {self.name} checkpoint has none{hint}. {use}"
+
     @torch.no_grad()
-    def features(self, x, source="z"):
-        """Evaluation features of images x: `z` the encoder output, `mu` VJE's posterior mean,
-        `ema` the teacher encoder's output."""
-        if source not in self.feature_sources():
-            needs = {"mu": "a VJE checkpoint", "ema": "a target encoder"}.get(source, "another network")
-            raise ValueError(f"feature '{source}' needs {needs}; this {self.name} network has none")
-        if source == "ema":
-            return self.teacher_parts()[0](x)
-        return self.embedding_feature(self.encoder(x), source)
-
-    def embedding_feature(self, z, source):
-        """The feature `source` (z, or VJE's mu) of encoder outputs z."""
-        return z
-
-    def monitor_features(self, x):
-        """What the k-NN monitor scores, from one encoder pass: (B, D) per `monitored` key, side by side."""
-        return self.encoder(x)
+    def features(self, x, names=None):
+        """Evaluation features of images x (B, 3, H, W), by name, each (B, D): z the encoder's
+        output and ema the teacher encoder's (where there is a teacher); VJE adds mu. `names`:
+        only these, and only the networks they need run (None: every one of feature_names)."""
+        names = self.feature_names() if names is None else names
+        for name in names:
+            if self.missing_feature(name):
+                raise ValueError(self.missing_feature(name))
+        out = {}
+        if set(names) - {"ema"}:
+            out["z"] = self.encoder(x)
+        if "ema" in names:
+            out["ema"] = self.teacher_parts()[0](x)
+        return out
 
 
 def projector_options():
@@ -272,7 +278,6 @@ class VJE(Method):
         isotropic=dict(default=False, help="one posterior variance per image for all dimensions (appendix "
                                            "ablation)"))
     ood_scores = ("vje", "vje-dir")
-    monitored = ("knn_acc", "knn_acc_mu")  # the notebook monitors z and mu
 
     def build(self, nu, beta, target, radial, center_var, mc_samples, isotropic):
         self.nu, self.beta, self.target, self.radial = nu, beta, target, radial
@@ -304,15 +309,15 @@ class VJE(Method):
             self.teacher.eval()  # the notebook keeps its EMA target in eval mode
         return self
 
-    def feature_sources(self):
+    def feature_names(self):
         return ("z", "mu") + ("ema",) * (self.teacher is not None)
 
-    def embedding_feature(self, z, source):
-        return self.head(z)[0] if source == "mu" else z
-
-    def monitor_features(self, x):
-        z = self.encoder(x)
-        return torch.cat([z, self.head(z)[0]], 1)
+    @torch.no_grad()
+    def features(self, x, names=None):
+        out = super().features(x, names)
+        if names is None or "mu" in names:
+            out["mu"] = self.head(out["z"])[0]
+        return out
 
     def ood_score(self, z, name):
         """Score `name` of embeddings z (B, D) under their own posterior g(z), at s = mu: "vje" is
@@ -516,16 +521,9 @@ def checkpoint_meta(path, ckpt, train_args):
 
 
 def check_feature(net, feature):
-    """Stops with one line if `net` cannot give this --feature source."""
-    sources = net.feature_sources()
-    if feature in sources:
-        return
-    if feature == "mu":
-        utils.fail(f"--feature mu is VJE's posterior mean; this checkpoint is {net.name}. Use --feature "
-                   f"{' or '.join(sources)}")
-    hint = " (it has one only when trained with --target ema)" if "target" in net.options else ""
-    utils.fail(f"--feature ema needs a target encoder; this {net.name} checkpoint has none{hint}. Use "
-               f"--feature {' or '.join(sources)}")
+    """Stops with one line if `net` cannot give this --feature."""
+    if net.missing_feature(feature):
+        utils.fail(net.missing_feature(feature))
 
 
 # -----------------------------------------------------------------------------

@@ -12,7 +12,7 @@ cifar10-subset):
     python train.py --method vje --dataset folder --data-path cifar10-subset --arch tiny --epochs 30
 
 Every default is the method's recipe (model.py: each method's class holds its recipe, views and
-options) or a general one below; `--help` lists them. Everything a run writes goes to
+options) or a general one (cli.py); `--help` lists them. Everything a run writes goes to
 --output-dir: args.json (the resolved arguments), log.jsonl (one JSON line per epoch) and
 checkpoint.pt (after every epoch, written atomically). `--resume` continues from checkpoint.pt.
 """
@@ -37,8 +37,9 @@ import model as model_lib
 import utils
 from cli import get_args  # the flags and the resolved arguments (cli.py)
 
+
 # -----------------------------------------------------------------------------
-# schedules
+# set-up: the per-step schedules, computed up front
 
 def cosine_schedule(base, final, total_steps, warmup_steps=0):
     """Per-step values, up front: a linear warm-up from 0 to base, then a cosine to final."""
@@ -68,7 +69,7 @@ def ema_momentum_schedule(base, total_steps, constant=False):
 
 
 # -----------------------------------------------------------------------------
-# set-up: the data, the networks and their optimizers, the schedules
+# set-up: the data, the networks and their optimizers, torch.compile
 
 def build_data(args, info, views, rank, world_size, device, master):
     """The training loader (batched on the device, or PIL in loader processes) and the k-NN
@@ -225,14 +226,13 @@ class Run:
     probe_lr: np.ndarray
     momentum: np.ndarray
     ckpt_path: str
-    stopper: utils.Stopper
 
     @property
     def master(self):
         return utils.is_rank0()
 
 
-def train_one_epoch(run, epoch, step, first_step, sums):
+def train_one_epoch(run, stopper, epoch, step, first_step, sums):
     """Steps `first_step`.. of one epoch. `sums` holds the sums of the logged terms over this
     process's steps of the epoch so far (from the checkpoint of a stop part-way, else empty); the
     steps add to them. Returns (sums, the global step, why it stopped or None). Host syncs only
@@ -243,6 +243,7 @@ def train_one_epoch(run, epoch, step, first_step, sums):
     run.model.train()
     window = torch.zeros(args.log_every, device=device)  # this window's losses, read at its end
     window_start = step
+    layout = torch.channels_last if device.type == "cuda" else torch.preserve_format  # NHWC on GPUs
     bar = tqdm(run.loader, desc=f"epoch {epoch + 1}/{args.epochs}",
                disable=not utils.show_progress(run.master), leave=False, initial=first_step,
                total=run.steps_per_epoch)
@@ -252,7 +253,6 @@ def train_one_epoch(run, epoch, step, first_step, sums):
         if run.probe_optimizer is not None:
             for g in run.probe_optimizer.param_groups:
                 g["lr"] = float(run.probe_lr[step])
-        layout = torch.channels_last if device.type == "cuda" else torch.preserve_format
         batch = ((x1.to(device, non_blocking=True, memory_format=layout),
                   x2.to(device, non_blocking=True, memory_format=layout)), y.to(device, non_blocking=True))
         loss, logs = train_step(run.forward, run.model, batch, run.optimizer, run.probe_optimizer, run.scaler,
@@ -268,7 +268,7 @@ def train_one_epoch(run, epoch, step, first_step, sums):
         # ---- boundary: the one host sync of the window ----------------------------
         n = step - window_start
         check = utils.all_reduce_sum(torch.cat([window[:n], (sums["ssl_loss"] / (it + 1)).view(1),
-                                                torch.full((1,), float(run.stopper.signal), device=device)]))
+                                                torch.full((1,), float(stopper.signal), device=device)]))
         values = check.tolist()
         bad = [i for i, v in enumerate(values[:n]) if not math.isfinite(v)]
         if bad:
@@ -276,7 +276,7 @@ def train_one_epoch(run, epoch, step, first_step, sums):
         window_start = step
         if run.master:
             bar.set_postfix(loss=f"{values[n] / run.world_size:.4f}", lr=f"{run.lr[step - 1]:.4f}")
-        why = run.stopper.reason(values[n + 1] > 0, step)
+        why = stopper.reason(values[n + 1] > 0, step)
         if why is not None:
             bar.close()
             return sums, step, why
@@ -324,7 +324,7 @@ def save(run, epoch, step, epoch_step=0, log_entry=None, epoch_sums=None):
                               log_entry=log_entry, epoch_sums=epoch_sums)
 
 
-def fit(run, monitor, log_path, start_epoch, step, epoch_step, sums):
+def fit(run, stopper, monitor, log_path, start_epoch, step, epoch_step, sums):
     """The epoch loop: train_one_epoch, then the epoch's means, the k-NN monitor, the checkpoint and
     the log line; a stop part-way through an epoch saves where it stopped, for --resume."""
     args, master = run.args, run.master
@@ -338,7 +338,7 @@ def fit(run, monitor, log_path, start_epoch, step, epoch_step, sums):
         utils.append_log(log_path, entry, master)
     for epoch in range(start_epoch, args.epochs):
         t_epoch, first_step = time.time(), step
-        sums, step, why = train_one_epoch(run, epoch, step, epoch_step, sums)
+        sums, step, why = train_one_epoch(run, stopper, epoch, step, epoch_step, sums)
         done = step - epoch * run.steps_per_epoch  # steps of this epoch, before a resume too
         train_time, epoch_step = time.time() - t_epoch, 0
         if why is not None and done < run.steps_per_epoch:  # stopped part-way: save where it stopped
@@ -365,6 +365,21 @@ def fit(run, monitor, log_path, start_epoch, step, epoch_step, sums):
     if master:
         report_best(log_path)
         print(f"checkpoint: {run.ckpt_path}\nlog: {log_path}")
+
+
+def report_best(log_path):
+    """The k-NN monitor's final and best accuracy of each feature, as the VJE notebook reports them,
+    read from log.jsonl (so a resumed run counts the epochs before its resume too)."""
+    if not os.path.isfile(log_path):  # stopped inside the first epoch, with no monitor at the start
+        return
+    with open(log_path) as f:
+        entries = [json.loads(line) for line in f if line.strip()]
+    for key in ("knn_acc", "knn_acc_mu", "knn_acc_ema"):
+        scored = [(e[key], e["epoch"]) for e in entries if key in e]
+        if scored:
+            best = max(scored)
+            print(f"{key}: final {scored[-1][0]:.2f} (epoch {scored[-1][1]}), best {best[0]:.2f} (epoch "
+                  f"{best[1]})")
 
 
 # -----------------------------------------------------------------------------
@@ -411,7 +426,7 @@ def train(args, rank, local_rank, world_size, device):
     forward = compiled(ddp_model, "the training step") if args.compile else ddp_model
     run = Run(args, device, world_size, loader, len(loader), model, forward, optimizer, probe_optimizer,
               utils.grad_scaler(args.precision, device), *build_schedules(args, len(loader)),
-              ckpt_path=os.path.join(args.output_dir, "checkpoint.pt"), stopper=utils.Stopper(args.max_steps))
+              ckpt_path=os.path.join(args.output_dir, "checkpoint.pt"))
     schedule_note(args)
 
     # ---- resume, or start ----------------------------------------------------------
@@ -424,20 +439,20 @@ def train(args, rank, local_rank, world_size, device):
               f"steps of {args.batch_size}; writing to {args.output_dir}")
     start_epoch, step, epoch_step, sums = resume(run, log_path) if args.resume else (0, 0, 0, {})
     if start_epoch >= args.epochs:
-        run.stopper.restore()
         if master:
             print(f"the run in {args.output_dir} is complete ({start_epoch} of {args.epochs} epochs); "
                   f"nothing to do")
         return model
     if master:  # atomically: --resume reads it
         utils.write_json(dict(sorted(vars(args).items())), os.path.join(args.output_dir, "args.json"))
+    stopper = utils.Stopper(args.max_steps)  # from here Ctrl-C and SIGTERM stop at the next boundary
     try:
-        fit(run, monitor, log_path, start_epoch, step, epoch_step, sums)
+        fit(run, stopper, monitor, log_path, start_epoch, step, epoch_step, sums)
     finally:  # Ctrl-C and SIGTERM go back to their handlers, also after an error line
-        run.stopper.restore()
+        stopper.restore()
     utils.cleanup_distributed()
-    if run.stopper.signal:  # stopped from outside: say so in the exit status (128 + signal, as a shell does)
-        sys.exit(128 + run.stopper.signal)
+    if stopper.signal:  # stopped from outside: say so in the exit status (128 + signal, as a shell does)
+        sys.exit(128 + stopper.signal)
     return model
 
 
@@ -457,21 +472,6 @@ def resume(run, log_path):
               (f" + {ckpt['epoch_step']} steps" if ckpt["epoch_step"] else "") + f" (step {ckpt['step']})")
         utils.trim_log(log_path, ckpt["epoch"], ckpt.get("log_entry"))
     return ckpt["epoch"], ckpt["step"], ckpt["epoch_step"], sums
-
-
-def report_best(log_path):
-    """The k-NN monitor's final and best accuracy of each feature, as the VJE notebook reports them,
-    read from log.jsonl (so a resumed run counts the epochs before its resume too)."""
-    if not os.path.isfile(log_path):  # stopped inside the first epoch, with no monitor at the start
-        return
-    with open(log_path) as f:
-        entries = [json.loads(line) for line in f if line.strip()]
-    for key in ("knn_acc", "knn_acc_mu", "knn_acc_ema"):
-        scored = [(e[key], e["epoch"]) for e in entries if key in e]
-        if scored:
-            best = max(scored)
-            print(f"{key}: final {scored[-1][0]:.2f} (epoch {scored[-1][1]}), best {best[0]:.2f} (epoch "
-                  f"{best[1]})")
 
 
 if __name__ == "__main__":

@@ -1,12 +1,9 @@
 """What every script shares, and nothing else: torchrun set-up and the stop signals, the autocast
-precision, checkpoints (atomic writes, loads that cannot run code, resume), the output folder of a
-run (one run a folder, locked while it runs, its log) and of a result file, and the command line's
-flags (range checks, defaults said once, one-line errors).
+precision, checkpoints (atomic writes, loads that cannot run code, resume), and the output folder
+of a run (one run a folder, locked while it runs, its log).
 """
-import argparse
 import contextlib
 import json
-import math
 import os
 import random
 import signal
@@ -169,18 +166,6 @@ def grad_scaler(precision, device):
     return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
 
-def eval_precision(precision, train_args, device):
-    """The evaluation scripts' --precision: by default the one the checkpoint
-    was trained with (so that train.py's logged k-NN number is reproduced),
-    fp32 where this device cannot run it (fp16 off CUDA)."""
-    if precision is None:
-        precision = train_args.get("precision", "fp32")
-        if (precision == "fp16" and device.type != "cuda") or \
-                (precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported()):
-            precision = "fp32"
-    return resolve_precision(precision, device)
-
-
 # -----------------------------------------------------------------------------
 # random state, as plain values and tensors (a safe load accepts nothing else)
 
@@ -309,7 +294,7 @@ def restore_training_state(ckpt, path, rank, world_size, **objects):
 
 
 # -----------------------------------------------------------------------------
-# the output folder of a run, and result files
+# the output folder of a run, and its log
 
 RUN_FILES = ("args.json", "log.jsonl", "checkpoint.pt", "checkpoint.pt.tmp")  # all a run writes
 LOCK = "run.lock"

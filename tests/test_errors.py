@@ -357,7 +357,8 @@ def test_sigkill_mid_epoch_then_resume(tmp_path):
     p.kill()
     p.wait()
     assert torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)["epoch"] >= 1
-    os.remove(os.path.join(out, "run.lock"))  # a killed run leaves its lock behind
+    if os.path.exists(os.path.join(out, "run.lock")):  # a killed run leaves its lock (unless it had ended)
+        os.remove(os.path.join(out, "run.lock"))
     r = run_main("train.py", *flags(data_dir, out, epochs=3), "--resume")
     assert r.returncode == 0, r.stderr[-2000:]
     ckpt = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)

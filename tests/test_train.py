@@ -97,7 +97,7 @@ def test_each_method_forward_backward(method):
     assert expected_terms <= set(logs)
 
 
-def test_vje_ema_target_and_feature_sources():
+def test_vje_ema_target_and_features():
     net = small_model("vje", target="ema").train()
     assert not net.teacher.training  # the EMA target stays in eval mode
     x = torch.randn(4, 3, 16, 16)
