@@ -219,7 +219,8 @@ def get_args(argv=None):
     cls = model.METHODS[args["method"]]
     for c in model.METHODS.values():  # another method's options: not given, and not kept
         for key in set(c.options) - set(cls.options):
-            if args.pop(key, None) is not None:
+            value = args.pop(key, None)
+            if value is not None and value != saved.get(key):  # (the run's own: --method changed)
                 p.error(f"--{key.replace('_', '-')} is not an option of --method {cls.name}")
     for key, option in cls.options.items():
         args[key] = option["default"] if args[key] is None else args[key]
