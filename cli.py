@@ -213,6 +213,7 @@ def get_args(argv=None):
     args = vars(p.parse_args(argv))
     if args["resume"] and args["replace"]:
         p.error("--resume continues the run in --output-dir and --replace removes it: give one of them")
+    flags = set(args)  # the names of the flags (args gains others below)
     saved = resumed_arguments(p, args) if args["resume"] else {}
     if saved:  # the run's own arguments, with this invocation's flags over them
         args = vars(p.parse_args(argv))
@@ -241,7 +242,8 @@ def get_args(argv=None):
     if saved:
         hint = "; --epochs is the length of the run's schedule, which --resume continues" * \
             (args["epochs"] != saved.get("epochs"))
-        utils.refuse_changes(saved, args, [k for k in args if k not in MAY_CHANGE_ON_RESUME], hint)
+        utils.refuse_changes(saved, args, [k for k in args if k in flags and k not in MAY_CHANGE_ON_RESUME],
+                             hint)
     return argparse.Namespace(**args)
 
 
