@@ -243,21 +243,25 @@ def monitor(model, bank, test, num_classes, args, device, rank, world_size):
               rank=rank, world_size=world_size, precision=args.precision,
               progress=utils.show_progress(rank == 0))
     names = model.feature_names()
-
-    def every_feature(x):  # side by side, (B, D) each
-        features = model.features(x)
-        return torch.cat([features[name] for name in names], 1)
-    bank_f, bank_y = extract_features(model, bank, desc="k-NN bank", gather=False, forward=every_feature,
-                                      **kw)
-    test_f, test_y = extract_features(model, test, desc="k-NN test", forward=every_feature, **kw)
+    # the encoder's features (z, mu) in one extraction and the teacher's in another: on the PIL
+    # path each extraction's DataLoader draws its seed from the global generator, so this count
+    # is part of what the training draws after the monitor
     out = {}
-    for name, bank_part, test_part in zip(names, bank_f.chunk(len(names), 1), test_f.chunk(len(names), 1)):
-        key = "knn_acc" if name == "z" else f"knn_acc_{name}"
-        out[key] = knn_accuracy(bank_part, bank_y, test_part, test_y, num_classes, args.knn_k,
-                                args.knn_temperature)
-        if name == "z" and model.probe is not None:
-            pred = model.probe(test_part.to(device)).argmax(1)
-            out["probe_acc"] = 100.0 * (pred == test_y.to(device)).float().mean().item()
+    for group in [[n for n in names if n != "ema"]] + [["ema"]] * ("ema" in names):
+        def side_by_side(x, group=group):  # (B, D) each
+            features = model.features(x, group)
+            return torch.cat([features[name] for name in group], 1)
+        bank_f, bank_y = extract_features(model, bank, desc="k-NN bank", gather=False, forward=side_by_side,
+                                          **kw)
+        test_f, test_y = extract_features(model, test, desc="k-NN test", forward=side_by_side, **kw)
+        parts = zip(group, bank_f.chunk(len(group), 1), test_f.chunk(len(group), 1))
+        for name, bank_part, test_part in parts:
+            key = "knn_acc" if name == "z" else f"knn_acc_{name}"
+            out[key] = knn_accuracy(bank_part, bank_y, test_part, test_y, num_classes, args.knn_k,
+                                    args.knn_temperature)
+            if name == "z" and model.probe is not None:
+                pred = model.probe(test_part.to(device)).argmax(1)
+                out["probe_acc"] = 100.0 * (pred == test_y.to(device)).float().mean().item()
     model.train(was_training)
     return out
 
