@@ -389,7 +389,9 @@ def test_recipe_defaults():
     assert a.ema_momentum == 0.996
     opt = model_lib.build_optimizer(small_model("vje"), train.get_args(["--method", "vje"]))
     assert opt.defaults["nesterov"] and opt.param_groups[1]["weight_decay"] == 0.0
-    assert all(p.ndim <= 1 for p in opt.param_groups[1]["params"])
+    decay, no_decay = opt.param_groups[0]["params"], opt.param_groups[1]["params"]
+    assert decay and no_decay  # neither all() below holds of an empty group
+    assert all(p.ndim > 1 for p in decay) and all(p.ndim <= 1 for p in no_decay)
 
 
 # -----------------------------------------------------------------------------
