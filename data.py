@@ -18,14 +18,17 @@ labelled -1), "train" the labelled training images (the k-NN memory bank and the
 "test" the evaluation split.
 """
 import collections
+import hashlib
 import itertools
+import json
 import os
 import re
 
+import numpy as np
 import torch
 import torchvision
 import torchvision.transforms as T
-from PIL import Image, ImageFilter
+from PIL import Image, ImageFilter, ImageOps
 
 DATASETS = ("cifar10", "cifar100", "stl10", "imagenet", "folder")
 # (mean, std) per channel, by the code each set comes from: the VJE authors' notebook (the plain
@@ -50,6 +53,12 @@ INTERPOLATIONS = ("bilinear", "bicubic")
 def fail(msg):
     """Stops the program with one line on stderr and exit code 1 (no traceback)."""
     raise SystemExit(f"error: {msg}")
+
+
+def note(msg):
+    """One `note:` line on stdout, from the first process of a torchrun launch only (as utils.note)."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"note: {msg}", flush=True)
 
 
 # -----------------------------------------------------------------------------
@@ -245,11 +254,12 @@ def probe_train_transform(info):
 # datasets
 
 def load_image(path):
-    """Opens an image as RGB, naming the file if it cannot be decoded."""
+    """Opens an image as RGB as an image viewer shows it (`as_rgb`), naming the file if it cannot be
+    decoded."""
     try:
         with open(path, "rb") as f:
             img = Image.open(f)
-            return img.convert("RGB")
+            return as_rgb(img)
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise RuntimeError(f"cannot decode image '{path}' ({type(e).__name__})") from None
 
@@ -274,6 +284,10 @@ def build_dataset(name, root, split, transform):
         raise ValueError(f"unknown split '{split}'")
     train = split != "test"
     created = not os.path.exists(root)
+    if name in TORCHVISION_SETS:  # before any download: one that cannot help is not tried
+        too_deep = misplaced_folder(TORCHVISION_SETS[name], root)
+        if too_deep:
+            fail(too_deep)
     try:
         if name == "cifar10":
             return torchvision.datasets.CIFAR10(root, train=train, transform=transform, download=True)
@@ -285,14 +299,24 @@ def build_dataset(name, root, split, transform):
     except (OSError, RuntimeError) as e:  # no network, a corrupt archive, a full disk
         if created and os.path.isdir(root) and not os.listdir(root):
             os.rmdir(root)  # the download made it: leave no empty folder behind
+        damaged = damaged_copy(TORCHVISION_SETS[name], root)
+        if damaged:
+            fail(damaged)
         fail(f"could not load {name} from '{root}' ({e}); download it on a machine with internet or pass "
              f"--data-path to a folder that holds it")
     if name in ("imagenet", "folder"):
         directory = folder_split(root, split)
+        skipped = []
         try:
-            dataset = torchvision.datasets.ImageFolder(directory, transform=transform, loader=load_image)
+            dataset = torchvision.datasets.ImageFolder(directory, transform=transform, loader=load_image,
+                                                       is_valid_file=lambda p: readable_file(p, skipped))
         except (FileNotFoundError, RuntimeError) as e:
-            fail(f"no images found under '{directory}' ({e}); expected <class>/<image>.jpg")
+            found = f"; {skipped_files(skipped, directory)}" if skipped else ""
+            fail(f"no images found under '{directory}' ({e}){found}; expected <class>/<image>.jpg")
+        if skipped and os.path.realpath(directory) not in NOTED_FOLDERS:  # said once per folder and process
+            NOTED_FOLDERS.add(os.path.realpath(directory))
+            note(f"{skipped_files(skipped, directory)}; convert any that are images to PNG or JPEG to use "
+                 f"them")
         if split == "test":
             label_as_training_classes(dataset, os.path.join(root, "train"))
         return dataset
@@ -337,6 +361,7 @@ class ClassSubset(torch.utils.data.Dataset):
         labels = labels_of(dataset).tolist()
         self.indices = [i for i, y in enumerate(labels) if y in new_label]
         self.targets = [new_label[labels[i]] for i in self.indices]
+        self.unlabeled_left_out = labels.count(-1)  # STL-10's unlabeled images (label -1) have no class
 
     def __len__(self):
         return len(self.indices)
@@ -358,7 +383,12 @@ def select_classes(dataset, class_names):
     if unknown or not class_names:
         fail(f"class(es) {', '.join(unknown) or '(none given)'} not in this dataset; its classes are: "
              f"{', '.join(known)}")
-    return ClassSubset(dataset, class_names)
+    subset = ClassSubset(dataset, class_names)
+    if subset.unlabeled_left_out:
+        note(f"--classes {','.join(class_names)} leaves out the {subset.unlabeled_left_out} unlabeled images "
+             f"of the pretraining data (their class is unknown): pretraining reads the {len(subset)} "
+             f"labelled images of these classes only; leave out --classes to pretrain on every image")
+    return subset
 
 
 def set_transform(dataset, transform):
@@ -387,13 +417,13 @@ def same_path(a, b):
 
 def header_sizes(paths):
     """How many of the image files `paths` have each (width, height), read off their headers (PIL
-    opens lazily: no pixel is decoded). A file that cannot be opened is left to the decoding, which
-    names it."""
+    opens lazily: no pixel is decoded), as shown (turned by their EXIF orientation, as `as_rgb`
+    turns them). A file that cannot be opened is left to the decoding, which names it."""
     sizes = collections.Counter()
     for path in paths:
         try:
             with Image.open(path) as im:
-                sizes[im.size] += 1
+                sizes[im.size[::-1] if orientation(im) in (5, 6, 7, 8) else im.size] += 1
         except (OSError, ValueError, Image.DecompressionBombError):
             continue
     return sizes
@@ -507,3 +537,193 @@ def set_epoch(loader, epoch, skip_steps=0):
     else:
         loader.sampler.set_epoch(epoch)
         loader.sampler.skip = skip_steps * loader.batch_size
+
+
+# -----------------------------------------------------------------------------
+# what is on disk: files a folder holds, torchvision's folders, what a run trains on
+
+TORCHVISION_SETS = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100,
+                    "stl10": torchvision.datasets.STL10}
+NOTED_FOLDERS = set()  # the folders whose left-out files were already said (`build_dataset`)
+
+
+def as_rgb(img):
+    """An opened PIL image as 8-bit RGB, as an image viewer shows it: turned by its EXIF orientation;
+    16-bit grayscale (modes I;16*, and I, which Pillow gives 16-bit PGMs) scaled to 8 bits by its
+    top byte, v >> 8, the same reduction Pillow itself makes of 16-bit colour PNGs (within one
+    level of round(v * 255 / 65535) everywhere; 0 and 65535 go to 0 and 255 exactly), where
+    Pillow's own convert clips every value over 255 to white; transparency (RGBA, LA, PA, and
+    palette images with a transparent colour) laid over white, a page's background, where convert
+    would show whatever colour the transparent pixels hide; palette, 1-bit, CMYK and YCbCr
+    images by Pillow's conversion."""
+    if orientation(img) != 1:
+        img = ImageOps.exif_transpose(img)
+    if img.mode == "I" or img.mode.startswith("I;16"):
+        img = Image.fromarray((np.clip(np.asarray(img), 0, 65535) >> 8).astype(np.uint8))
+    if img.mode in ("LA", "PA", "La", "RGBa") or img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode == "RGBA":
+        alpha = img.getchannel("A")
+        if alpha.getextrema()[0] < 255:
+            flat = Image.new("RGB", img.size, (255, 255, 255))
+            flat.paste(img.convert("RGB"), mask=alpha)
+            return flat
+    return img.convert("RGB")
+
+
+def orientation(img):
+    """The EXIF orientation of an opened image (1: as stored; 5 to 8 turn it a quarter), read
+    without decoding its pixels: a PNG's from an eXIf chunk before its pixels only (Pillow would
+    decode the whole image to look for one after them)."""
+    if img.format == "PNG" and "exif" not in img.info:
+        return 1
+    return img.getexif().get(0x0112, 1)
+
+
+def readable_file(path, skipped):
+    """Whether ImageFolder takes the file `path` (an IMAGE_EXTENSIONS name); any other file is added
+    to `skipped`, but for hidden ones (.DS_Store and the like)."""
+    if path.lower().endswith(IMAGE_EXTENSIONS):
+        return True
+    if not os.path.basename(path).startswith("."):
+        skipped.append(path)
+    return False
+
+
+def skipped_files(paths, directory):
+    """What the files of a folder that no image is read from are, in a few words: how many, of which
+    extensions, and one of them."""
+    kinds = collections.Counter(os.path.splitext(p)[1].lower() or "no extension" for p in paths)
+    listed = ", ".join(f"{n} {ext}" for ext, n in kinds.most_common(4)) + ", ..." * (len(kinds) > 4)
+    return f"{len(paths)} file(s) in the class folders of '{directory}' are not of an image type this " \
+           f"project reads ({', '.join(IMAGE_EXTENSIONS)}) and are left out: {listed}, e.g. '{paths[0]}'"
+
+
+def integrity_files(cls):
+    """(file name, md5) of each file torchvision checks in a dataset's folder (CIFAR's meta too)."""
+    meta = getattr(cls, "meta", None)
+    return list(cls.train_list) + list(cls.test_list) + ([(meta["filename"], meta["md5"])] if meta else [])
+
+
+def misplaced_folder(cls, root):
+    """What is wrong when --data-path is the dataset's folder itself (e.g. cifar-10-batches-py/,
+    where torchvision reads DATA_PATH/cifar-10-batches-py/), or None."""
+    if not root or not os.path.isdir(root) or os.path.isdir(os.path.join(root, cls.base_folder)):
+        return None
+    held = [n for n, _ in integrity_files(cls) if os.path.isfile(os.path.join(root, n))]
+    if not held:
+        return None
+    parent = os.path.dirname(os.path.abspath(root))
+    if os.path.basename(os.path.abspath(root)) == cls.base_folder:
+        return f"'{root}' is the {cls.base_folder} folder itself; pass its parent '{parent}' as --data-path"
+    listed = ", ".join(held[:3]) + ", ..." * (len(held) > 3)
+    return f"'{root}' holds the files of {cls.base_folder} ({listed}) itself, where torchvision reads " \
+           f"them from '{os.path.join(root, cls.base_folder)}'; move them into that folder, or rename " \
+           f"'{root}' to {cls.base_folder} and pass its parent '{parent}' as --data-path"
+
+
+def damaged_copy(cls, root):
+    """What is wrong with a dataset's folder or archive under `root` that fails torchvision's md5
+    check (a damaged or incomplete copy), or None."""
+    from torchvision.datasets.utils import check_integrity
+    folder = os.path.join(root, cls.base_folder)
+    if os.path.isdir(folder):
+        missing = [n for n, _ in integrity_files(cls) if not os.path.isfile(os.path.join(folder, n))]
+        damaged = [n for n, md5 in integrity_files(cls) if n not in missing and
+                   not check_integrity(os.path.join(folder, n), md5)]
+        if missing or damaged:
+            which = "; ".join(f"{what}: {', '.join(names)}" for what, names in
+                              (("damaged", damaged), ("missing", missing)) if names)
+            return f"'{root}' holds {cls.base_folder} but its files fail torchvision's integrity check " \
+                   f"({which}): a damaged or incomplete copy; copy it again whole, or move '{folder}' away " \
+                   f"to download it again"
+    archive = os.path.join(root, cls.filename)
+    if os.path.isfile(archive) and not check_integrity(archive, cls.tgz_md5):
+        return f"'{root}' holds {cls.filename} but it fails torchvision's integrity check (an incomplete " \
+               f"download or a damaged copy); copy it again whole, or move it away to download it again"
+    return None
+
+
+def unlabeled_images(dataset):
+    """(how many images of `dataset` are unlabeled, how many unlabeled images `--classes` left out of
+    it): STL-10's pretraining split (train+unlabeled) holds 100,000, a ClassSubset of it none,
+    having left them out; (0, 0) for every other dataset."""
+    if isinstance(dataset, ClassSubset):
+        return 0, dataset.unlabeled_left_out
+    labels = getattr(dataset, "labels", None)
+    return (int((np.asarray(labels) == -1).sum()), 0) if labels is not None else (0, 0)
+
+
+def fingerprint(dataset):
+    """What a dataset is, small enough to keep in a checkpoint: {"sha256": hex digest, "images": N,
+    "classes": [[name, image count], ...] in label order, then ["(unlabeled)", count] if any}.
+
+    The digest covers the class names in order and each image with its label, in order: an
+    ImageFolder's file paths relative to its folder (so a copy of the folder elsewhere has the same
+    digest; file contents and times are not read), the labels and a sample of the pixels (64
+    images spread over it, the first and the last) of a dataset held as one array (CIFAR, STL-10),
+    and a ClassSubset's images as those of its dataset. Costs a few ms per 10,000 images."""
+    base, indices = dataset, None
+    if isinstance(dataset, ClassSubset):
+        base, indices = dataset.dataset, dataset.indices
+    labels = labels_of(dataset).tolist()
+    classes = [str(c) for c in getattr(dataset, "classes", [])]
+    h = hashlib.sha256(json.dumps(classes).encode())
+    samples = getattr(base, "samples", None)
+    if samples is not None:
+        root = os.path.join(str(base.root), "")
+        paths = [samples[i][0] for i in indices] if indices is not None else [p for p, _ in samples]
+        h.update("\n".join(f"{p[len(root):] if p.startswith(root) else os.path.relpath(p, root)}\t{y}"
+                           .replace(os.sep, "/") for p, y in zip(paths, labels)).encode())
+    else:
+        arr = np.asarray(base.data)
+        picked = np.asarray(indices if indices is not None else range(len(arr)), dtype=np.int64)
+        if len(picked):
+            spread = np.linspace(0, len(picked) - 1, 64).astype(np.int64)
+            sample = np.unique(np.r_[picked[spread], picked[-1]])
+            h.update(json.dumps([len(picked), list(arr.shape[1:])]).encode())
+            h.update(np.ascontiguousarray(arr[sample]).tobytes())
+        h.update(np.asarray(labels, dtype=np.int64).tobytes())
+    counts = collections.Counter(labels)
+    listed = [[c, counts.get(i, 0)] for i, c in enumerate(classes)]
+    if counts.get(-1):
+        listed.append(["(unlabeled)", counts[-1]])
+    return {"sha256": h.hexdigest(), "images": len(labels), "classes": listed}
+
+
+def data_change(saved, current):
+    """What differs between a `fingerprint` saved earlier and the current one, in one line
+    (image count before and after, classes added, removed, renamed or reordered, images per class),
+    or None when they are the same."""
+    if saved["sha256"] == current["sha256"]:
+        return None
+    before, after = dict(map(tuple, saved["classes"])), dict(map(tuple, current["classes"]))
+    removed = [c for c in before if c not in after]
+    added = [c for c in after if c not in before]
+    renamed = []
+    for old in list(removed):  # a class gone and one come with the same image count: a folder renamed
+        new = next((c for c in added if after[c] == before[old]), None)
+        if new is not None:
+            renamed.append(f"{old} -> {new}")
+            removed.remove(old)
+            added.remove(new)
+
+    def names(cs):
+        return ", ".join(cs[:5]) + f" and {len(cs) - 5} more" * (len(cs) > 5)
+    parts = [f"{saved['images']} images in {len(before)} classes then, {current['images']} in {len(after)} "
+             f"now"]
+    if renamed:
+        parts.append(f"class(es) renamed (same image count): {names(renamed)}")
+    if added:
+        parts.append(f"class(es) added: {names(added)}")
+    if removed:
+        parts.append(f"class(es) removed: {names(removed)}")
+    kept = [c for c in before if c in after]
+    if not (renamed or added or removed) and kept != [c for c in after if c in before]:
+        parts.append("the classes are in another order (their labels changed)")
+    changed = [f"{c} {before[c]} -> {after[c]}" for c in kept if before[c] != after[c]]
+    if changed:
+        parts.append(f"images per class: {names(changed)}")
+    if len(parts) == 1:
+        parts.append("the same count in each class, but other files or another order")
+    return "; ".join(parts)

@@ -28,6 +28,27 @@ def make_image_folder(root, classes=3, train_per_class=8, test_per_class=4, size
     return str(root)
 
 
+def make_overlapping_image_folder(root, classes=3, train_per_class=8, test_per_class=4, size=16, seed=0):
+    """The tree of `make_image_folder`, but with classes that overlap: every image is mid-gray plus
+    its class's colour offset (80 levels along a random unit direction of RGB), a colour shift of
+    its own (40 levels per channel) and pixel noise (60 levels). A k-NN on features of a barely
+    trained network is then right on some test images and wrong on others (about 40 to 85 %
+    with 3 classes), so that two accuracies found equal on it say the features were the same;
+    on `make_image_folder`'s well separated colours every network scores 100 %."""
+    rng = np.random.default_rng(seed)
+    directions = rng.normal(size=(classes, 3))
+    directions /= np.linalg.norm(directions, axis=1, keepdims=True)
+    for split, n in (("train", train_per_class), ("test", test_per_class)):
+        for c in range(classes):
+            d = os.path.join(root, split, f"class{c}")
+            os.makedirs(d, exist_ok=True)
+            for i in range(n):
+                colour = 128 + 80 * directions[c] + rng.normal(0, 40, 3)
+                img = np.clip(colour + rng.normal(0, 60, size=(size, size, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(os.path.join(d, f"{i:03d}.png"))
+    return str(root)
+
+
 @pytest.fixture
 def image_folder(tmp_path):
     return make_image_folder(tmp_path / "data")

@@ -1,7 +1,12 @@
 """eval_knn.py, eval_linear.py and eval_ood.py: the OOD metrics against hand
 counts and brute force, the k-NN vote and neighbour distance against plain
 loops, class selection, and each script end to end on a tiny generated
-folder (3 classes, 8 train and 4 test images each, 16 px)."""
+folder (3 classes, 8 train and 4 test images each, 16 px) whose classes
+overlap (conftest.make_overlapping_image_folder), so that the k-NN
+accuracies two runs are found to agree on lie well inside 0-100 %: on
+classes of well separated colours any network scores 100 %, and an
+equality of two such numbers would say nothing."""
+import glob
 import json
 import os
 import subprocess
@@ -11,8 +16,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision.transforms.functional as TF
+from PIL import Image
 
-from conftest import ROOT, make_image_folder
+from conftest import ROOT, make_image_folder, make_overlapping_image_folder
 
 import data
 import eval_knn
@@ -159,7 +166,7 @@ def test_topk_accuracy_hand_computed():
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    return make_image_folder(tmp_path_factory.mktemp("data"))
+    return make_overlapping_image_folder(tmp_path_factory.mktemp("data"))
 
 
 def test_select_classes_reindexes_in_the_given_order(folder):
@@ -215,13 +222,20 @@ def byol_ckpt(folder, tmp_path_factory):
 CPU = ["--device", "cpu", "--num-workers", "0"]
 
 
-def test_eval_knn_reproduces_the_train_monitor(vje_ckpt):
+def test_eval_knn_reproduces_the_train_monitor(vje_ckpt, tmp_path):
     """Same features (z, eval transform, eval mode), same bank and k/T defaults:
-    the k = 20 accuracy equals train.py's logged knn_acc exactly."""
+    the k = 20 accuracy equals train.py's logged knn_acc exactly, and that of
+    --feature mu the logged knn_acc_mu. Both lie well inside 0-100 % on this
+    fixture, so a monitor that read other features (say, with batch
+    statistics) would log another number."""
     logged = [json.loads(line) for line in open(os.path.join(os.path.dirname(vje_ckpt), "log.jsonl"))][-1]
     res = eval_knn.main(["--checkpoint", vje_ckpt, *CPU])
     assert res["checkpoint_epoch"] == logged["epoch"] == 1
     assert res["top1_k20"] == logged["knn_acc"]
+    mu = eval_knn.main(["--checkpoint", vje_ckpt, *CPU, "--feature", "mu", "--output",
+                        str(tmp_path / "mu.json")])
+    assert mu["top1_k20"] == logged["knn_acc_mu"]
+    assert 15 < res["top1_k20"] < 95 and 15 < mu["top1_k20"] < 95
     assert res["num_bank"] == 24 and res["num_test"] == 12 and "top1_k200" in res
     with open(os.path.join(os.path.dirname(vje_ckpt), "knn_z.json")) as f:
         assert json.load(f)["top1_k20"] == res["top1_k20"]
@@ -235,6 +249,7 @@ def test_eval_knn_saved_features_give_the_same_result(vje_ckpt, tmp_path):
                             "--output", str(tmp_path / "b.json")])
     assert loaded["feature"] == "mu"
     assert (loaded["top1_k3"], loaded["top1_k5"]) == (direct["top1_k3"], direct["top1_k5"])
+    assert 15 < direct["top1_k3"] < 95 and 15 < direct["top1_k5"] < 95  # features that decide the number
 
 
 TORCHRUN_DRIVER = """
@@ -276,6 +291,7 @@ def test_scripts_under_torchrun_equal_one_process(vje_ckpt, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     with open(tmp_path / "knn.json") as f:
         assert json.load(f)["top1_k5"] == knn["top1_k5"]
+    assert 15 < knn["top1_k5"] < 95  # an accuracy that a wrong shard or merge would move
     with open(tmp_path / "ood.json") as f:
         two = json.load(f)["scores"]
     for name, m in ood["scores"].items():
@@ -290,13 +306,34 @@ def test_scripts_under_torchrun_equal_one_process(vje_ckpt, tmp_path):
 
 def test_eval_linear_end_to_end_and_exact_resume(vje_ckpt, tmp_path):
     """Two epochs straight, and one epoch (stopped by --max-steps after its 3
-    steps) then --resume, give the same linear layer bit for bit."""
-    flags = ["--checkpoint", vje_ckpt, *CPU, "--epochs", "2", "--batch-size", "8"]
+    steps) then --resume, give the same linear layer bit for bit. The probe
+    reads a folder of 12 classes (2 train and 1 test image each, through
+    --data-path), so that top-5 can miss: top-1 and top-5 equal the share of
+    test images whose label is the largest, or among the 5 largest, of the
+    saved layer's 12 logits on the eval-mode features computed here."""
+    twelve = make_overlapping_image_folder(tmp_path / "twelve", classes=12, train_per_class=2, test_per_class=1)
+    flags = ["--checkpoint", vje_ckpt, *CPU, "--data-path", twelve, "--epochs", "2", "--batch-size", "8"]
     a = eval_linear.main([*flags, "--output-dir", str(tmp_path / "a"), "--output", str(tmp_path / "a.json")])
     log = [json.loads(line) for line in open(tmp_path / "a" / "log.jsonl")]
     assert [e["epoch"] for e in log] == [1, 2] and "test_top1" in log[-1]
-    assert 0 <= a["top1"] <= 100 and a["top5"] == 100.0  # 3 classes: the label is always in the top 5
     assert a["epochs"] == 2 and a["num_test"] == 12
+    net, train_args, _ = model_lib.load_model(vje_ckpt)
+    net.eval()
+    mean, std = data.NORMALIZATION[train_args["normalize"]]
+    classes = sorted(os.listdir(os.path.join(twelve, "train")))  # ImageFolder's labels: class10 is 2
+    test = [(path, classes.index(os.path.basename(os.path.dirname(path))))
+            for path in sorted(glob.glob(os.path.join(twelve, "test", "class*", "*.png")))]
+    x = torch.stack([TF.normalize(TF.to_tensor(Image.open(path).convert("RGB")), mean, std) for path, _ in test])
+    linear = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)["linear"]
+    with torch.no_grad():
+        logits = net.encoder(x) @ linear["weight"].T + linear["bias"]
+    ranked, top = logits.argsort(dim=1, descending=True), logits.sort(dim=1, descending=True).values
+    # no near-tie at rank 1 or 5 that the script's float32 features (other batches) could break
+    assert min((top[:, 0] - top[:, 1]).min(), (top[:, 4] - top[:, 5]).min()) > 1e-4 * logits.abs().max()
+    y = torch.tensor([label for _, label in test])[:, None]
+    top1, top5 = (100.0 * (ranked[:, :k] == y).any(1).float().mean().item() for k in (1, 5))
+    assert (a["top1"], a["top5"]) == (pytest.approx(top1, abs=1e-4), pytest.approx(top5, abs=1e-4))
+    assert 0 < a["top5"] < 100  # a top-5 that can fail
     with open(tmp_path / "a.json") as f:
         assert json.load(f)["top1"] == a["top1"]
 

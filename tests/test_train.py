@@ -392,7 +392,9 @@ def test_recipe_defaults():
     assert a.ema_momentum == 0.996
     opt = model_lib.build_optimizer(small_model("vje"), train.get_args(["--method", "vje"]))
     assert opt.defaults["nesterov"] and opt.param_groups[1]["weight_decay"] == 0.0
-    assert all(p.ndim <= 1 for p in opt.param_groups[1]["params"])
+    decay, no_decay = opt.param_groups[0]["params"], opt.param_groups[1]["params"]
+    assert decay and no_decay  # neither all() below holds of an empty group
+    assert all(p.ndim > 1 for p in decay) and all(p.ndim <= 1 for p in no_decay)
 
 
 # -----------------------------------------------------------------------------
@@ -608,13 +610,14 @@ def test_torchrun_two_processes_on_cpu(image_folder, tmp_path):
     assert math.isfinite(log[-1]["loss"])
 
 
-def test_torchrun_matches_one_process_on_the_batched_path(image_folder, tmp_path, monkeypatch,
-                                                          scripts_on_one_thread):
+@pytest.mark.parametrize("aug", ["batched", "pil"])
+def test_torchrun_matches_one_process(aug, image_folder, tmp_path, monkeypatch, scripts_on_one_thread):
     """train.py end to end: one step of BYOL (EMA teacher, LARS, probe) on 2
-    processes with the batched augmentation equals one step of one process:
-    the two processes' slices of the step are the single process's global
-    batch with the same views, and both start from rank 0's student and teacher."""
-    flags = ["--method", "byol", "--aug", "batched", "--epochs", 1, "--max-steps", 1, "--eval-every", 0,
+    processes equals one step of one process, on both augmentation paths: the
+    two processes' shards of the step are the single process's global batch with
+    the same views (a process reading another's shard fails this), and both
+    start from rank 0's student and teacher."""
+    flags = ["--method", "byol", "--aug", aug, "--epochs", 1, "--max-steps", 1, "--eval-every", 0,
              "--device", "cpu"]
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     init = train_in_process([*common_flags(image_folder, one, method="byol"), *flags], monkeypatch)
