@@ -60,3 +60,27 @@ def scripts_on_one_thread(monkeypatch):
     (utils.setup_distributed); the tests that call it keep to one core."""
     torch.set_num_threads(1)
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+
+
+def train_vje_with_ema_teacher(folder, out, *flags):
+    """A real train.py run on one thread: VJE on the tiny network for one epoch, --target ema at a
+    constant momentum of 0.5, so that after its few steps the EMA encoder is far from the online
+    one. Returns the path of its checkpoint."""
+    import train  # after ROOT is on the path
+    with pytest.MonkeyPatch.context() as mp:
+        torch.set_num_threads(1)
+        mp.setattr(torch, "set_num_threads", lambda n: None)
+        train.main(["--method", "vje", "--dataset", "folder", "--data-path", str(folder), "--arch", "tiny",
+                    "--batch-size", "8", "--epochs", "1", "--warmup-epochs", "1", "--eval-every", "0",
+                    "--target", "ema", "--ema-momentum", "0.5", "--ema-schedule", "constant",
+                    "--device", "cpu", "--num-workers", "0", *flags, "--output-dir", str(out)])
+    return os.path.join(str(out), "checkpoint.pt")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny networks and small tensors: on a shared 2-core machine extra intra-op threads only wait."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

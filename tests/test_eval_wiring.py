@@ -44,7 +44,7 @@ import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 from PIL import Image
 
-from conftest import make_overlapping_image_folder
+from conftest import make_overlapping_image_folder, train_vje_with_ema_teacher
 
 import data
 import eval_knn
@@ -74,14 +74,7 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("wiring")
     folder = make_overlapping_image_folder(root / "data")
     out = root / "vje"
-    with pytest.MonkeyPatch.context() as mp:
-        torch.set_num_threads(1)
-        mp.setattr(torch, "set_num_threads", lambda n: None)
-        train.main(["--method", "vje", "--dataset", "folder", "--data-path", folder, "--arch", "tiny",
-                    "--batch-size", "8", "--epochs", "1", "--warmup-epochs", "1", "--eval-every", "0",
-                    "--target", "ema", "--ema-momentum", "0.5", "--ema-schedule", "constant",
-                    "--normalize", "cifar10", *CPU, "--output-dir", str(out)])
-    return folder, str(out / "checkpoint.pt")
+    return folder, train_vje_with_ema_teacher(folder, out, "--normalize", "cifar10")
 
 
 def split_files(folder, split):

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, make_image_folder
+from conftest import ROOT, make_image_folder, train_vje_with_ema_teacher
 
 import data
 import export
@@ -112,14 +112,7 @@ def vje_run(tmp_path_factory):
     that after its steps the teacher is far from the student); its checkpoint."""
     root = tmp_path_factory.mktemp("export")
     folder = make_image_folder(root / "data")
-    with pytest.MonkeyPatch.context() as mp:
-        torch.set_num_threads(1)
-        mp.setattr(torch, "set_num_threads", lambda n: None)
-        train.main(["--method", "vje", "--dataset", "folder", "--data-path", folder, "--arch", "tiny",
-                    "--batch-size", "8", "--epochs", "1", "--warmup-epochs", "1", "--eval-every", "0",
-                    "--target", "ema", "--ema-momentum", "0.5", "--ema-schedule", "constant",
-                    "--normalize", "cifar10", *CPU, "--output-dir", str(root / "run")])
-    return str(root / "run" / "checkpoint.pt")
+    return train_vje_with_ema_teacher(folder, root / "run", "--aug", "batched", "--normalize", "cifar10")
 
 
 def test_tiny_readme_definition_loads_student_and_teacher(vje_run, tmp_path, monkeypatch, capsys):

@@ -22,7 +22,7 @@ import torchvision
 import torchvision.transforms.functional as TF
 from PIL import Image
 
-from conftest import make_overlapping_image_folder
+from conftest import make_overlapping_image_folder, train_vje_with_ema_teacher
 
 import data
 import eval_ood
@@ -97,13 +97,7 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("ood")
     folder = make_overlapping_image_folder(root / "data")
     out = root / "vje"
-    with pytest.MonkeyPatch.context() as mp:
-        torch.set_num_threads(1)
-        mp.setattr(torch, "set_num_threads", lambda n: None)
-        train.main(["--method", "vje", "--dataset", "folder", "--data-path", folder, "--arch", "tiny",
-                    "--batch-size", "8", "--epochs", "1", "--warmup-epochs", "1", "--eval-every", "0",
-                    "--target", "ema", "--ema-momentum", "0.5", "--ema-schedule", "constant",
-                    *CPU, "--output-dir", str(out)])
+    train_vje_with_ema_teacher(folder, out)
     return folder, str(out / "checkpoint.pt")
 
 

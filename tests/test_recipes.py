@@ -45,14 +45,7 @@ METHODS = ("vje", "vssl", "byol", "simsiam")
 F64 = torch.float64
 EPS64 = torch.finfo(F64).eps
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny networks: on a shared 2-core machine extra intra-op threads only wait."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # =============================================================================

@@ -31,14 +31,7 @@ F64 = torch.float64
 EPS64 = torch.finfo(F64).eps
 EPS32 = torch.finfo(torch.float32).eps
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small tensors: on a shared 2-core machine extra intra-op threads only wait."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -----------------------------------------------------------------------------
