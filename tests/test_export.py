@@ -17,7 +17,6 @@ import export
 import model as model_lib
 import train
 
-CPU = ["--device", "cpu", "--num-workers", "0", "--aug", "batched"]
 
 
 def readme_blocks():
