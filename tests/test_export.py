@@ -18,7 +18,6 @@ import model as model_lib
 import train
 
 
-
 def readme_blocks():
     """The python blocks of the README's "Use the encoder elsewhere", by role: the ResNet's
     loading code, tiny's definition and loading code, and the features of an image."""
