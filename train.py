@@ -242,7 +242,8 @@ def train_one_epoch(run, stopper, epoch, step, first_step, sums):
     data.set_epoch(run.loader, epoch, skip_steps=first_step)  # part-way into an epoch after a stop
     run.model.train()
     window = torch.zeros(args.log_every, device=device)  # this window's losses, read at its end
-    window_start = step
+    window_start, epoch_end = step, step - first_step + run.steps_per_epoch
+    stopper.window(step, args.log_every, epoch_end)
     layout = torch.channels_last if device.type == "cuda" else torch.preserve_format  # NHWC on GPUs
     bar = tqdm(run.loader, desc=f"epoch {epoch + 1}/{args.epochs}",
                disable=not utils.show_progress(run.master), leave=False, initial=first_step,
@@ -274,6 +275,7 @@ def train_one_epoch(run, stopper, epoch, step, first_step, sums):
         if bad:
             non_finite(run, values[bad[0]] / run.world_size, epoch, window_start + bad[0])
         window_start = step
+        stopper.window(step, args.log_every, epoch_end)
         if run.master:
             bar.set_postfix(loss=f"{values[n] / run.world_size:.4f}", lr=f"{run.lr[step - 1]:.4f}")
         why = stopper.reason(values[n + 1] > 0, step)
@@ -360,11 +362,12 @@ def fit(run, stopper, monitor, log_path, start_epoch, step, epoch_step, sums):
         utils.append_log(log_path, entry, master)
         if why is not None:
             if master:
-                print(f"stopped by {why} after epoch {epoch + 1}; continue with --resume")
+                print(f"stopped by {why} after epoch {epoch + 1}; " + ("the run is complete" if epoch + 1 ==
+                      args.epochs else "continue with --resume"))
             break
     if master:
         report_best(log_path)
-        print(f"checkpoint: {run.ckpt_path}\nlog: {log_path}")
+        print(f"checkpoint: {run.ckpt_path}" + f"\nlog: {log_path}" * os.path.isfile(log_path))
 
 
 def report_best(log_path):
@@ -438,10 +441,12 @@ def train(args, rank, local_rank, world_size, device):
               f"{'compiled' if args.compile else 'eager'}; {args.epochs} epochs of {len(loader)} "
               f"steps of {args.batch_size}; writing to {args.output_dir}")
     start_epoch, step, epoch_step, sums = resume(run, log_path) if args.resume else (0, 0, 0, {})
-    if start_epoch >= args.epochs:
+    if start_epoch >= args.epochs or step >= (args.max_steps or math.inf):
         if master:
             print(f"the run in {args.output_dir} is complete ({start_epoch} of {args.epochs} epochs); "
-                  f"nothing to do")
+                  f"nothing to do" if start_epoch >= args.epochs else f"the run in {args.output_dir} is at "
+                  f"step {step}, --max-steps {args.max_steps}: nothing to do; raise --max-steps or leave it "
+                  f"out to go on")
         return model
     if master:  # atomically: --resume reads it
         utils.write_json(dict(sorted(vars(args).items())), os.path.join(args.output_dir, "args.json"))

@@ -104,7 +104,7 @@ class Stopper:
     all-reduce as the loss check, so every process stops at the same step."""
 
     def __init__(self, max_steps):
-        self.signal, self.max_steps = 0, max_steps
+        self.signal, self.max_steps, self.at = 0, max_steps, None
         self.previous = {s: signal.signal(s, self.request) for s in (signal.SIGINT, signal.SIGTERM)}
 
     def restore(self):
@@ -112,8 +112,19 @@ class Stopper:
         for s, handler in self.previous.items():
             signal.signal(s, handler)
 
+    def window(self, start, log_every, epoch_end):
+        """The loop's next boundary, from `start`: the step at which a stop asked for now happens."""
+        self.at = min(start + log_every, epoch_end, self.max_steps or epoch_end)
+
     def request(self, signum, frame):
+        """Says at once where the run will stop; a second Ctrl-C stops it at once, without saving."""
+        if self.signal and signum == signal.SIGINT:
+            self.restore()
+            fail("stopped at once by a second Ctrl-C; nothing after the last checkpoint was saved")
         self.signal = signum
+        if is_rank0():  # os.write: print() inside a signal handler may interrupt another print
+            os.write(sys.stderr.fileno(), f"\n{signal.Signals(signum).name}: the run will stop and save a "
+                     f"checkpoint at step {self.at}; Ctrl-C again stops at once, without saving\n".encode())
 
     def reason(self, any_signal, step):
         if any_signal:
@@ -327,7 +338,10 @@ def prepare_run_dir(path, resume, replace, command):
     those: anything else in the folder (notes, evaluation results) is not the run's, and stays.
     The lock is a file created exclusively, as git's index.lock: a second process on the folder
     stops with one line naming it. Returns what `unlock` releases."""
-    created = not os.path.exists(path)
+    made, d = [], os.path.abspath(path)  # the folders made here, the deepest first
+    while not os.path.exists(d):
+        made.append(d)
+        d = os.path.dirname(d)
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as e:
@@ -339,7 +353,7 @@ def prepare_run_dir(path, resume, replace, command):
         fail(f"'{lock}' exists: another run is using '{path}'. If no run is, remove that file and run again")
     except OSError as e:
         fail(f"--output-dir '{path}' is not writable ({e.strerror})")
-    taken = (lock, path if created else None)
+    taken = (lock, made)
     ours = [n for n in RUN_FILES if os.path.exists(os.path.join(path, n))]
     has_checkpoint = "checkpoint.pt" in ours
     if resume and not has_checkpoint:
@@ -374,14 +388,14 @@ def describe_run(path, names):
 
 
 def unlock(taken):
-    """Releases what prepare_run_dir took (None: nothing): the lock, and a folder it made that
+    """Releases what prepare_run_dir took (None: nothing): the lock, and the folders it made that
     nothing was written to (a run that stopped with an error line leaves nothing behind)."""
     if taken is not None:
         with contextlib.suppress(FileNotFoundError):
             os.remove(taken[0])
-        if taken[1] is not None:
+        for folder in taken[1]:
             with contextlib.suppress(OSError):
-                os.rmdir(taken[1])
+                os.rmdir(folder)
 
 
 def round_floats(entry):
@@ -409,6 +423,8 @@ def trim_log(path, epoch, entry):
             lines = [line for line in f if line.strip() and json.loads(line)["epoch"] <= epoch]
     if entry is not None and (not lines or json.loads(lines[-1])["epoch"] < epoch):
         lines.append(json.dumps(entry) + "\n")
+    if not lines and not os.path.isfile(path):  # stopped before its first log line: none to write
+        return
     with open(path + ".tmp", "w") as f:
         f.writelines(lines)
     os.replace(path + ".tmp", path)

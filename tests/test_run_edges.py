@@ -1,0 +1,125 @@
+"""Nothing silent at the edges (issue 33): data that changed under a run, files of a run that are
+damaged, results that claim what was not measured, a failure under torchrun, and stopping. Each
+case ends in one `error:` or `note:` line that says what happened and what to do, with no
+traceback, and loses nothing (hashes of the run's files before and after); where the run can go
+on correctly, it does."""
+import hashlib
+import os
+import signal
+
+import pytest
+
+from conftest import make_image_folder
+
+import train
+
+pytestmark = pytest.mark.usefixtures("scripts_on_one_thread")
+
+
+def flags(data_dir, out, *extra):
+    """A tiny run: 24 images of 3 classes, 3 steps of 8 an epoch."""
+    return ["--dataset", "folder", "--data-path", str(data_dir), "--arch", "tiny", "--batch-size", "8",
+            "--warmup-epochs", "1", "--num-workers", "0", "--eval-every", "0", "--device", "cpu",
+            "--output-dir", str(out), *extra]
+
+
+def digest(folder):
+    """Hashes of every file under a folder, to show that nothing changed."""
+    out = {}
+    for d, _, files in os.walk(folder):
+        for f in files:
+            path = os.path.join(d, f)
+            with open(path, "rb") as fh:
+                out[os.path.relpath(path, folder)] = hashlib.sha256(fh.read()).hexdigest()
+    return out
+
+
+def error_line(call):
+    """Runs call(), which must stop with one `error:` line; returns it."""
+    with pytest.raises(SystemExit) as e:
+        call()
+    text = e.value.code
+    assert isinstance(text, str) and text.startswith("error: ") and "\n" not in text, text
+    return text
+
+
+@pytest.fixture
+def folder(tmp_path):
+    return make_image_folder(tmp_path / "data")
+
+
+def signal_at_step(monkeypatch, steps, signum):
+    """Sends `signum` to this process at the training step of each of `steps` (counted from 1)."""
+    step, seen = train.train_step, []
+
+    def wrapped(*args, **kwargs):
+        seen.append(None)
+        if len(seen) in steps:
+            os.kill(os.getpid(), signum)
+        return step(*args, **kwargs)
+    monkeypatch.setattr(train, "train_step", wrapped)
+
+
+# -----------------------------------------------------------------------------
+# stopping
+
+def test_ctrl_c_says_at_once_where_the_run_stops_and_a_second_stops_at_once(folder, tmp_path, monkeypatch,
+                                                                           capfd):
+    out = tmp_path / "run"
+    step = train.train_step
+    said = []
+
+    def wrapped(*args, **kwargs):
+        said.append(capfd.readouterr().err)
+        if len(said) == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return step(*args, **kwargs)
+    with monkeypatch.context() as m:
+        m.setattr(train, "train_step", wrapped)
+        with pytest.raises(SystemExit) as e:
+            train.main(flags(folder, out, "--epochs", "2"))
+    assert e.value.code == 128 + signal.SIGINT
+    # the step after Ctrl-C: the line is there already, not at the next boundary
+    assert "SIGINT: the run will stop and save a checkpoint at step 3; Ctrl-C again stops at once" in said[1]
+    train.main(flags(folder, out, "--epochs", "2", "--resume", "--max-steps", "4"))
+    before = digest(out)
+    with monkeypatch.context() as m:
+        signal_at_step(m, {1, 2}, signal.SIGINT)
+        line = error_line(lambda: train.main(["--output-dir", str(out), "--resume"]))
+    assert line == "error: stopped at once by a second Ctrl-C; nothing after the last checkpoint was saved"
+    after = digest(out)  # args.json says this invocation's --max-steps
+    assert after.pop("args.json") and after == {k: v for k, v in before.items() if k != "args.json"}
+
+
+def test_resume_at_its_max_steps_has_nothing_to_do(folder, tmp_path, capfd):
+    out = tmp_path / "run"
+    train.main(flags(folder, out, "--epochs", "2", "--max-steps", "2"))
+    before = digest(out)
+    capfd.readouterr()
+    train.main(["--output-dir", str(out), "--resume", "--max-steps", "2"])
+    said = capfd.readouterr().out
+    assert "is at step 2, --max-steps 2: nothing to do" in said
+    assert digest(out) == before
+
+
+def test_a_signal_at_the_last_step_ends_a_complete_run(folder, tmp_path, monkeypatch, capfd):
+    out = tmp_path / "run"
+    signal_at_step(monkeypatch, {3}, signal.SIGTERM)
+    with pytest.raises(SystemExit):
+        train.main(flags(folder, out, "--epochs", "1"))
+    said = capfd.readouterr().out
+    assert "after epoch 1; the run is complete" in said and "--resume" not in said
+
+
+def test_a_run_stopped_before_its_log_names_no_log(folder, tmp_path, capfd):
+    out = tmp_path / "run"
+    train.main(flags(folder, out, "--epochs", "2", "--max-steps", "1"))
+    said = capfd.readouterr().out
+    assert not (out / "log.jsonl").exists() and "log:" not in said and "checkpoint:" in said
+
+
+def test_a_failed_start_leaves_no_folder_it_made(tmp_path):
+    line = error_line(lambda: train.main(flags(tmp_path / "nothing", tmp_path / "runs" / "a" / "run",
+                                               "--epochs", "1")))
+    assert "nothing" in line
+    assert os.listdir(tmp_path) == []
