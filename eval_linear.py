@@ -28,6 +28,7 @@ exactly. The final metrics go to --output as JSON (default
 linear_<feature>.json beside the checkpoint).
 """
 import argparse
+import hashlib
 import os
 import time
 
@@ -185,7 +186,9 @@ def main(argv=None):
     model_lib.check_feature(net, args.feature)
     args.precision = eval_knn.eval_precision(args.precision, train_args, device)
     net.to(device).eval().requires_grad_(False)
-    encoder = dict(method=train_args["method"], arch=train_args["arch"], epoch=ckpt.get("epoch"))
+    with open(args.checkpoint, "rb") as f:  # which file: a run replaced by another of the same epoch differs
+        sha256 = hashlib.file_digest(f, "sha256").hexdigest()[:16]
+    encoder = dict(method=train_args["method"], arch=train_args["arch"], epoch=ckpt.get("epoch"), sha256=sha256)
     info = data.resolve_eval_data(args, train_args)
     measurement = dict(checkpoint=os.path.abspath(args.checkpoint), dataset=args.dataset,
                        data_path=os.path.abspath(args.data_path), classes=args.classes, feature=args.feature,
@@ -203,6 +206,7 @@ def probe(args, net, train_args, ckpt, encoder, info, measurement, rank, world_s
     """main()'s probe: the data, the layer, resume, the loop, the result."""
     master = rank == 0
     train_set, loader, test_f, test_y = build_probe_data(args, info, net, device, rank, world_size, master)
+    fingerprint = data.fingerprint(train_set)  # what the probe trains on: --resume checks it
 
     # ---- the linear layer, optimizer and schedule ----------------------------------
     linear, ddp_linear = build_probe(net.dim, info["num_classes"], device, world_size)
@@ -219,9 +223,15 @@ def probe(args, net, train_args, ckpt, encoder, info, measurement, rank, world_s
         state = utils.load_checkpoint(ckpt_path)
         utils.refuse_changes(state.get("args", {}), vars(args), RECIPE_FLAGS)
         utils.restore_training_state(state, ckpt_path, rank, world_size, linear=linear, optimizer=optimizer)
-        if state.get("encoder") != encoder:
-            utils.fail(f"{ckpt_path} probes {state.get('encoder')}, but --checkpoint is now {encoder}; use a "
-                       f"new --output-dir")
+        saved = state.get("encoder", {})  # (an older probe's has no sha256)
+        changed = [f"{k} {saved[k]} -> {v}" for k, v in encoder.items() if k in saved and saved[k] != v]
+        if changed:
+            utils.fail(f"{ckpt_path} probes another training checkpoint than '{args.checkpoint}' is now "
+                       f"({'; '.join(changed)}); restore that checkpoint, or probe this one in a new --output-dir")
+        change = state.get("data") and data.data_change(state["data"], fingerprint)
+        if change:
+            utils.fail(f"--resume: the data in '{args.data_path}' is not what the probe trained on ({change}); "
+                       f"restore it, or probe in a new --output-dir")
         start_epoch, step = state["epoch"], state["step"]
         if master:
             print(f"resumed from {ckpt_path} at epoch {start_epoch}")
@@ -252,7 +262,7 @@ def probe(args, net, train_args, ckpt, encoder, info, measurement, rank, world_s
             entry.update(test_top1=top1, test_top5=top5)
         entry["epoch_time"] = time.time() - t0
         utils.save_training_state(ckpt_path, master, world_size, linear=linear, optimizer=optimizer,
-                                  epoch=done, step=step, args=vars(args), encoder=encoder)
+                                  epoch=done, step=step, args=vars(args), encoder=encoder, data=fingerprint)
         utils.append_log(os.path.join(args.output_dir, "log.jsonl"), entry, master)
 
     # ---- final metrics ---------------------------------------------------------------------

@@ -82,6 +82,7 @@ def build_data(args, info, views, rank, world_size, device, master):
     if args.aug == "auto":  # batched where the dataset fits in memory as one tensor (bench.py measures both)
         args.aug = "batched" if args.dataset != "imagenet" and args.image_size <= 96 else "pil"
     train_set = split("pretrain", None)
+    info["fingerprint"] = data.fingerprint(train_set)  # what the run trains on: --resume checks it
     sizes = None
     if args.aug == "batched":  # the image sizes dataset_info read, unless --classes picked some of them
         sizes = info.get("sizes") if info.get("sizes") and not args.classes else data.image_sizes(train_set)
@@ -226,6 +227,7 @@ class Run:
     probe_lr: np.ndarray
     momentum: np.ndarray
     ckpt_path: str
+    data: dict              # data.fingerprint of the training set, kept in the checkpoint
 
     @property
     def master(self):
@@ -323,7 +325,7 @@ def save(run, epoch, step, epoch_step=0, log_entry=None, epoch_sums=None):
     utils.save_training_state(run.ckpt_path, run.master, run.world_size, model=run.model,
                               optimizer=run.optimizer, probe_optimizer=run.probe_optimizer, scaler=run.scaler,
                               epoch=epoch, epoch_step=epoch_step, step=step, args=vars(run.args),
-                              log_entry=log_entry, epoch_sums=epoch_sums)
+                              log_entry=log_entry, epoch_sums=epoch_sums, data=run.data)
 
 
 def fit(run, stopper, monitor, log_path, start_epoch, step, epoch_step, sums):
@@ -429,7 +431,7 @@ def train(args, rank, local_rank, world_size, device):
     forward = compiled(ddp_model, "the training step") if args.compile else ddp_model
     run = Run(args, device, world_size, loader, len(loader), model, forward, optimizer, probe_optimizer,
               utils.grad_scaler(args.precision, device), *build_schedules(args, len(loader)),
-              ckpt_path=os.path.join(args.output_dir, "checkpoint.pt"))
+              ckpt_path=os.path.join(args.output_dir, "checkpoint.pt"), data=info["fingerprint"])
     schedule_note(args)
 
     # ---- resume, or start ----------------------------------------------------------
@@ -466,6 +468,10 @@ def resume(run, log_path):
     (epochs done, the global step, steps done of the next epoch, this process's share of that
     epoch's sums of the logged terms)."""
     ckpt = utils.load_checkpoint(run.ckpt_path)
+    change = ckpt.get("data") and data.data_change(ckpt["data"], run.data)  # (none in older checkpoints)
+    if change:
+        utils.fail(f"--resume: the data in '{run.args.data_path}' is not what the run trained on ({change}); "
+                   f"restore it, or start a new run with another --output-dir")
     utils.restore_training_state(ckpt, run.ckpt_path, utils.rank(), run.world_size, model=run.model,
                                  optimizer=run.optimizer, probe_optimizer=run.probe_optimizer,
                                  scaler=run.scaler)

@@ -5,12 +5,16 @@ traceback, and loses nothing (hashes of the run's files before and after); where
 on correctly, it does."""
 import hashlib
 import os
+import shutil
 import signal
+
+import torch
 
 import pytest
 
 from conftest import make_image_folder
 
+import eval_linear
 import train
 
 pytestmark = pytest.mark.usefixtures("scripts_on_one_thread")
@@ -58,6 +62,53 @@ def signal_at_step(monkeypatch, steps, signum):
             os.kill(os.getpid(), signum)
         return step(*args, **kwargs)
     monkeypatch.setattr(train, "train_step", wrapped)
+
+
+# -----------------------------------------------------------------------------
+# data that changed under a run
+
+def test_resume_refuses_data_that_changed_and_goes_on_when_it_is_restored(folder, tmp_path):
+    out = tmp_path / "run"
+    train.main(flags(folder, out, "--epochs", "2", "--max-steps", "3"))
+    before = digest(out)
+    extra = os.path.join(folder, "train", "class0", "new.png")
+    shutil.copy(os.path.join(folder, "train", "class1", "000.png"), extra)
+    line = error_line(lambda: train.main(["--output-dir", str(out), "--resume"]))
+    assert line == (f"error: --resume: the data in '{folder}' is not what the run trained on (24 images in 3 "
+                    f"classes then, 25 in 3 now; images per class: class0 8 -> 9); restore it, or start a new "
+                    f"run with another --output-dir")
+    assert digest(out) == before
+    os.remove(extra)
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    del ckpt["data"]  # a checkpoint of an earlier version, without the digest: resumes as before
+    torch.save(ckpt, out / "checkpoint.pt")
+    train.main(["--output-dir", str(out), "--resume"])
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 6
+
+
+CPU = ["--device", "cpu", "--num-workers", "0"]
+
+
+def test_a_probe_resumes_only_on_its_data_and_its_training_checkpoint(folder, tmp_path):
+    """eval_linear.py --resume continues a probe of one training checkpoint on one labelled split:
+    images added, or the training run replaced by another of the same method, network and epoch,
+    stop it with one line and leave the probe's files as they were."""
+    run, probe = tmp_path / "run", tmp_path / "probe"
+    train.main(flags(folder, run, "--epochs", "1"))
+    linear = ["--checkpoint", str(run / "checkpoint.pt"), *CPU, "--epochs", "2", "--batch-size", "8",
+              "--output-dir", str(probe), "--output", str(tmp_path / "probe.json")]
+    eval_linear.main([*linear, "--max-steps", "3"])
+    before = digest(probe)
+    extra = os.path.join(folder, "train", "class2", "new.png")
+    shutil.copy(os.path.join(folder, "train", "class1", "000.png"), extra)
+    line = error_line(lambda: eval_linear.main([*linear, "--resume"]))
+    assert line.startswith(f"error: --resume: the data in '{folder}' is not what the probe trained on (24 "
+                           f"images in 3 classes then, 25 in 3 now; images per class: class2 8 -> 9)")
+    os.remove(extra)
+    train.main(flags(folder, run, "--epochs", "1", "--seed", "1", "--replace"))
+    line = error_line(lambda: eval_linear.main([*linear, "--resume"]))
+    assert f"probes another training checkpoint than '{run / 'checkpoint.pt'}' is now (sha256 " in line
+    assert digest(probe) == before
 
 
 # -----------------------------------------------------------------------------
