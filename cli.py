@@ -252,10 +252,10 @@ def default_output_dir(args):
 
 
 def resumed_arguments(p, first):
-    """The arguments of the run --resume continues (its args.json, else its checkpoint's), made
-    the parser's defaults but for ONE_INVOCATION: parsed again, the flags given stand over them.
-    get_args then refuses a flag that defines the run (not MAY_CHANGE_ON_RESUME) with another
-    value."""
+    """The arguments of the run --resume continues (its args.json, or its checkpoint's if that is
+    damaged), made the parser's defaults but for ONE_INVOCATION: parsed again, the flags given
+    stand over them. get_args then refuses a flag that defines the run (not MAY_CHANGE_ON_RESUME)
+    with another value."""
     out = first["output_dir"] or default_output_dir(first)
     ckpt = os.path.join(out, "checkpoint.pt")
     if not os.path.isfile(ckpt):
@@ -263,10 +263,29 @@ def resumed_arguments(p, first):
         stopped = "; the run there stopped before its first checkpoint" * started
         utils.fail(f"--resume but '{ckpt}' does not exist{stopped}: check --output-dir, or leave out "
                    f"--resume to start it")
+    saved = utils.load_checkpoint(ckpt).get("args", {})  # as of its last checkpoint
+    path = os.path.join(out, "args.json")  # as the latest command gave them (other MAY_CHANGE_ON_RESUME)
     try:
-        with open(os.path.join(out, "args.json")) as f:
-            saved = json.load(f)
-    except (OSError, ValueError):
-        saved = utils.load_checkpoint(ckpt).get("args", {})
+        with open(path) as f:
+            written = json.load(f)
+        problem = "is not a JSON object" if not isinstance(written, dict) else args_problem(written, saved)
+    except (OSError, ValueError) as e:
+        problem = f"is unreadable ({getattr(e, 'strerror', None) or type(e).__name__})"
+    if problem:
+        utils.note(f"'{path}' {problem}; the run's arguments are read from its checkpoint instead (args.json "
+                   f"is written again as the run goes on)")
+    else:
+        saved = written
     p.set_defaults(**{k: v for k, v in saved.items() if k not in ONE_INVOCATION})
     return saved
+
+
+def args_problem(written, saved):
+    """What is wrong with an args.json, judged by the arguments its checkpoint saved: keys missing,
+    or values of another type; None if nothing."""
+    missing = [k for k in saved if k not in written]
+    if missing:
+        return f"lacks {', '.join(missing[:3])}" + f" and {len(missing) - 3} more" * (len(missing) > 3)
+    wrong = [f"{k} {written[k]!r}" for k, v in saved.items()
+             if None not in (v, written[k]) and type(written[k]) is not type(v)]
+    return f"has values of the wrong type ({', '.join(wrong[:3])})" if wrong else None

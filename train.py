@@ -18,7 +18,6 @@ checkpoint.pt (after every epoch, written atomically). `--resume` continues from
 """
 import argparse
 import dataclasses
-import json
 import math
 import os
 import sys
@@ -377,8 +376,7 @@ def report_best(log_path):
     read from log.jsonl (so a resumed run counts the epochs before its resume too)."""
     if not os.path.isfile(log_path):  # stopped inside the first epoch, with no monitor at the start
         return
-    with open(log_path) as f:
-        entries = [json.loads(line) for line in f if line.strip()]
+    entries = utils.read_log(log_path)
     for key in ("knn_acc", "knn_acc_mu", "knn_acc_ema"):
         scored = [(e[key], e["epoch"]) for e in entries if key in e]
         if scored:

@@ -413,14 +413,36 @@ def append_log(path, entry, master):
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items()))
 
 
+def read_log(path):
+    """The entries of a log.jsonl. A last line cut short (a stop or a full disk mid-write) is left
+    out with a note; any other line that is not an entry stops with one line naming it."""
+    with open(path) as f:
+        lines = f.readlines()
+    entries = []
+    for i, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            entry = None
+        if isinstance(entry, dict) and isinstance(entry.get("epoch"), int):
+            entries.append(entry)
+        elif i == len(lines) and not line.endswith("\n"):
+            note(f"'{path}': its last line is cut short ({line[:40]!r}); left out")
+        else:
+            fail(f"'{path}' line {i} is not a log entry ({line.strip()[:40]!r}); fix or remove that line, "
+                 f"then run the command again")
+    return entries
+
+
 def trim_log(path, epoch, entry):
     """On resume: drop log lines of epochs after the checkpoint (they are done
     again), and restore the checkpoint's own line if a stop between writing the
     checkpoint and the log lost it."""
     lines = []
     if os.path.isfile(path):
-        with open(path) as f:
-            lines = [line for line in f if line.strip() and json.loads(line)["epoch"] <= epoch]
+        lines = [json.dumps(e) + "\n" for e in read_log(path) if e["epoch"] <= epoch]
     if entry is not None and (not lines or json.loads(lines[-1])["epoch"] < epoch):
         lines.append(json.dumps(entry) + "\n")
     if not lines and not os.path.isfile(path):  # stopped before its first log line: none to write

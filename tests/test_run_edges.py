@@ -3,7 +3,9 @@ damaged, results that claim what was not measured, a failure under torchrun, and
 case ends in one `error:` or `note:` line that says what happened and what to do, with no
 traceback, and loses nothing (hashes of the run's files before and after); where the run can go
 on correctly, it does."""
+import errno
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -16,6 +18,7 @@ from conftest import make_image_folder
 
 import eval_linear
 import train
+import utils
 
 pytestmark = pytest.mark.usefixtures("scripts_on_one_thread")
 
@@ -109,6 +112,70 @@ def test_a_probe_resumes_only_on_its_data_and_its_training_checkpoint(folder, tm
     line = error_line(lambda: eval_linear.main([*linear, "--resume"]))
     assert f"probes another training checkpoint than '{run / 'checkpoint.pt'}' is now (sha256 " in line
     assert digest(probe) == before
+
+
+# -----------------------------------------------------------------------------
+# files of a run, damaged
+
+def test_a_full_disk_during_the_checkpoint_write_loses_nothing(folder, tmp_path, monkeypatch):
+    """The disk fills up while the checkpoint is written: one line, no partial file left to keep
+    the disk full, the previous checkpoint and log as they were, and --resume goes on from them."""
+    out = tmp_path / "run"
+    train.main(flags(folder, out, "--epochs", "2", "--max-steps", "3"))
+    before = digest(out)
+
+    def full_disk(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 part of a checkpoint")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    with monkeypatch.context() as m:
+        m.setattr(torch, "save", full_disk)
+        line = error_line(lambda: train.main(["--output-dir", str(out), "--resume"]))
+    assert line == (f"error: could not write '{out / 'checkpoint.pt'}' (No space left on device); the previous "
+                    f"file there is unchanged")
+    after = digest(out)  # args.json says this invocation's --resume
+    assert after.pop("args.json") and after == {k: v for k, v in before.items() if k != "args.json"}
+    train.main(["--output-dir", str(out), "--resume"])
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 6
+
+
+def test_a_damaged_log_is_named_and_a_cut_last_line_left_out(folder, tmp_path, capfd):
+    out = tmp_path / "run"
+    train.main(flags(folder, out, "--epochs", "3", "--max-steps", "6"))
+    log = out / "log.jsonl"
+    good = log.read_text()
+    for bad, where in (("garbage\n", 2), ('{"loss": 1.0}\n', 2), ("[1, 2]\n", 2)):
+        first, second = good.splitlines(keepends=True)
+        log.write_text(first + bad + second)
+        before = digest(out)
+        line = error_line(lambda: train.main(["--output-dir", str(out), "--resume"]))
+        assert line.startswith(f"error: '{log}' line {where} is not a log entry (") and \
+            line.endswith("); fix or remove that line, then run the command again")
+        assert digest(out) == before
+    log.write_text(good + '{"epoch": 3, "step": 9, "lo')  # a write cut short
+    capfd.readouterr()
+    train.main(["--output-dir", str(out), "--resume"])
+    assert f"note: '{log}': its last line is cut short ('{{\"epoch\": 3, \"step\": 9, \"lo')" in \
+        capfd.readouterr().out
+    assert [e["epoch"] for e in utils.read_log(log)] == [1, 2, 3]
+
+
+def test_a_damaged_args_json_is_named_and_the_checkpoint_s_arguments_used(folder, tmp_path, capfd):
+    """args.json with a key removed, a value of the wrong type, `{}` or cut short: a note names it
+    and the run goes on with the arguments its checkpoint holds (not the defaults)."""
+    out = tmp_path / "run"
+    train.main(flags(folder, out, "--epochs", "2", "--max-steps", "2"))
+    path = out / "args.json"
+    saved = json.loads(path.read_text())
+    damaged = [({k: v for k, v in saved.items() if k != "data_path"}, "lacks data_path"),
+               (dict(saved, batch_size="8"), "has values of the wrong type (batch_size '8')"),
+               ({}, "lacks "), ([], "is not a JSON object")]
+    for step, (written, problem) in enumerate(damaged, start=3):
+        path.write_text(json.dumps(written))
+        capfd.readouterr()
+        train.main(["--output-dir", str(out), "--resume", "--max-steps", str(step)])
+        assert f"note: '{path}' {problem}" in capfd.readouterr().out
+        assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == step
+        assert json.loads(path.read_text()) == dict(saved, max_steps=step, resume=True)
 
 
 # -----------------------------------------------------------------------------
