@@ -304,10 +304,11 @@ def eval_precision(precision, train_args, device):
     return utils.resolve_precision(precision, device)
 
 
-def check_result_file(path, measurement):
+def check_result_file(path, measurement, ran=False):
     """Stops with one line, before anything is computed, if `path` holds the result of another
     measurement (a different value of one of `measurement`'s keys): a result file is replaced
-    only by the same measurement made again."""
+    only by the same measurement made again. Checked again just before writing (`ran`, by
+    write_result): another evaluation may have written the file meanwhile."""
     try:
         with open(path) as f:
             old = json.load(f)
@@ -315,8 +316,17 @@ def check_result_file(path, measurement):
         return
     differ = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in measurement.items() if old.get(k) != v]
     if differ:
-        utils.fail(f"'{path}' holds another measurement ({'; '.join(differ)[:300]}); pass --output to write "
-                   f"this one elsewhere, or remove that file")
+        utils.fail(f"'{path}' holds another measurement ({'; '.join(differ)[:300]})" +
+                   ", written while this one ran: its result is above, not written" * ran +
+                   "; pass --output to write this one elsewhere, or remove that file")
+
+
+def write_result(results, path, measurement):
+    """An evaluation's result file, unless another evaluation wrote another measurement there
+    while this one ran (two at once on one default file): both would say "wrote", one lost."""
+    check_result_file(path, measurement, ran=True)
+    utils.write_json(results, path)
+    print(f"wrote {path}")
 
 
 def get_args(argv=None):
@@ -365,6 +375,7 @@ def check_output(args, measured):
     """Stops before any work if the output file holds another measurement (check_result_file)."""
     measurement = dict(measured, feature=args.feature, temperature=args.temperature, k=args.k)
     utils.on_rank0(lambda: check_result_file(output_path(args), measurement))
+    return measurement
 
 
 def main(argv=None):
@@ -381,7 +392,8 @@ def main(argv=None):
             bank_f, bank_y = bank_f[rank::world_size], bank_y[rank::world_size]
         meta = saved["meta"]
         args.feature = meta["feature"]
-        check_output(args, {k: meta[k] for k in ("checkpoint", "dataset", "data_path", "classes")})
+        measurement = check_output(args, {k: meta[k] for k in ("checkpoint", "dataset", "data_path",
+                                                                "classes")})
     else:
         args.feature = args.feature or "z"
         net, train_args, ckpt = model_lib.load_model(args.checkpoint)
@@ -395,8 +407,8 @@ def main(argv=None):
             print(f"{train_args['method']} {train_args['arch']} (epoch {ckpt.get('epoch')}) on "
                   f"{args.dataset}: {len(bank_set)} bank and {len(test_set)} test images, feature "
                   f"{args.feature}, {world_size} process(es) on {device.type}, {args.precision}")
-        check_output(args, dict(checkpoint=os.path.abspath(args.checkpoint), dataset=args.dataset,
-                                data_path=os.path.abspath(args.data_path), classes=args.classes))
+        measurement = check_output(args, dict(checkpoint=os.path.abspath(args.checkpoint), dataset=args.dataset,
+                                              data_path=os.path.abspath(args.data_path), classes=args.classes))
         kw = dict(batch_size=args.batch_size, device=device, source=args.feature,
                   num_workers=args.num_workers, rank=rank, world_size=world_size, precision=args.precision,
                   progress=utils.show_progress(master))
@@ -435,8 +447,7 @@ def main(argv=None):
           "images" + (f", classes {','.join(results['classes'])}" if results.get("classes") else ""))
     for k in args.k:
         print(f"  k = {k:<5d} top-1 {results[f'top1_k{k}']:6.2f} %")
-    utils.write_json(results, output)
-    print(f"wrote {output}")
+    write_result(results, output, measurement)
     return results
 
 

@@ -76,7 +76,7 @@ def get_args(argv=None):
     add(p, "--replace", False, "start a new probe in an --output-dir that holds one, removing it",
         action="store_true")
     add(p, "--max-steps", None, "stop after this many steps in all (smoke tests); the checkpoint holds the "
-        "last whole epoch", type=number(int, 1, 1 << 40))
+        "last whole epoch, and no result is written", type=number(int, 1, 1 << 40))
     add(p, "--output", None, "JSON file for the final metrics",
         default_text="linear_<feature>.json beside the checkpoint")
     return p.parse_args(argv)
@@ -158,18 +158,15 @@ def build_probe_data(args, info, net, device, rank, world_size, master):
     return train_set, loader, test_f, test_y
 
 
-def report(args, ckpt, train_args, encoder, done, step, num_train, num_test, top1, top5):
+def report(args, ckpt, train_args, encoder, measurement, done, step, num_train, num_test, top1, top5):
     """Prints the final top-1 / top-5 and writes them to --output."""
-    results = dict(model_lib.checkpoint_meta(args.checkpoint, ckpt, train_args), dataset=args.dataset,
-                   data_path=os.path.abspath(args.data_path), classes=args.classes, feature=args.feature,
-                   epochs=done, epochs_planned=args.epochs, lr=args.lr, batch_size=args.batch_size,
-                   weight_decay=args.weight_decay, num_train=num_train, num_test=num_test,
-                   steps=step, top1=top1, top5=top5, output_dir=os.path.abspath(args.output_dir))
+    results = dict(model_lib.checkpoint_meta(args.checkpoint, ckpt, train_args), **measurement, epochs=done,
+                   num_train=num_train, num_test=num_test, steps=step, top1=top1, top5=top5,
+                   output_dir=os.path.abspath(args.output_dir))
     print(f"\nlinear probe (offline), {encoder['method']} {encoder['arch']} epoch {encoder['epoch']}, "
           f"feature {args.feature}, {done}/{args.epochs} epochs")
     print(f"  {args.dataset} test, {num_test} images: top-1 {top1:.2f} %, top-5 {top5:.2f} %")
-    utils.write_json(results, args.output)
-    print(f"wrote {args.output}")
+    eval_knn.write_result(results, args.output, measurement)
     return results
 
 
@@ -243,7 +240,7 @@ def probe(args, net, train_args, ckpt, encoder, info, measurement, rank, world_s
 
     # ---- training loop -----------------------------------------------------------------
     top1 = top5 = evaluated_at = None
-    done = start_epoch
+    done, stopped = start_epoch, False
     for epoch in range(start_epoch, args.epochs):
         loader.sampler.set_epoch(epoch)
         linear.train()
@@ -265,13 +262,19 @@ def probe(args, net, train_args, ckpt, encoder, info, measurement, rank, world_s
                                   epoch=done, step=step, args=vars(args), encoder=encoder, data=fingerprint)
         utils.append_log(os.path.join(args.output_dir, "log.jsonl"), entry, master)
 
-    # ---- final metrics ---------------------------------------------------------------------
-    if evaluated_at != step:  # resumed after the last epoch, or stopped by --max-steps
+    # ---- final metrics: of a whole probe only --------------------------------------------
+    if not stopped and evaluated_at != step:  # resumed after the last epoch
         top1, top5 = evaluate(linear, test_f, test_y, device)
     utils.cleanup_distributed()
     if not master:
         return None
-    return report(args, ckpt, train_args, encoder, done, step, len(train_set), len(test_y), top1, top5)
+    if stopped:
+        print(f"stopped by --max-steps at step {step}, {step - done * len(loader)} steps into epoch {done + 1} of "
+              f"{args.epochs}; {ckpt_path} holds epoch {done}: continue with --resume (no result is written "
+              f"for a probe cut short)")
+        return None
+    return report(args, ckpt, train_args, encoder, measurement, done, step, len(train_set), len(test_y), top1,
+                  top5)
 
 if __name__ == "__main__":
     main()

@@ -634,8 +634,7 @@ def main(argv=None):
         results["ood"] = dict(name=label, **{k: v for k, v in only.items() if k != "scores"})
         results["scores"] = only["scores"]
     print_table(results, scores, args, nu)
-    utils.write_json(results, output)
-    print(f"wrote {output}")
+    eval_knn.write_result(results, output, measured)
     return results
 
 

@@ -16,6 +16,7 @@ import pytest
 
 from conftest import make_image_folder
 
+import eval_knn
 import eval_linear
 import train
 import utils
@@ -176,6 +177,44 @@ def test_a_damaged_args_json_is_named_and_the_checkpoint_s_arguments_used(folder
         assert f"note: '{path}' {problem}" in capfd.readouterr().out
         assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == step
         assert json.loads(path.read_text()) == dict(saved, max_steps=step, resume=True)
+
+
+# -----------------------------------------------------------------------------
+# results that claim only what was measured
+
+def test_a_probe_cut_short_by_max_steps_writes_no_result(folder, tmp_path, capfd):
+    run, output = tmp_path / "run", tmp_path / "probe.json"
+    train.main(flags(folder, run, "--epochs", "1"))
+    linear = ["--checkpoint", str(run / "checkpoint.pt"), *CPU, "--epochs", "2", "--batch-size", "8",
+              "--output-dir", str(tmp_path / "probe"), "--output", str(output)]
+    capfd.readouterr()
+    assert eval_linear.main([*linear, "--max-steps", "4"]) is None
+    said = capfd.readouterr().out
+    assert "stopped by --max-steps at step 4, 1 steps into epoch 2 of 2;" in said and "--resume" in said
+    assert not output.exists() and "wrote" not in said
+    result = eval_linear.main([*linear, "--resume"])
+    assert (result["epochs"], result["steps"]) == (2, 6) and output.exists()
+
+
+def test_two_evaluations_at_once_into_one_file_lose_no_result(folder, tmp_path, monkeypatch):
+    """Another evaluation wrote the default result file while this one ran (both checked it at
+    their start, when it did not exist): this one stops with one line and the other's result stays."""
+    run = tmp_path / "run"
+    train.main(flags(folder, run, "--epochs", "1"))
+    knn = ["--checkpoint", str(run / "checkpoint.pt"), *CPU]
+    eval_knn.main([*knn, "--k", "3"])
+    path = run / "knn_z.json"
+    other = path.read_bytes()
+    path.unlink()
+    accuracy = eval_knn.knn_accuracy
+
+    def meanwhile(*args, **kwargs):  # the other evaluation finishes first
+        path.write_bytes(other)
+        return accuracy(*args, **kwargs)
+    monkeypatch.setattr(eval_knn, "knn_accuracy", meanwhile)
+    line = error_line(lambda: eval_knn.main([*knn, "--k", "5"]))
+    assert "knn_z.json' holds another measurement (k [3] -> [5]), written while this one ran" in line
+    assert path.read_bytes() == other
 
 
 # -----------------------------------------------------------------------------
