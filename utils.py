@@ -135,16 +135,30 @@ class Stopper:
         return None
 
 
+def any_failed(failed):
+    """Whether any process failed: one all_gather_object, which every process calls."""
+    flags = [None] * dist.get_world_size()
+    dist.all_gather_object(flags, failed)
+    return any(flags)
+
+
 @contextlib.contextmanager
 def node_leader_first(local_rank):
-    """Runs the block on the first process of each node before the others, so
-    that a download is written once per node; the others wait at a barrier
-    and then read what it wrote. Every process calls barrier() exactly once."""
-    if distributed() and local_rank != 0:
-        dist.barrier()
-    yield
-    if distributed() and local_rank == 0:
-        dist.barrier()
+    """Runs the block on the first process of each node before the others, so that a download is
+    written once per node; the others wait and then read what it wrote. In place of a barrier every
+    process calls any_failed once: if the block fails on a first process (an error line, say), the
+    others stop quietly instead of in a traceback at a barrier that its exit breaks."""
+    together = distributed()
+    if together and local_rank != 0 and any_failed(False):
+        raise SystemExit(1)
+    try:
+        yield
+    except BaseException:
+        if together and local_rank == 0:
+            any_failed(True)
+        raise
+    if together and local_rank == 0 and any_failed(False):
+        raise SystemExit(1)
 
 
 # -----------------------------------------------------------------------------

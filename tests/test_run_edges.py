@@ -9,12 +9,14 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 
 import torch
 
 import pytest
 
-from conftest import make_image_folder
+from conftest import ROOT, make_image_folder
 
 import eval_knn
 import eval_linear
@@ -215,6 +217,24 @@ def test_two_evaluations_at_once_into_one_file_lose_no_result(folder, tmp_path, 
     line = error_line(lambda: eval_knn.main([*knn, "--k", "5"]))
     assert "knn_z.json' holds another measurement (k [3] -> [5]), written while this one ran" in line
     assert path.read_bytes() == other
+
+
+# -----------------------------------------------------------------------------
+# torchrun
+
+def test_under_torchrun_a_failure_in_set_up_is_one_line_from_rank_0_only(tmp_path):
+    """The data fails to load on the first process, while the other waits for it: one error line,
+    from rank 0, and no traceback of rank 1 (torchrun's own summary stays)."""
+    out = tmp_path / "runs" / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "train.py"), *flags(tmp_path / "nothing", out, "--epochs", "1")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    errors = [line for line in r.stderr.splitlines() if "error: " in line]
+    assert r.returncode != 0 and len(errors) == 1 and errors[0].startswith(f"error: --data-path "
+                                                                          f"'{tmp_path / 'nothing'}'"), r.stderr
+    assert "[rank1]" not in r.stderr and "[rank0]" not in r.stderr, r.stderr
+    assert not (tmp_path / "runs").exists()
 
 
 # -----------------------------------------------------------------------------
