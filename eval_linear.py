@@ -170,6 +170,26 @@ def report(args, ckpt, train_args, encoder, measurement, done, step, num_train, 
     return results
 
 
+def resume(args, ckpt_path, encoder, fingerprint, rank, world_size, **objects):
+    """The probe's checkpoint into `objects`, once it is known to continue this probe: the same
+    recipe, training checkpoint (the file, by its sha256) and data. Returns (epoch, step)."""
+    state = utils.load_checkpoint(ckpt_path)
+    utils.refuse_changes(state.get("args", {}), vars(args), RECIPE_FLAGS)
+    utils.restore_training_state(state, ckpt_path, rank, world_size, **objects)
+    saved = state.get("encoder", {})  # (an older probe's has no sha256)
+    changed = [f"{k} {saved[k]} -> {v}" for k, v in encoder.items() if k in saved and saved[k] != v]
+    if changed:
+        utils.fail(f"{ckpt_path} probes another training checkpoint than '{args.checkpoint}' is now "
+                   f"({'; '.join(changed)}); restore that checkpoint, or probe this one in a new --output-dir")
+    change = state.get("data") and data.data_change(state["data"], fingerprint)
+    if change:
+        utils.fail(f"--resume: the data in '{args.data_path}' is not what the probe trained on ({change}); "
+                   f"restore it, or probe in a new --output-dir")
+    if rank == 0:
+        print(f"resumed from {ckpt_path} at epoch {state['epoch']}")
+    return state["epoch"], state["step"]
+
+
 def main(argv=None):
     args = get_args(argv)
     rank, _, world_size, device = utils.setup_distributed(args.device)
@@ -215,23 +235,8 @@ def probe(args, net, train_args, ckpt, encoder, info, measurement, rank, world_s
 
     # ---- resume ------------------------------------------------------------------------
     ckpt_path = os.path.join(args.output_dir, "checkpoint.pt")
-    start_epoch, step = 0, 0
-    if args.resume:
-        state = utils.load_checkpoint(ckpt_path)
-        utils.refuse_changes(state.get("args", {}), vars(args), RECIPE_FLAGS)
-        utils.restore_training_state(state, ckpt_path, rank, world_size, linear=linear, optimizer=optimizer)
-        saved = state.get("encoder", {})  # (an older probe's has no sha256)
-        changed = [f"{k} {saved[k]} -> {v}" for k, v in encoder.items() if k in saved and saved[k] != v]
-        if changed:
-            utils.fail(f"{ckpt_path} probes another training checkpoint than '{args.checkpoint}' is now "
-                       f"({'; '.join(changed)}); restore that checkpoint, or probe this one in a new --output-dir")
-        change = state.get("data") and data.data_change(state["data"], fingerprint)
-        if change:
-            utils.fail(f"--resume: the data in '{args.data_path}' is not what the probe trained on ({change}); "
-                       f"restore it, or probe in a new --output-dir")
-        start_epoch, step = state["epoch"], state["step"]
-        if master:
-            print(f"resumed from {ckpt_path} at epoch {start_epoch}")
+    start_epoch, step = resume(args, ckpt_path, encoder, fingerprint, rank, world_size, linear=linear,
+                               optimizer=optimizer) if args.resume else (0, 0)
     utils.on_rank0(lambda: eval_knn.check_result_file(args.output, measurement))
     if master:
         utils.write_json(dict(sorted(vars(args).items())), os.path.join(args.output_dir, "args.json"))

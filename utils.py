@@ -99,9 +99,10 @@ def all_reduce_sum(t):
 
 
 class Stopper:
-    """Why a run stops early: Ctrl-C or SIGTERM (pre-emption) only set a flag here; --max-steps is
-    a step count. The loop asks at every --log-every boundary, where the flag travels in the same
-    all-reduce as the loss check, so every process stops at the same step."""
+    """Why a run stops early: Ctrl-C or SIGTERM (pre-emption) only set a flag here, and say at
+    which step the run will stop (a second Ctrl-C stops it at once); --max-steps is a step count.
+    The loop asks at every --log-every boundary, where the flag travels in the same all-reduce as
+    the loss check, so every process stops at the same step."""
 
     def __init__(self, max_steps):
         self.signal, self.max_steps, self.at = 0, max_steps, None
@@ -122,8 +123,8 @@ class Stopper:
             self.restore()
             fail("stopped at once by a second Ctrl-C; nothing after the last checkpoint was saved")
         self.signal = signum
-        if is_rank0():  # os.write: print() inside a signal handler may interrupt another print
-            os.write(sys.stderr.fileno(), f"\n{signal.Signals(signum).name}: the run will stop and save a "
+        if is_rank0():  # to stderr's descriptor: a print() here may interrupt another (the progress bar)
+            os.write(2, f"\n{signal.Signals(signum).name}: the run will stop and save a "
                      f"checkpoint at step {self.at}; Ctrl-C again stops at once, without saving\n".encode())
 
     def reason(self, any_signal, step):
