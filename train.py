@@ -243,8 +243,7 @@ def train_one_epoch(run, stopper, epoch, step, first_step, sums):
     data.set_epoch(run.loader, epoch, skip_steps=first_step)  # part-way into an epoch after a stop
     run.model.train()
     window = torch.zeros(args.log_every, device=device)  # this window's losses, read at its end
-    window_start, epoch_end = step, step - first_step + run.steps_per_epoch
-    stopper.window(step, args.log_every, epoch_end)
+    window_start = step
     layout = torch.channels_last if device.type == "cuda" else torch.preserve_format  # NHWC on GPUs
     bar = tqdm(run.loader, desc=f"epoch {epoch + 1}/{args.epochs}",
                disable=not utils.show_progress(run.master), leave=False, initial=first_step,
@@ -276,7 +275,7 @@ def train_one_epoch(run, stopper, epoch, step, first_step, sums):
         if bad:
             non_finite(run, values[bad[0]] / run.world_size, epoch, window_start + bad[0])
         window_start = step
-        stopper.window(step, args.log_every, epoch_end)
+        stopper.window(step, args.log_every, run.steps_per_epoch)
         if run.master:
             bar.set_postfix(loss=f"{values[n] / run.world_size:.4f}", lr=f"{run.lr[step - 1]:.4f}")
         why = stopper.reason(values[n + 1] > 0, step)
@@ -451,6 +450,7 @@ def train(args, rank, local_rank, world_size, device):
     if master:  # atomically: --resume reads it
         utils.write_json(dict(sorted(vars(args).items())), os.path.join(args.output_dir, "args.json"))
     stopper = utils.Stopper(args.max_steps)  # from here Ctrl-C and SIGTERM stop at the next boundary
+    stopper.window(step, args.log_every, len(loader))
     try:
         fit(run, stopper, monitor, log_path, start_epoch, step, epoch_step, sums)
     finally:  # Ctrl-C and SIGTERM go back to their handlers, also after an error line

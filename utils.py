@@ -113,8 +113,10 @@ class Stopper:
         for s, handler in self.previous.items():
             signal.signal(s, handler)
 
-    def window(self, start, log_every, epoch_end):
-        """The loop's next boundary, from `start`: the step at which a stop asked for now happens."""
+    def window(self, start, log_every, steps_per_epoch):
+        """The loop's next boundary after the one at step `start` (or the start of the loop): the
+        step at which a stop asked for now happens."""
+        epoch_end = (start // steps_per_epoch + 1) * steps_per_epoch
         self.at = min(start + log_every, epoch_end, self.max_steps or epoch_end)
 
     def request(self, signum, frame):

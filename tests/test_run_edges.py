@@ -288,6 +288,24 @@ def test_a_signal_at_the_last_step_ends_a_complete_run(folder, tmp_path, monkeyp
     assert "after epoch 1; the run is complete" in said and "--resume" not in said
 
 
+def test_a_signal_between_epochs_names_the_step_it_stops_at(folder, tmp_path, monkeypatch, capfd):
+    """SIGTERM while the first epoch's log line is written: the run stops at the next boundary,
+    the end of the second epoch (step 6), and says so at once."""
+    out = tmp_path / "run"
+    append_log = utils.append_log
+
+    def signalled(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        monkeypatch.setattr(utils, "append_log", append_log)
+        return append_log(*args, **kwargs)
+    monkeypatch.setattr(utils, "append_log", signalled)
+    with pytest.raises(SystemExit):
+        train.main(flags(folder, out, "--epochs", "2"))
+    said = capfd.readouterr()
+    assert "SIGTERM: the run will stop and save a checkpoint at step 6" in said.err
+    assert "stopped by signal SIGTERM after epoch 2; the run is complete" in said.out
+
+
 def test_a_run_stopped_before_its_log_names_no_log(folder, tmp_path, capfd):
     out = tmp_path / "run"
     train.main(flags(folder, out, "--epochs", "2", "--max-steps", "1"))
