@@ -538,18 +538,26 @@ def assert_as_accurate(got, ref, exact):
         assert err <= bound, f"{k}: {err:.3g} from the float64 step, one process {own:.3g}"
 
 
-def ddp_worker(rank, world, port, method, init, batch, out):
+DDP_METHODS = ("byol", "simsiam", "vje")
+
+
+def ddp_worker(rank, world, port, cases, out):
+    """One process of the 2-process group: one step of each method's case (method, init, batch)
+    on this rank's shard of the batch, saved as rank{rank}-{method}.pt."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    if method == "vje":
-        torch.randn_like = torch.zeros_like  # see test_ddp_step_equals_single_process_step
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    net = small_model(method)
-    net.load_state_dict(init)
-    (x1, x2), y = batch
-    shard = slice(rank * len(y) // world, (rank + 1) * len(y) // world)
-    state = one_step(net, ((x1[shard], x2[shard]), y[shard]), method, distributed=True)
-    torch.save(state, os.path.join(out, f"rank{rank}.pt"))
+    randn_like = torch.randn_like
+    for method, init, batch in cases:
+        # see test_ddp_step_equals_single_process_step: VJE's posterior sample is eps = 0
+        torch.randn_like = torch.zeros_like if method == "vje" else randn_like
+        net = small_model(method)
+        net.load_state_dict(init)
+        (x1, x2), y = batch
+        shard = slice(rank * len(y) // world, (rank + 1) * len(y) // world)
+        state = one_step(net, ((x1[shard], x2[shard]), y[shard]), method, distributed=True)
+        torch.save(state, os.path.join(out, f"rank{rank}-{method}.pt"))
+    torch.randn_like = randn_like
     dist.destroy_process_group()
 
 
@@ -573,8 +581,26 @@ def test_cpu_thread_count_respects_omp_num_threads(monkeypatch):
         torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("method", ["byol", "simsiam", "vje"])
-def test_ddp_step_equals_single_process_step(method, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def ddp_steps(tmp_path_factory):
+    """Each method's initial weights, batch, and the two ranks' states after one DDP step on 2
+    processes: one process group (one mp.spawn, whose start-up costs seconds) steps the three
+    methods one after another, each from its own fresh network."""
+    out = tmp_path_factory.mktemp("ddp")
+    cases = []
+    for method in DDP_METHODS:
+        torch.manual_seed(1)
+        init = small_model(method).state_dict()
+        batch = ((torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16)),
+                 torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]))
+        cases.append((method, init, batch))
+    mp.spawn(ddp_worker, args=(2, free_port(), cases, str(out)), nprocs=2)
+    return {method: (init, batch, torch.load(out / f"rank0-{method}.pt"), torch.load(out / f"rank1-{method}.pt"))
+            for method, init, batch in cases}
+
+
+@pytest.mark.parametrize("method", DDP_METHODS)
+def test_ddp_step_equals_single_process_step(method, ddp_steps, monkeypatch):
     """One step on 2 processes (each with half of the global batch, BN over the
     global batch) gives the single-process update up to the rounding of one
     float32 step (assert_as_accurate). BYOL and SimSiam draw no random numbers
@@ -582,17 +608,12 @@ def test_ddp_step_equals_single_process_step(method, tmp_path, monkeypatch):
     both runs, since a split batch draws its noise in a different order."""
     if method == "vje":
         monkeypatch.setattr(torch, "randn_like", torch.zeros_like)
-    torch.manual_seed(1)
-    init = small_model(method).state_dict()
-    batch = ((torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16)), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]))
+    init, batch, r0, r1 = ddp_steps[method]
     single, exact = small_model(method), small_model(method)
     single.load_state_dict(init)
     exact.load_state_dict(init)
     torch.set_num_threads(1)
     ref = one_step(single.train(), batch, method, distributed=False)
-    mp.spawn(ddp_worker, args=(2, free_port(), method, init, batch, str(tmp_path)), nprocs=2)
-    r0 = torch.load(tmp_path / "rank0.pt")
-    r1 = torch.load(tmp_path / "rank1.pt")
     for k in ref:
         assert torch.equal(r0[k], r1[k]), f"ranks disagree on {k}"
     assert_as_accurate(r0, ref, exact_step(exact.train(), batch, method))
