@@ -89,7 +89,10 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("errors")
     data_dir = make_image_folder(root / "data")
     out = str(root / "run")
-    r = run("train.py", *flags(data_dir, out))
+    with pytest.MonkeyPatch.context() as mp:  # one thread, as scripts_on_one_thread gives each test
+        torch.set_num_threads(1)
+        mp.setattr(torch, "set_num_threads", lambda n: None)
+        r = run_main("train.py", *flags(data_dir, out))  # in this process: a subprocess costs seconds of imports
     assert r.returncode == 0, r.stderr[-2000:]
     return data_dir, out
 
