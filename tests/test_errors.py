@@ -235,22 +235,16 @@ def test_eval_knn_feature_mu_on_byol_and_missing_checkpoint(tmp_path):
 # -----------------------------------------------------------------------------
 # faults during training
 
-# Faults are injected from outside: a driver patches one function, then runs
-# the script's main() as `python train.py` would.
+# Faults that stop the run with an error line are patched into this process (`run_main_with_fault`);
+# a SIGKILL would end the test session too, so that fault is injected from outside: a driver
+# patches the checkpoint write, then runs the script's main() as `python train.py` would.
 DRIVER = """
 import os, signal, sys
 sys.path.insert(0, {root!r})
-import model, train, utils
+import train, utils
 fault, at = sys.argv[1], int(sys.argv[2])
 calls = [0]
-if fault == "nan-loss":  # the at-th forward pass (counted from 1) returns a NaN loss
-    forward = model.Method.forward
-    def nan_forward(self, *a, **k):
-        calls[0] += 1
-        loss, logs = forward(self, *a, **k)
-        return (loss * float("nan") if calls[0] == at else loss), logs
-    model.Method.forward = nan_forward
-elif fault in ("kill-during-save", "disk-full"):  # the at-th checkpoint write fails half-way
+if fault == "kill-during-save":  # the at-th checkpoint write is killed half-way
     save = utils.torch.save
     def failing_save(obj, f, *a, **k):
         calls[0] += 1
@@ -258,9 +252,7 @@ elif fault in ("kill-during-save", "disk-full"):  # the at-th checkpoint write f
             return save(obj, f, *a, **k)
         f.write(b"half a checkpoint")
         f.flush()
-        if fault == "kill-during-save":
-            os.kill(os.getpid(), signal.SIGKILL)
-        raise OSError(28, "No space left on device")
+        os.kill(os.getpid(), signal.SIGKILL)
     utils.torch.save = failing_save
 train.main(sys.argv[3:])
 """
@@ -273,6 +265,38 @@ def run_with_fault(tmp_path, fault, at, *args):
                           text=True, timeout=300, cwd=ROOT)
 
 
+def run_main_with_fault(fault, at, *args):
+    """A fault that stops the run with an error line, patched into this process for the run,
+    then train.main as `run_main` runs it (a subprocess costs seconds of imports). An exception
+    other than the SystemExit of the line fails the test, as a traceback would in
+    `assert_clean_error`."""
+    import model
+    calls = [0]
+    with pytest.MonkeyPatch.context() as mp:
+        if fault == "nan-loss":  # the at-th forward pass (counted from 1) returns a NaN loss
+            forward = model.Method.forward
+
+            def nan_forward(self, *a, **k):
+                calls[0] += 1
+                loss, logs = forward(self, *a, **k)
+                return (loss * float("nan") if calls[0] == at else loss), logs
+            mp.setattr(model.Method, "forward", nan_forward)
+        elif fault == "disk-full":  # the at-th checkpoint write fails half-way
+            save = utils.torch.save
+
+            def failing_save(obj, f, *a, **k):
+                calls[0] += 1
+                if calls[0] != at:
+                    return save(obj, f, *a, **k)
+                f.write(b"half a checkpoint")
+                f.flush()
+                raise OSError(28, "No space left on device")
+            mp.setattr(utils.torch, "save", failing_save)
+        else:
+            raise ValueError(fault)
+        return run_main("train.py", *args)
+
+
 def test_non_finite_loss_keeps_last_good_checkpoint(tmp_path):
     data_dir = make_image_folder(tmp_path / "data")
     out = str(tmp_path / "run")
@@ -280,7 +304,7 @@ def test_non_finite_loss_keeps_last_good_checkpoint(tmp_path):
     assert run_main("train.py", *flags(data_dir, out, epochs=2), "--max-steps", 3).returncode == 0
     before = digest(out)
     # the 2nd step of epoch 2
-    r = run_with_fault(tmp_path, "nan-loss", 2, *flags(data_dir, out, epochs=2), "--resume")
+    r = run_main_with_fault("nan-loss", 2, *flags(data_dir, out, epochs=2), "--resume")
     line = assert_clean_error(r, "non-finite loss", "epoch 2, step 4", "still holds the last good state",
                               "--resume --precision fp32", "new --output-dir with a lower --lr")
     after = digest(out)
@@ -294,7 +318,7 @@ def test_non_finite_loss_before_the_first_checkpoint_says_there_is_none(tmp_path
     line says so instead of pointing at a file that does not exist."""
     data_dir = make_image_folder(tmp_path / "data")
     out = str(tmp_path / "run")
-    r = run_with_fault(tmp_path, "nan-loss", 2, *flags(data_dir, out))
+    r = run_main_with_fault("nan-loss", 2, *flags(data_dir, out))
     line = assert_clean_error(r, "non-finite loss", "epoch 1, step 1", "before the first checkpoint",
                               "lower --lr", "--warmup-epochs")
     assert "--resume" not in line and not os.path.exists(os.path.join(out, "checkpoint.pt"))
@@ -329,7 +353,7 @@ def test_failed_checkpoint_write_leaves_checkpoint_and_log_intact(tmp_path):
     out = str(tmp_path / "run")
     assert run_main("train.py", *flags(data_dir, out, epochs=2), "--max-steps", 3).returncode == 0  # epoch 1
     before = digest(out)
-    r = run_with_fault(tmp_path, "disk-full", 1, *flags(data_dir, out, epochs=2), "--resume")
+    r = run_main_with_fault("disk-full", 1, *flags(data_dir, out, epochs=2), "--resume")
     assert_clean_error(r, "could not write", "No space left on device", "previous file there is unchanged")
     after = digest(out)
     assert not os.path.exists(os.path.join(out, "checkpoint.pt.tmp"))
