@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import ROOT
+from conftest import ROOT, make_image_folder
 
 import ddp
 import losses
@@ -619,34 +619,62 @@ def test_ddp_step_equals_single_process_step(method, ddp_steps, monkeypatch):
     assert_as_accurate(r0, ref, exact_step(exact.train(), batch, method))
 
 
-def test_torchrun_two_processes_on_cpu(image_folder, tmp_path):
-    out = str(tmp_path / "ddp")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(ROOT, "train.py"), *map(str, common_flags(image_folder, out)), "--epochs", "1",
-           "--eval-every", "1", "--device", "cpu"]
+# train.py's main() under torchrun, as `torchrun train.py ARGS` runs it, three times in one launch
+# (each launch costs seconds of imports in every process): the process group stays up between the
+# runs and is closed after the last.
+TORCHRUN_DRIVER = """
+import json, sys
+sys.path.insert(0, {root!r})
+import train, utils
+cleanup = utils.cleanup_distributed
+utils.cleanup_distributed = lambda: None
+for argv in json.loads(sys.argv[1]):
+    train.main(argv)
+cleanup()
+"""
+
+TORCHRUN_MATCH_FLAGS = {aug: ["--method", "byol", "--aug", aug, "--epochs", 1, "--max-steps", 1, "--eval-every",
+                              0, "--device", "cpu"] for aug in ("batched", "pil")}
+
+
+@pytest.fixture(scope="module")
+def torchrun_runs(tmp_path_factory):
+    """One torchrun launch with 2 processes of: VJE for one epoch with the k-NN monitor ("ddp"),
+    then one BYOL step on each augmentation path ("two-batched", "two-pil"). Returns the data
+    folder and the run folders by name."""
+    root = tmp_path_factory.mktemp("torchrun")
+    folder = make_image_folder(root / "data")
+    outs = {name: str(root / name) for name in ("ddp", "two-batched", "two-pil")}
+    runs = [[*common_flags(folder, outs["ddp"]), "--epochs", "1", "--eval-every", "1", "--device", "cpu"]]
+    runs += [[*common_flags(folder, outs[f"two-{aug}"], method="byol"), *TORCHRUN_MATCH_FLAGS[aug]]
+             for aug in ("batched", "pil")]
+    driver = root / "driver.py"
+    driver.write_text(TORCHRUN_DRIVER.format(root=ROOT))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(driver),
+           json.dumps([list(map(str, argv)) for argv in runs])]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert r.returncode == 0, r.stderr[-3000:]
+    return SimpleNamespace(returncode=r.returncode, stderr=r.stderr, folder=folder, outs=outs)
+
+
+def test_torchrun_two_processes_on_cpu(torchrun_runs):
+    assert torchrun_runs.returncode == 0, torchrun_runs.stderr[-3000:]
+    out = torchrun_runs.outs["ddp"]
     log = [json.loads(l) for l in open(os.path.join(out, "log.jsonl"))]
     assert [l["epoch"] for l in log] == [0, 1]  # one writer: rank 0
     assert math.isfinite(log[-1]["loss"])
 
 
 @pytest.mark.parametrize("aug", ["batched", "pil"])
-def test_torchrun_matches_one_process(aug, image_folder, tmp_path, monkeypatch, scripts_on_one_thread):
+def test_torchrun_matches_one_process(aug, torchrun_runs, tmp_path, monkeypatch, scripts_on_one_thread):
     """train.py end to end: one step of BYOL (EMA teacher, LARS, probe) on 2
     processes equals one step of one process, on both augmentation paths: the
     two processes' shards of the step are the single process's global batch with
     the same views (a process reading another's shard fails this), and both
     start from rank 0's student and teacher."""
-    flags = ["--method", "byol", "--aug", aug, "--epochs", 1, "--max-steps", 1, "--eval-every", 0,
-             "--device", "cpu"]
-    one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    init = train_in_process([*common_flags(image_folder, one, method="byol"), *flags], monkeypatch)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(ROOT, "train.py"), *map(str, common_flags(image_folder, two, method="byol")),
-           *map(str, flags)]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert torchrun_runs.returncode == 0, torchrun_runs.stderr[-3000:]
+    one, two = str(tmp_path / "one"), torchrun_runs.outs[f"two-{aug}"]
+    init = train_in_process([*common_flags(torchrun_runs.folder, one, method="byol"), *TORCHRUN_MATCH_FLAGS[aug]],
+                            monkeypatch)
     pa = torch.load(os.path.join(one, "checkpoint.pt"), weights_only=True)["model"]
     pb = torch.load(os.path.join(two, "checkpoint.pt"), weights_only=True)["model"]
     assert pa.keys() == pb.keys() == init.keys()
