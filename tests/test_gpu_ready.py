@@ -72,6 +72,7 @@ SYNC_CASES = [(m, "batched") for m in METHODS] + [("vje", "pil"), ("byol", "pil"
 
 
 @pytest.mark.parametrize("method,aug", SYNC_CASES)
+@pytest.mark.usefixtures("scripts_on_one_thread")  # the count does not depend on threads; a shared CPU does
 def test_no_host_sync_between_log_boundaries(method, aug, tmp_path, monkeypatch):
     """7 steps of train.main with --log-every 3: the syncs counted from one
     step's start to the next (data, forward, backward, optimizer, EMA) are
@@ -112,10 +113,21 @@ def test_probe_gets_a_zero_gradient_on_an_unlabelled_batch():
         assert p.grad is not None and torch.equal(p.grad, torch.zeros_like(p))
 
 
-def unlabelled_worker(rank, world, port, init, batch, out):
+def group_worker(rank, world, port, init, batch, out):
+    """One process of the 2-process group that both DDP tests below observe (one mp.spawn: each
+    costs seconds of imports): utils.node_leader_first around a slow "download" by rank 0, then
+    one BYOL step on this rank's shard of `batch` from `init`, saved as rank{rank}.pt."""
+    import time
+    import utils
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    with utils.node_leader_first(local_rank=rank):  # one node: local rank = rank
+        if rank == 0:
+            time.sleep(0.5)  # a slow download
+            (out / "archive").write_text("downloaded")
+        else:
+            (out / "rank1-saw").write_text(str((out / "archive").exists()))
     net = small_model("byol")
     net.load_state_dict(init)
     (x1, x2), y = batch
@@ -125,23 +137,32 @@ def unlabelled_worker(rank, world, port, init, batch, out):
     torch.distributed.destroy_process_group()
 
 
-def test_ddp_step_with_an_unlabelled_process_equals_one_process(tmp_path):
+@pytest.fixture(scope="module")
+def two_process_group(tmp_path_factory):
+    """The 2-process run of `group_worker`: returns its folder, BYOL's initial weights and the
+    batch whose second half (rank 1's shard) has no label."""
+    out = tmp_path_factory.mktemp("group")
+    torch.manual_seed(1)
+    init = small_model("byol").state_dict()
+    batch = ((torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16)),
+             torch.tensor([0, 1, -1, 2, -1, -1, -1, -1]))
+    mp.spawn(group_worker, args=(2, free_port(), init, batch, out), nprocs=2)
+    return out, init, batch
+
+
+def test_ddp_step_with_an_unlabelled_process_equals_one_process(two_process_group):
     """Rank 1's half of the batch has no label (STL-10's unlabelled images,
     a small per-process batch): every parameter still gets a gradient on both
     processes, so DDP does not stop, and the step equals one process's step on
     the whole batch (the probe's mean over the 3 labelled images of rank 0), to
     the rounding of one float32 step (assert_as_accurate)."""
-    torch.manual_seed(1)
-    init = small_model("byol").state_dict()
-    batch = ((torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16)),
-             torch.tensor([0, 1, -1, 2, -1, -1, -1, -1]))
+    out, init, batch = two_process_group
     single, exact = small_model("byol"), small_model("byol")
     single.load_state_dict(init)
     exact.load_state_dict(init)
     torch.set_num_threads(1)
     ref = one_step(single.train(), batch, "byol", distributed=False)
-    mp.spawn(unlabelled_worker, args=(2, free_port(), init, batch, str(tmp_path)), nprocs=2)
-    r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    r0, r1 = torch.load(out / "rank0.pt"), torch.load(out / "rank1.pt")
     assert any(not torch.equal(ref[k], init[k]) for k in ref if k.startswith("probe."))  # the probe moved
     for k in ref:
         assert torch.equal(r0[k], r1[k]), f"ranks disagree on {k}"
@@ -173,23 +194,9 @@ def test_compiled_training_matches_eager(tmp_path, monkeypatch):
             assert torch.allclose(states["compiled"]["model"][k], v, atol=1e-4), k
 
 
-def download_worker(rank, world, port, out):
-    import time
-    import utils
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    with utils.node_leader_first(local_rank=rank):  # one node: local rank = rank
-        if rank == 0:
-            time.sleep(0.5)  # a slow download
-            (out / "archive").write_text("downloaded")
-        else:
-            (out / "rank1-saw").write_text(str((out / "archive").exists()))
-    torch.distributed.destroy_process_group()
-
-
-def test_the_first_process_of_a_node_downloads_before_the_others_read(tmp_path):
+def test_the_first_process_of_a_node_downloads_before_the_others_read(two_process_group):
     """utils.node_leader_first: the other processes of a node wait at a
     barrier until the first has finished the block (the dataset download), so
     they find its files instead of writing the same archive at the same time."""
-    mp.spawn(download_worker, args=(2, free_port(), tmp_path), nprocs=2)
-    assert (tmp_path / "rank1-saw").read_text() == "True"
+    out, _, _ = two_process_group
+    assert (out / "rank1-saw").read_text() == "True"
