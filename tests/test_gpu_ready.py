@@ -169,6 +169,7 @@ def test_ddp_step_with_an_unlabelled_process_equals_one_process(two_process_grou
     assert_as_accurate(r0, ref, exact_step(exact.train(), batch, "byol"))
 
 
+@pytest.mark.usefixtures("scripts_on_one_thread")  # both runs alike: the comparison holds on any thread count
 def test_compiled_training_matches_eager(tmp_path, monkeypatch):
     """train.py --compile (the forward + loss and both views of a batch through
     torch.compile) trains like eager: after 2 steps from the same seed the
