@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import os
+import runpy
 import signal
 import subprocess
 import sys
@@ -142,15 +143,38 @@ def test_a_failed_download_is_one_line_and_leaves_no_empty_folder(tmp_path, monk
     assert (root / "old").is_dir()
 
 
+def run_as_script(script, *args, capfd):
+    """`python script ARGS` in this process: runpy runs the file as __main__, its `if __name__ ==
+    "__main__"` block (which turns a DataLoader worker's decode error into one line) included,
+    with sys.argv set; a subprocess costs seconds of imports. Returns what `run` returns: the
+    exit code and stderr (read at the file descriptor, so also what forked workers write), where
+    a SystemExit message is the line Python prints for it. Any other exception fails the test,
+    as a traceback would in `assert_clean_error`."""
+    path = os.path.join(ROOT, script)
+    code = 0
+    capfd.readouterr()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sys, "argv", [path, *map(str, args)])
+        try:
+            runpy.run_path(path, run_name="__main__")
+        except SystemExit as e:
+            if isinstance(e.code, str):
+                sys.stderr.write(e.code + "\n")
+                code = 1
+            else:
+                code = e.code or 0
+    return SimpleNamespace(returncode=code, stderr=capfd.readouterr().err)
+
+
 @pytest.mark.parametrize("workers", [0, 2])
-def test_image_that_fails_to_decode_is_named(tmp_path, workers):
+def test_image_that_fails_to_decode_is_named(tmp_path, workers, capfd):
     data_dir = make_image_folder(tmp_path / "data")
     bad = os.path.join(data_dir, "train", "class1", "zz_broken.png")
     with open(bad, "wb") as f:
         f.write(b"\x89PNG\r\n\x1a\n this is not an image")
     f = flags(data_dir, str(tmp_path / "run"))
     f[f.index("--num-workers") + 1] = workers
-    assert_clean_error(run("train.py", *f), "cannot decode image", "zz_broken.png")
+    assert_clean_error(run_as_script("train.py", *f, capfd=capfd), "cannot decode image", "zz_broken.png")
 
 
 def test_batch_size_too_small_or_too_large(trained, tmp_path):
