@@ -2,14 +2,11 @@
 to one graph (no graph break), a training step reads nothing back to the host
 except at --log-every boundaries, and DDP trains on when a process's batch
 has no labelled image."""
-import os
-
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from conftest import make_image_folder
-from test_train import METHODS, assert_as_accurate, exact_step, free_port, one_step, small_model
+from test_train import METHODS, assert_as_accurate, exact_step, one_step, small_model
 
 import train
 
@@ -113,56 +110,18 @@ def test_probe_gets_a_zero_gradient_on_an_unlabelled_batch():
         assert p.grad is not None and torch.equal(p.grad, torch.zeros_like(p))
 
 
-def group_worker(rank, world, port, init, batch, out):
-    """One process of the 2-process group that both DDP tests below observe (one mp.spawn: each
-    costs seconds of imports): utils.node_leader_first around a slow "download" by rank 0, then
-    one BYOL step on this rank's shard of `batch` from `init`, saved as rank{rank}.pt."""
-    import time
-    import utils
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    with utils.node_leader_first(local_rank=rank):  # one node: local rank = rank
-        if rank == 0:
-            time.sleep(0.5)  # a slow download
-            (out / "archive").write_text("downloaded")
-        else:
-            (out / "rank1-saw").write_text(str((out / "archive").exists()))
-    net = small_model("byol")
-    net.load_state_dict(init)
-    (x1, x2), y = batch
-    shard = slice(rank * len(y) // world, (rank + 1) * len(y) // world)
-    state = one_step(net, ((x1[shard], x2[shard]), y[shard]), "byol", distributed=True)
-    torch.save(state, os.path.join(out, f"rank{rank}.pt"))
-    torch.distributed.destroy_process_group()
-
-
-@pytest.fixture(scope="module")
-def two_process_group(tmp_path_factory):
-    """The 2-process run of `group_worker`: returns its folder, BYOL's initial weights and the
-    batch whose second half (rank 1's shard) has no label."""
-    out = tmp_path_factory.mktemp("group")
-    torch.manual_seed(1)
-    init = small_model("byol").state_dict()
-    batch = ((torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16)),
-             torch.tensor([0, 1, -1, 2, -1, -1, -1, -1]))
-    mp.spawn(group_worker, args=(2, free_port(), init, batch, out), nprocs=2)
-    return out, init, batch
-
-
 def test_ddp_step_with_an_unlabelled_process_equals_one_process(two_process_group):
     """Rank 1's half of the batch has no label (STL-10's unlabelled images,
     a small per-process batch): every parameter still gets a gradient on both
     processes, so DDP does not stop, and the step equals one process's step on
     the whole batch (the probe's mean over the 3 labelled images of rank 0), to
     the rounding of one float32 step (assert_as_accurate)."""
-    out, init, batch = two_process_group
+    init, batch, r0, r1 = two_process_group["byol-unlabelled"]
     single, exact = small_model("byol"), small_model("byol")
     single.load_state_dict(init)
     exact.load_state_dict(init)
     torch.set_num_threads(1)
     ref = one_step(single.train(), batch, "byol", distributed=False)
-    r0, r1 = torch.load(out / "rank0.pt"), torch.load(out / "rank1.pt")
     assert any(not torch.equal(ref[k], init[k]) for k in ref if k.startswith("probe."))  # the probe moved
     for k in ref:
         assert torch.equal(r0[k], r1[k]), f"ranks disagree on {k}"
@@ -199,5 +158,4 @@ def test_the_first_process_of_a_node_downloads_before_the_others_read(two_proces
     """utils.node_leader_first: the other processes of a node wait at a
     barrier until the first has finished the block (the dataset download), so
     they find its files instead of writing the same archive at the same time."""
-    out, _, _ = two_process_group
-    assert (out / "rank1-saw").read_text() == "True"
+    assert (two_process_group["folder"] / "rank1-saw").read_text() == "True"

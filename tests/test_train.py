@@ -541,14 +541,25 @@ def assert_as_accurate(got, ref, exact):
 DDP_METHODS = ("byol", "simsiam", "vje")
 
 
-def ddp_worker(rank, world, port, cases, out):
-    """One process of the 2-process group: one step of each method's case (method, init, batch)
-    on this rank's shard of the batch, saved as rank{rank}-{method}.pt."""
+def group_worker(rank, world, port, cases, out):
+    """One process of the 2-process group that the DDP tests of this module and of test_gpu_ready
+    observe (one start of 2 processes: each start costs seconds of imports). First
+    utils.node_leader_first around a slow "download" by rank 0 (test_gpu_ready), then one step of
+    each case (name, method, init, batch) on this rank's shard of the batch, saved as
+    rank{rank}-{name}.pt."""
+    import time
+    import utils
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
+    with utils.node_leader_first(local_rank=rank):  # one node: local rank = rank
+        if rank == 0:
+            time.sleep(0.5)  # a slow download
+            (out / "archive").write_text("downloaded")
+        else:
+            (out / "rank1-saw").write_text(str((out / "archive").exists()))
     randn_like = torch.randn_like
-    for method, init, batch in cases:
+    for name, method, init, batch in cases:
         # see test_ddp_step_equals_single_process_step: VJE's posterior sample is eps = 0
         torch.randn_like = torch.zeros_like if method == "vje" else randn_like
         net = small_model(method)
@@ -556,9 +567,27 @@ def ddp_worker(rank, world, port, cases, out):
         (x1, x2), y = batch
         shard = slice(rank * len(y) // world, (rank + 1) * len(y) // world)
         state = one_step(net, ((x1[shard], x2[shard]), y[shard]), method, distributed=True)
-        torch.save(state, os.path.join(out, f"rank{rank}-{method}.pt"))
+        torch.save(state, os.path.join(out, f"rank{rank}-{name}.pt"))
     torch.randn_like = randn_like
     dist.destroy_process_group()
+
+
+def run_two_process_group(out):
+    """`group_worker` on 2 processes (conftest's session fixture `two_process_group`). The cases:
+    each method of DDP_METHODS on a labelled batch, and "byol-unlabelled", BYOL on a batch whose
+    second half (rank 1's shard) has no label. Returns {"folder": out, name: (init, batch, rank 0's
+    state, rank 1's state)}."""
+    labels = {"labelled": [0, 1, 2, 0, 1, 2, 0, 1], "unlabelled": [0, 1, -1, 2, -1, -1, -1, -1]}
+    cases = []
+    for name, method, kind in [*((m, m, "labelled") for m in DDP_METHODS), ("byol-unlabelled", "byol", "unlabelled")]:
+        torch.manual_seed(1)
+        init = small_model(method).state_dict()
+        batch = ((torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16)), torch.tensor(labels[kind]))
+        cases.append((name, method, init, batch))
+    mp.spawn(group_worker, args=(2, free_port(), cases, out), nprocs=2)
+    runs = {name: (init, batch, torch.load(out / f"rank0-{name}.pt"), torch.load(out / f"rank1-{name}.pt"))
+            for name, _, init, batch in cases}
+    return dict(runs, folder=out)
 
 
 def test_cpu_thread_count_respects_omp_num_threads(monkeypatch):
@@ -581,26 +610,8 @@ def test_cpu_thread_count_respects_omp_num_threads(monkeypatch):
         torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module")
-def ddp_steps(tmp_path_factory):
-    """Each method's initial weights, batch, and the two ranks' states after one DDP step on 2
-    processes: one process group (one mp.spawn, whose start-up costs seconds) steps the three
-    methods one after another, each from its own fresh network."""
-    out = tmp_path_factory.mktemp("ddp")
-    cases = []
-    for method in DDP_METHODS:
-        torch.manual_seed(1)
-        init = small_model(method).state_dict()
-        batch = ((torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16)),
-                 torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]))
-        cases.append((method, init, batch))
-    mp.spawn(ddp_worker, args=(2, free_port(), cases, str(out)), nprocs=2)
-    return {method: (init, batch, torch.load(out / f"rank0-{method}.pt"), torch.load(out / f"rank1-{method}.pt"))
-            for method, init, batch in cases}
-
-
 @pytest.mark.parametrize("method", DDP_METHODS)
-def test_ddp_step_equals_single_process_step(method, ddp_steps, monkeypatch):
+def test_ddp_step_equals_single_process_step(method, two_process_group, monkeypatch):
     """One step on 2 processes (each with half of the global batch, BN over the
     global batch) gives the single-process update up to the rounding of one
     float32 step (assert_as_accurate). BYOL and SimSiam draw no random numbers
@@ -608,7 +619,7 @@ def test_ddp_step_equals_single_process_step(method, ddp_steps, monkeypatch):
     both runs, since a split batch draws its noise in a different order."""
     if method == "vje":
         monkeypatch.setattr(torch, "randn_like", torch.zeros_like)
-    init, batch, r0, r1 = ddp_steps[method]
+    init, batch, r0, r1 = two_process_group[method]
     single, exact = small_model(method), small_model(method)
     single.load_state_dict(init)
     exact.load_state_dict(init)
