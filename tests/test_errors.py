@@ -27,17 +27,17 @@ import utils
 TRAIN = os.path.join(ROOT, "train.py")
 
 
-def run(script, *args, env=None, timeout=300):
-    cmd = [sys.executable, os.path.join(ROOT, script), *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-                          env={**os.environ, **(env or {})})
+def one_thread_env():
+    """The environment of a subprocess run: one thread (utils.setup_distributed leaves an
+    OMP_NUM_THREADS alone), as the in-process runs have (scripts_on_one_thread)."""
+    return dict(os.environ, OMP_NUM_THREADS="1")
 
 
 def run_main(script, *args):
     """The script's main() in this process, for mistakes that stop it before
-    any training: a subprocess costs seconds of imports. Returns what `run`
-    returns: the exit code and stderr, where a SystemExit message is the line
-    Python prints for it."""
+    any training: a subprocess costs seconds of imports. Returns what
+    subprocess.run returns of `python script ARGS`: the exit code and stderr,
+    where a SystemExit message is the line Python prints for it."""
     module = {"train.py": train, "eval_knn.py": eval_knn}[script]
     err = io.StringIO()
     code = 0
@@ -145,11 +145,10 @@ def test_a_failed_download_is_one_line_and_leaves_no_empty_folder(tmp_path, monk
 
 def run_as_script(script, *args, capfd):
     """`python script ARGS` in this process: runpy runs the file as __main__, its `if __name__ ==
-    "__main__"` block (which turns a DataLoader worker's decode error into one line) included,
-    with sys.argv set; a subprocess costs seconds of imports. Returns what `run` returns: the
-    exit code and stderr (read at the file descriptor, so also what forked workers write), where
-    a SystemExit message is the line Python prints for it. Any other exception fails the test,
-    as a traceback would in `assert_clean_error`."""
+    "__main__"` block (which turns a decode error into one line) included, with sys.argv set; a
+    subprocess costs seconds of imports. Returns what `run_main` returns: the exit code and
+    stderr (read at the file descriptor), where a SystemExit message is the line Python prints
+    for it. Any other exception fails the test, as a traceback would in `assert_clean_error`."""
     path = os.path.join(ROOT, script)
     code = 0
     capfd.readouterr()
@@ -174,7 +173,12 @@ def test_image_that_fails_to_decode_is_named(tmp_path, workers, capfd):
         f.write(b"\x89PNG\r\n\x1a\n this is not an image")
     f = flags(data_dir, str(tmp_path / "run"))
     f[f.index("--num-workers") + 1] = workers
-    assert_clean_error(run_as_script("train.py", *f, capfd=capfd), "cannot decode image", "zz_broken.png")
+    if workers:  # a subprocess: in this process the failed loader's workers take seconds to shut down
+        r = subprocess.run([sys.executable, TRAIN, *map(str, f)], capture_output=True, text=True, timeout=300,
+                           cwd=ROOT, env=one_thread_env())
+    else:
+        r = run_as_script("train.py", *f, capfd=capfd)
+    assert_clean_error(r, "cannot decode image", "zz_broken.png")
 
 
 def test_batch_size_too_small_or_too_large(trained, tmp_path):
@@ -286,7 +290,7 @@ def run_with_fault(tmp_path, fault, at, *args):
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER.format(root=ROOT))
     return subprocess.run([sys.executable, str(driver), fault, str(at), *map(str, args)], capture_output=True,
-                          text=True, timeout=300, cwd=ROOT)
+                          text=True, timeout=300, cwd=ROOT, env=one_thread_env())
 
 
 def run_main_with_fault(fault, at, *args):
@@ -401,7 +405,7 @@ def test_sigkill_mid_epoch_then_resume(tmp_path):
     out = str(tmp_path / "run")
     log = os.path.join(out, "log.jsonl")
     p = subprocess.Popen([sys.executable, TRAIN, *map(str, flags(data_dir, out, epochs=3))], cwd=ROOT,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=one_thread_env())
     # epoch 1's checkpoint is in place (written atomically, after its log line)
     wait_for(lambda: os.path.exists(os.path.join(out, "checkpoint.pt")))
     time.sleep(0.5)  # inside epoch 2 now
@@ -423,7 +427,7 @@ def test_sigterm_saves_at_next_step_and_resume_continues(tmp_path):
     # the stop flag is read at --log-every boundaries: every step here
     p = subprocess.Popen([sys.executable, TRAIN, *map(str, flags(data_dir, out, epochs=2)), "--log-every",
                           "1"],
-                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=one_thread_env())
     log = os.path.join(out, "log.jsonl")
     wait_for(lambda: os.path.exists(log))  # epoch 1 done, epoch 2 under way
     p.send_signal(signal.SIGTERM)
