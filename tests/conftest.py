@@ -84,3 +84,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def two_process_group(tmp_path_factory):
+    """One 2-process group (test_train.run_two_process_group) observed by the DDP tests of
+    test_train and test_gpu_ready: starting the processes costs seconds of imports each time."""
+    from test_train import run_two_process_group
+    return run_two_process_group(tmp_path_factory.mktemp("group"))

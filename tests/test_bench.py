@@ -8,8 +8,10 @@ import math
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 from conftest import ROOT, make_image_folder
 
@@ -41,18 +43,23 @@ def positive_finite(x):
     return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
 
 
-def test_end_to_end_json_has_every_section_with_consistent_numbers(tmp_path):
+def test_end_to_end_json_has_every_section_with_consistent_numbers(tmp_path, capsys):
+    """bench.main in this process, as `python bench.py ARGS` runs it (a subprocess costs seconds of
+    imports); it sets the thread count (--threads, --aug-threads), which is given back after."""
     folder = make_image_folder(tmp_path / "data", classes=3, train_per_class=8, test_per_class=4, size=16)
     out = tmp_path / "bench.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
     methods = ["vje", "vssl", "byol", "simsiam"]
-    cmd = [sys.executable, "bench.py", "--arch", "tiny", "--batch-size", "4", "--image-size", "16",
-           "--methods", *methods, "--rounds", "1", "--warmup", "0", "--threads", "1", "--device", "cpu",
-           "--data-path", folder, "--workers", "0", "1", "--data-batches", "2", "--output", str(out),
-           "--aug-threads", "1", "2", "--feed-workers", "0", "1", "--feed-rounds", "2", "--feed-steps", "2",
-           "--feed-warmup", "1"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    argv = ["--arch", "tiny", "--batch-size", "4", "--image-size", "16",
+            "--methods", *methods, "--rounds", "1", "--warmup", "0", "--threads", "1", "--device", "cpu",
+            "--data-path", folder, "--workers", "0", "1", "--data-batches", "2", "--output", str(out),
+            "--aug-threads", "1", "2", "--feed-workers", "0", "1", "--feed-rounds", "2", "--feed-steps", "2",
+            "--feed-warmup", "1"]
+    threads = torch.get_num_threads()
+    try:
+        bench.main(argv)
+    finally:
+        torch.set_num_threads(threads)
+    proc = SimpleNamespace(stdout=capsys.readouterr().out)
     r = json.loads(out.read_text())
 
     steps = r["train_step"]

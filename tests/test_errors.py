@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import os
+import runpy
 import signal
 import subprocess
 import sys
@@ -26,17 +27,17 @@ import utils
 TRAIN = os.path.join(ROOT, "train.py")
 
 
-def run(script, *args, env=None, timeout=300):
-    cmd = [sys.executable, os.path.join(ROOT, script), *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-                          env={**os.environ, **(env or {})})
+def one_thread_env():
+    """The environment of a subprocess run: one thread (utils.setup_distributed leaves an
+    OMP_NUM_THREADS alone), as the in-process runs have (scripts_on_one_thread)."""
+    return dict(os.environ, OMP_NUM_THREADS="1")
 
 
 def run_main(script, *args):
     """The script's main() in this process, for mistakes that stop it before
-    any training: a subprocess costs seconds of imports. Returns what `run`
-    returns: the exit code and stderr, where a SystemExit message is the line
-    Python prints for it."""
+    any training: a subprocess costs seconds of imports. Returns what
+    subprocess.run returns of `python script ARGS`: the exit code and stderr,
+    where a SystemExit message is the line Python prints for it."""
     module = {"train.py": train, "eval_knn.py": eval_knn}[script]
     err = io.StringIO()
     code = 0
@@ -89,7 +90,10 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("errors")
     data_dir = make_image_folder(root / "data")
     out = str(root / "run")
-    r = run("train.py", *flags(data_dir, out))
+    with pytest.MonkeyPatch.context() as mp:  # one thread, as scripts_on_one_thread gives each test
+        torch.set_num_threads(1)
+        mp.setattr(torch, "set_num_threads", lambda n: None)
+        r = run_main("train.py", *flags(data_dir, out))  # in this process: a subprocess costs seconds of imports
     assert r.returncode == 0, r.stderr[-2000:]
     return data_dir, out
 
@@ -139,15 +143,42 @@ def test_a_failed_download_is_one_line_and_leaves_no_empty_folder(tmp_path, monk
     assert (root / "old").is_dir()
 
 
+def run_as_script(script, *args, capfd):
+    """`python script ARGS` in this process: runpy runs the file as __main__, its `if __name__ ==
+    "__main__"` block (which turns a decode error into one line) included, with sys.argv set; a
+    subprocess costs seconds of imports. Returns what `run_main` returns: the exit code and
+    stderr (read at the file descriptor), where a SystemExit message is the line Python prints
+    for it. Any other exception fails the test, as a traceback would in `assert_clean_error`."""
+    path = os.path.join(ROOT, script)
+    code = 0
+    capfd.readouterr()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sys, "argv", [path, *map(str, args)])
+        try:
+            runpy.run_path(path, run_name="__main__")
+        except SystemExit as e:
+            if isinstance(e.code, str):
+                sys.stderr.write(e.code + "\n")
+                code = 1
+            else:
+                code = e.code or 0
+    return SimpleNamespace(returncode=code, stderr=capfd.readouterr().err)
+
+
 @pytest.mark.parametrize("workers", [0, 2])
-def test_image_that_fails_to_decode_is_named(tmp_path, workers):
+def test_image_that_fails_to_decode_is_named(tmp_path, workers, capfd):
     data_dir = make_image_folder(tmp_path / "data")
     bad = os.path.join(data_dir, "train", "class1", "zz_broken.png")
     with open(bad, "wb") as f:
         f.write(b"\x89PNG\r\n\x1a\n this is not an image")
     f = flags(data_dir, str(tmp_path / "run"))
     f[f.index("--num-workers") + 1] = workers
-    assert_clean_error(run("train.py", *f), "cannot decode image", "zz_broken.png")
+    if workers:  # a subprocess: in this process the failed loader's workers take seconds to shut down
+        r = subprocess.run([sys.executable, TRAIN, *map(str, f)], capture_output=True, text=True, timeout=300,
+                           cwd=ROOT, env=one_thread_env())
+    else:
+        r = run_as_script("train.py", *f, capfd=capfd)
+    assert_clean_error(r, "cannot decode image", "zz_broken.png")
 
 
 def test_batch_size_too_small_or_too_large(trained, tmp_path):
@@ -232,22 +263,16 @@ def test_eval_knn_feature_mu_on_byol_and_missing_checkpoint(tmp_path):
 # -----------------------------------------------------------------------------
 # faults during training
 
-# Faults are injected from outside: a driver patches one function, then runs
-# the script's main() as `python train.py` would.
+# Faults that stop the run with an error line are patched into this process (`run_main_with_fault`);
+# a SIGKILL would end the test session too, so that fault is injected from outside: a driver
+# patches the checkpoint write, then runs the script's main() as `python train.py` would.
 DRIVER = """
 import os, signal, sys
 sys.path.insert(0, {root!r})
-import model, train, utils
+import train, utils
 fault, at = sys.argv[1], int(sys.argv[2])
 calls = [0]
-if fault == "nan-loss":  # the at-th forward pass (counted from 1) returns a NaN loss
-    forward = model.Method.forward
-    def nan_forward(self, *a, **k):
-        calls[0] += 1
-        loss, logs = forward(self, *a, **k)
-        return (loss * float("nan") if calls[0] == at else loss), logs
-    model.Method.forward = nan_forward
-elif fault in ("kill-during-save", "disk-full"):  # the at-th checkpoint write fails half-way
+if fault == "kill-during-save":  # the at-th checkpoint write is killed half-way
     save = utils.torch.save
     def failing_save(obj, f, *a, **k):
         calls[0] += 1
@@ -255,9 +280,7 @@ elif fault in ("kill-during-save", "disk-full"):  # the at-th checkpoint write f
             return save(obj, f, *a, **k)
         f.write(b"half a checkpoint")
         f.flush()
-        if fault == "kill-during-save":
-            os.kill(os.getpid(), signal.SIGKILL)
-        raise OSError(28, "No space left on device")
+        os.kill(os.getpid(), signal.SIGKILL)
     utils.torch.save = failing_save
 train.main(sys.argv[3:])
 """
@@ -267,7 +290,39 @@ def run_with_fault(tmp_path, fault, at, *args):
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER.format(root=ROOT))
     return subprocess.run([sys.executable, str(driver), fault, str(at), *map(str, args)], capture_output=True,
-                          text=True, timeout=300, cwd=ROOT)
+                          text=True, timeout=300, cwd=ROOT, env=one_thread_env())
+
+
+def run_main_with_fault(fault, at, *args):
+    """A fault that stops the run with an error line, patched into this process for the run,
+    then train.main as `run_main` runs it (a subprocess costs seconds of imports). An exception
+    other than the SystemExit of the line fails the test, as a traceback would in
+    `assert_clean_error`."""
+    import model
+    calls = [0]
+    with pytest.MonkeyPatch.context() as mp:
+        if fault == "nan-loss":  # the at-th forward pass (counted from 1) returns a NaN loss
+            forward = model.Method.forward
+
+            def nan_forward(self, *a, **k):
+                calls[0] += 1
+                loss, logs = forward(self, *a, **k)
+                return (loss * float("nan") if calls[0] == at else loss), logs
+            mp.setattr(model.Method, "forward", nan_forward)
+        elif fault == "disk-full":  # the at-th checkpoint write fails half-way
+            save = utils.torch.save
+
+            def failing_save(obj, f, *a, **k):
+                calls[0] += 1
+                if calls[0] != at:
+                    return save(obj, f, *a, **k)
+                f.write(b"half a checkpoint")
+                f.flush()
+                raise OSError(28, "No space left on device")
+            mp.setattr(utils.torch, "save", failing_save)
+        else:
+            raise ValueError(fault)
+        return run_main("train.py", *args)
 
 
 def test_non_finite_loss_keeps_last_good_checkpoint(tmp_path):
@@ -277,7 +332,7 @@ def test_non_finite_loss_keeps_last_good_checkpoint(tmp_path):
     assert run_main("train.py", *flags(data_dir, out, epochs=2), "--max-steps", 3).returncode == 0
     before = digest(out)
     # the 2nd step of epoch 2
-    r = run_with_fault(tmp_path, "nan-loss", 2, *flags(data_dir, out, epochs=2), "--resume")
+    r = run_main_with_fault("nan-loss", 2, *flags(data_dir, out, epochs=2), "--resume")
     line = assert_clean_error(r, "non-finite loss", "epoch 2, step 4", "still holds the last good state",
                               "--resume --precision fp32", "new --output-dir with a lower --lr")
     after = digest(out)
@@ -291,7 +346,7 @@ def test_non_finite_loss_before_the_first_checkpoint_says_there_is_none(tmp_path
     line says so instead of pointing at a file that does not exist."""
     data_dir = make_image_folder(tmp_path / "data")
     out = str(tmp_path / "run")
-    r = run_with_fault(tmp_path, "nan-loss", 2, *flags(data_dir, out))
+    r = run_main_with_fault("nan-loss", 2, *flags(data_dir, out))
     line = assert_clean_error(r, "non-finite loss", "epoch 1, step 1", "before the first checkpoint",
                               "lower --lr", "--warmup-epochs")
     assert "--resume" not in line and not os.path.exists(os.path.join(out, "checkpoint.pt"))
@@ -326,7 +381,7 @@ def test_failed_checkpoint_write_leaves_checkpoint_and_log_intact(tmp_path):
     out = str(tmp_path / "run")
     assert run_main("train.py", *flags(data_dir, out, epochs=2), "--max-steps", 3).returncode == 0  # epoch 1
     before = digest(out)
-    r = run_with_fault(tmp_path, "disk-full", 1, *flags(data_dir, out, epochs=2), "--resume")
+    r = run_main_with_fault("disk-full", 1, *flags(data_dir, out, epochs=2), "--resume")
     assert_clean_error(r, "could not write", "No space left on device", "previous file there is unchanged")
     after = digest(out)
     assert not os.path.exists(os.path.join(out, "checkpoint.pt.tmp"))
@@ -350,7 +405,7 @@ def test_sigkill_mid_epoch_then_resume(tmp_path):
     out = str(tmp_path / "run")
     log = os.path.join(out, "log.jsonl")
     p = subprocess.Popen([sys.executable, TRAIN, *map(str, flags(data_dir, out, epochs=3))], cwd=ROOT,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=one_thread_env())
     # epoch 1's checkpoint is in place (written atomically, after its log line)
     wait_for(lambda: os.path.exists(os.path.join(out, "checkpoint.pt")))
     time.sleep(0.5)  # inside epoch 2 now
@@ -372,7 +427,7 @@ def test_sigterm_saves_at_next_step_and_resume_continues(tmp_path):
     # the stop flag is read at --log-every boundaries: every step here
     p = subprocess.Popen([sys.executable, TRAIN, *map(str, flags(data_dir, out, epochs=2)), "--log-every",
                           "1"],
-                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=one_thread_env())
     log = os.path.join(out, "log.jsonl")
     wait_for(lambda: os.path.exists(log))  # epoch 1 done, epoch 2 under way
     p.send_signal(signal.SIGTERM)

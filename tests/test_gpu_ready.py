@@ -2,14 +2,11 @@
 to one graph (no graph break), a training step reads nothing back to the host
 except at --log-every boundaries, and DDP trains on when a process's batch
 has no labelled image."""
-import os
-
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from conftest import make_image_folder
-from test_train import METHODS, assert_as_accurate, exact_step, free_port, one_step, small_model
+from test_train import METHODS, assert_as_accurate, exact_step, one_step, small_model
 
 import train
 
@@ -72,6 +69,7 @@ SYNC_CASES = [(m, "batched") for m in METHODS] + [("vje", "pil"), ("byol", "pil"
 
 
 @pytest.mark.parametrize("method,aug", SYNC_CASES)
+@pytest.mark.usefixtures("scripts_on_one_thread")  # the count does not depend on threads; a shared CPU does
 def test_no_host_sync_between_log_boundaries(method, aug, tmp_path, monkeypatch):
     """7 steps of train.main with --log-every 3: the syncs counted from one
     step's start to the next (data, forward, backward, optimizer, EMA) are
@@ -112,42 +110,25 @@ def test_probe_gets_a_zero_gradient_on_an_unlabelled_batch():
         assert p.grad is not None and torch.equal(p.grad, torch.zeros_like(p))
 
 
-def unlabelled_worker(rank, world, port, init, batch, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    net = small_model("byol")
-    net.load_state_dict(init)
-    (x1, x2), y = batch
-    shard = slice(rank * len(y) // world, (rank + 1) * len(y) // world)
-    state = one_step(net, ((x1[shard], x2[shard]), y[shard]), "byol", distributed=True)
-    torch.save(state, os.path.join(out, f"rank{rank}.pt"))
-    torch.distributed.destroy_process_group()
-
-
-def test_ddp_step_with_an_unlabelled_process_equals_one_process(tmp_path):
+def test_ddp_step_with_an_unlabelled_process_equals_one_process(two_process_group):
     """Rank 1's half of the batch has no label (STL-10's unlabelled images,
     a small per-process batch): every parameter still gets a gradient on both
     processes, so DDP does not stop, and the step equals one process's step on
     the whole batch (the probe's mean over the 3 labelled images of rank 0), to
     the rounding of one float32 step (assert_as_accurate)."""
-    torch.manual_seed(1)
-    init = small_model("byol").state_dict()
-    batch = ((torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16)),
-             torch.tensor([0, 1, -1, 2, -1, -1, -1, -1]))
+    init, batch, r0, r1 = two_process_group["byol-unlabelled"]
     single, exact = small_model("byol"), small_model("byol")
     single.load_state_dict(init)
     exact.load_state_dict(init)
     torch.set_num_threads(1)
     ref = one_step(single.train(), batch, "byol", distributed=False)
-    mp.spawn(unlabelled_worker, args=(2, free_port(), init, batch, str(tmp_path)), nprocs=2)
-    r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     assert any(not torch.equal(ref[k], init[k]) for k in ref if k.startswith("probe."))  # the probe moved
     for k in ref:
         assert torch.equal(r0[k], r1[k]), f"ranks disagree on {k}"
     assert_as_accurate(r0, ref, exact_step(exact.train(), batch, "byol"))
 
 
+@pytest.mark.usefixtures("scripts_on_one_thread")  # both runs alike: the comparison holds on any thread count
 def test_compiled_training_matches_eager(tmp_path, monkeypatch):
     """train.py --compile (the forward + loss and both views of a batch through
     torch.compile) trains like eager: after 2 steps from the same seed the
@@ -173,23 +154,8 @@ def test_compiled_training_matches_eager(tmp_path, monkeypatch):
             assert torch.allclose(states["compiled"]["model"][k], v, atol=1e-4), k
 
 
-def download_worker(rank, world, port, out):
-    import time
-    import utils
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    with utils.node_leader_first(local_rank=rank):  # one node: local rank = rank
-        if rank == 0:
-            time.sleep(0.5)  # a slow download
-            (out / "archive").write_text("downloaded")
-        else:
-            (out / "rank1-saw").write_text(str((out / "archive").exists()))
-    torch.distributed.destroy_process_group()
-
-
-def test_the_first_process_of_a_node_downloads_before_the_others_read(tmp_path):
+def test_the_first_process_of_a_node_downloads_before_the_others_read(two_process_group):
     """utils.node_leader_first: the other processes of a node wait at a
     barrier until the first has finished the block (the dataset download), so
     they find its files instead of writing the same archive at the same time."""
-    mp.spawn(download_worker, args=(2, free_port(), tmp_path), nprocs=2)
-    assert (tmp_path / "rank1-saw").read_text() == "True"
+    assert (two_process_group["folder"] / "rank1-saw").read_text() == "True"

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import ROOT
+from conftest import ROOT, make_image_folder
 
 import ddp
 import losses
@@ -538,19 +538,56 @@ def assert_as_accurate(got, ref, exact):
         assert err <= bound, f"{k}: {err:.3g} from the float64 step, one process {own:.3g}"
 
 
-def ddp_worker(rank, world, port, method, init, batch, out):
+DDP_METHODS = ("byol", "simsiam", "vje")
+
+
+def group_worker(rank, world, port, cases, out):
+    """One process of the 2-process group that the DDP tests of this module and of test_gpu_ready
+    observe (one start of 2 processes: each start costs seconds of imports). First
+    utils.node_leader_first around a slow "download" by rank 0 (test_gpu_ready), then one step of
+    each case (name, method, init, batch) on this rank's shard of the batch, saved as
+    rank{rank}-{name}.pt."""
+    import time
+    import utils
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    if method == "vje":
-        torch.randn_like = torch.zeros_like  # see test_ddp_step_equals_single_process_step
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    net = small_model(method)
-    net.load_state_dict(init)
-    (x1, x2), y = batch
-    shard = slice(rank * len(y) // world, (rank + 1) * len(y) // world)
-    state = one_step(net, ((x1[shard], x2[shard]), y[shard]), method, distributed=True)
-    torch.save(state, os.path.join(out, f"rank{rank}.pt"))
+    with utils.node_leader_first(local_rank=rank):  # one node: local rank = rank
+        if rank == 0:
+            time.sleep(0.5)  # a slow download
+            (out / "archive").write_text("downloaded")
+        else:
+            (out / "rank1-saw").write_text(str((out / "archive").exists()))
+    randn_like = torch.randn_like
+    for name, method, init, batch in cases:
+        # see test_ddp_step_equals_single_process_step: VJE's posterior sample is eps = 0
+        torch.randn_like = torch.zeros_like if method == "vje" else randn_like
+        net = small_model(method)
+        net.load_state_dict(init)
+        (x1, x2), y = batch
+        shard = slice(rank * len(y) // world, (rank + 1) * len(y) // world)
+        state = one_step(net, ((x1[shard], x2[shard]), y[shard]), method, distributed=True)
+        torch.save(state, os.path.join(out, f"rank{rank}-{name}.pt"))
+    torch.randn_like = randn_like
     dist.destroy_process_group()
+
+
+def run_two_process_group(out):
+    """`group_worker` on 2 processes (conftest's session fixture `two_process_group`). The cases:
+    each method of DDP_METHODS on a labelled batch, and "byol-unlabelled", BYOL on a batch whose
+    second half (rank 1's shard) has no label. Returns {"folder": out, name: (init, batch, rank 0's
+    state, rank 1's state)}."""
+    labels = {"labelled": [0, 1, 2, 0, 1, 2, 0, 1], "unlabelled": [0, 1, -1, 2, -1, -1, -1, -1]}
+    cases = []
+    for name, method, kind in [*((m, m, "labelled") for m in DDP_METHODS), ("byol-unlabelled", "byol", "unlabelled")]:
+        torch.manual_seed(1)
+        init = small_model(method).state_dict()
+        batch = ((torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16)), torch.tensor(labels[kind]))
+        cases.append((name, method, init, batch))
+    mp.spawn(group_worker, args=(2, free_port(), cases, out), nprocs=2)
+    runs = {name: (init, batch, torch.load(out / f"rank0-{name}.pt"), torch.load(out / f"rank1-{name}.pt"))
+            for name, _, init, batch in cases}
+    return dict(runs, folder=out)
 
 
 def test_cpu_thread_count_respects_omp_num_threads(monkeypatch):
@@ -573,8 +610,8 @@ def test_cpu_thread_count_respects_omp_num_threads(monkeypatch):
         torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("method", ["byol", "simsiam", "vje"])
-def test_ddp_step_equals_single_process_step(method, tmp_path, monkeypatch):
+@pytest.mark.parametrize("method", DDP_METHODS)
+def test_ddp_step_equals_single_process_step(method, two_process_group, monkeypatch):
     """One step on 2 processes (each with half of the global batch, BN over the
     global batch) gives the single-process update up to the rounding of one
     float32 step (assert_as_accurate). BYOL and SimSiam draw no random numbers
@@ -582,50 +619,73 @@ def test_ddp_step_equals_single_process_step(method, tmp_path, monkeypatch):
     both runs, since a split batch draws its noise in a different order."""
     if method == "vje":
         monkeypatch.setattr(torch, "randn_like", torch.zeros_like)
-    torch.manual_seed(1)
-    init = small_model(method).state_dict()
-    batch = ((torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16)), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]))
+    init, batch, r0, r1 = two_process_group[method]
     single, exact = small_model(method), small_model(method)
     single.load_state_dict(init)
     exact.load_state_dict(init)
     torch.set_num_threads(1)
     ref = one_step(single.train(), batch, method, distributed=False)
-    mp.spawn(ddp_worker, args=(2, free_port(), method, init, batch, str(tmp_path)), nprocs=2)
-    r0 = torch.load(tmp_path / "rank0.pt")
-    r1 = torch.load(tmp_path / "rank1.pt")
     for k in ref:
         assert torch.equal(r0[k], r1[k]), f"ranks disagree on {k}"
     assert_as_accurate(r0, ref, exact_step(exact.train(), batch, method))
 
 
-def test_torchrun_two_processes_on_cpu(image_folder, tmp_path):
-    out = str(tmp_path / "ddp")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(ROOT, "train.py"), *map(str, common_flags(image_folder, out)), "--epochs", "1",
-           "--eval-every", "1", "--device", "cpu"]
+# train.py's main() under torchrun, as `torchrun train.py ARGS` runs it, three times in one launch
+# (each launch costs seconds of imports in every process): the process group stays up between the
+# runs and is closed after the last.
+TORCHRUN_DRIVER = """
+import json, sys
+sys.path.insert(0, {root!r})
+import train, utils
+cleanup = utils.cleanup_distributed
+utils.cleanup_distributed = lambda: None
+for argv in json.loads(sys.argv[1]):
+    train.main(argv)
+cleanup()
+"""
+
+TORCHRUN_MATCH_FLAGS = {aug: ["--method", "byol", "--aug", aug, "--epochs", 1, "--max-steps", 1, "--eval-every",
+                              0, "--device", "cpu"] for aug in ("batched", "pil")}
+
+
+@pytest.fixture(scope="module")
+def torchrun_runs(tmp_path_factory):
+    """One torchrun launch with 2 processes of: VJE for one epoch with the k-NN monitor ("ddp"),
+    then one BYOL step on each augmentation path ("two-batched", "two-pil"). Returns the data
+    folder and the run folders by name."""
+    root = tmp_path_factory.mktemp("torchrun")
+    folder = make_image_folder(root / "data")
+    outs = {name: str(root / name) for name in ("ddp", "two-batched", "two-pil")}
+    runs = [[*common_flags(folder, outs["ddp"]), "--epochs", "1", "--eval-every", "1", "--device", "cpu"]]
+    runs += [[*common_flags(folder, outs[f"two-{aug}"], method="byol"), *TORCHRUN_MATCH_FLAGS[aug]]
+             for aug in ("batched", "pil")]
+    driver = root / "driver.py"
+    driver.write_text(TORCHRUN_DRIVER.format(root=ROOT))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(driver),
+           json.dumps([list(map(str, argv)) for argv in runs])]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert r.returncode == 0, r.stderr[-3000:]
+    return SimpleNamespace(returncode=r.returncode, stderr=r.stderr, folder=folder, outs=outs)
+
+
+def test_torchrun_two_processes_on_cpu(torchrun_runs):
+    assert torchrun_runs.returncode == 0, torchrun_runs.stderr[-3000:]
+    out = torchrun_runs.outs["ddp"]
     log = [json.loads(l) for l in open(os.path.join(out, "log.jsonl"))]
     assert [l["epoch"] for l in log] == [0, 1]  # one writer: rank 0
     assert math.isfinite(log[-1]["loss"])
 
 
 @pytest.mark.parametrize("aug", ["batched", "pil"])
-def test_torchrun_matches_one_process(aug, image_folder, tmp_path, monkeypatch, scripts_on_one_thread):
+def test_torchrun_matches_one_process(aug, torchrun_runs, tmp_path, monkeypatch, scripts_on_one_thread):
     """train.py end to end: one step of BYOL (EMA teacher, LARS, probe) on 2
     processes equals one step of one process, on both augmentation paths: the
     two processes' shards of the step are the single process's global batch with
     the same views (a process reading another's shard fails this), and both
     start from rank 0's student and teacher."""
-    flags = ["--method", "byol", "--aug", aug, "--epochs", 1, "--max-steps", 1, "--eval-every", 0,
-             "--device", "cpu"]
-    one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    init = train_in_process([*common_flags(image_folder, one, method="byol"), *flags], monkeypatch)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(ROOT, "train.py"), *map(str, common_flags(image_folder, two, method="byol")),
-           *map(str, flags)]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert torchrun_runs.returncode == 0, torchrun_runs.stderr[-3000:]
+    one, two = str(tmp_path / "one"), torchrun_runs.outs[f"two-{aug}"]
+    init = train_in_process([*common_flags(torchrun_runs.folder, one, method="byol"), *TORCHRUN_MATCH_FLAGS[aug]],
+                            monkeypatch)
     pa = torch.load(os.path.join(one, "checkpoint.pt"), weights_only=True)["model"]
     pb = torch.load(os.path.join(two, "checkpoint.pt"), weights_only=True)["model"]
     assert pa.keys() == pb.keys() == init.keys()
