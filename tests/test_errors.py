@@ -266,22 +266,33 @@ def test_eval_knn_feature_mu_on_byol_and_missing_checkpoint(tmp_path):
 # Faults that stop the run with an error line are patched into this process (`run_main_with_fault`);
 # a SIGKILL would end the test session too, so that fault is injected from outside: a driver
 # patches the checkpoint write, then runs the script's main() as `python train.py` would.
-DRIVER = """
-import os, signal, sys
-sys.path.insert(0, {root!r})
-import train, utils
-fault, at = sys.argv[1], int(sys.argv[2])
-calls = [0]
-if fault == "kill-during-save":  # the at-th checkpoint write is killed half-way
-    save = utils.torch.save
+def half_written_save(save, at, fail):
+    """torch.save that writes half a checkpoint at its at-th call (counted from 1), then calls fail()."""
+    calls = [0]
+
     def failing_save(obj, f, *a, **k):
         calls[0] += 1
         if calls[0] != at:
             return save(obj, f, *a, **k)
         f.write(b"half a checkpoint")
         f.flush()
-        os.kill(os.getpid(), signal.SIGKILL)
-    utils.torch.save = failing_save
+        fail()
+    return failing_save
+
+
+def disk_full():
+    raise OSError(28, "No space left on device")
+
+
+DRIVER = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+sys.path.insert(0, os.path.join({root!r}, "tests"))
+import train, utils
+from test_errors import half_written_save
+fault, at = sys.argv[1], int(sys.argv[2])
+if fault == "kill-during-save":  # the at-th checkpoint write is killed half-way
+    utils.torch.save = half_written_save(utils.torch.save, at, lambda: os.kill(os.getpid(), signal.SIGKILL))
 train.main(sys.argv[3:])
 """
 
@@ -310,16 +321,7 @@ def run_main_with_fault(fault, at, *args):
                 return (loss * float("nan") if calls[0] == at else loss), logs
             mp.setattr(model.Method, "forward", nan_forward)
         elif fault == "disk-full":  # the at-th checkpoint write fails half-way
-            save = utils.torch.save
-
-            def failing_save(obj, f, *a, **k):
-                calls[0] += 1
-                if calls[0] != at:
-                    return save(obj, f, *a, **k)
-                f.write(b"half a checkpoint")
-                f.flush()
-                raise OSError(28, "No space left on device")
-            mp.setattr(utils.torch, "save", failing_save)
+            mp.setattr(utils.torch, "save", half_written_save(utils.torch.save, at, disk_full))
         else:
             raise ValueError(fault)
         return run_main("train.py", *args)
