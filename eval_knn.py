@@ -407,8 +407,9 @@ def main(argv=None):
             print(f"{train_args['method']} {train_args['arch']} (epoch {ckpt.get('epoch')}) on "
                   f"{args.dataset}: {len(bank_set)} bank and {len(test_set)} test images, feature "
                   f"{args.feature}, {world_size} process(es) on {device.type}, {args.precision}")
-        measurement = check_output(args, dict(checkpoint=os.path.abspath(args.checkpoint), dataset=args.dataset,
-                                              data_path=os.path.abspath(args.data_path), classes=args.classes))
+        measured = dict(checkpoint=os.path.abspath(args.checkpoint), dataset=args.dataset,
+                        data_path=os.path.abspath(args.data_path), classes=args.classes)
+        measurement = check_output(args, measured)
         kw = dict(batch_size=args.batch_size, device=device, source=args.feature,
                   num_workers=args.num_workers, rank=rank, world_size=world_size, precision=args.precision,
                   progress=utils.show_progress(master))

@@ -180,7 +180,8 @@ def resume(args, ckpt_path, encoder, fingerprint, rank, world_size, **objects):
     changed = [f"{k} {saved[k]} -> {v}" for k, v in encoder.items() if k in saved and saved[k] != v]
     if changed:
         utils.fail(f"{ckpt_path} probes another training checkpoint than '{args.checkpoint}' is now "
-                   f"({'; '.join(changed)}); restore that checkpoint, or probe this one in a new --output-dir")
+                   f"({'; '.join(changed)}); restore that checkpoint, or probe this one in a new "
+                   f"--output-dir")
     change = state.get("data") and data.data_change(state["data"], fingerprint)
     if change:
         utils.fail(f"--resume: the data in '{args.data_path}' is not what the probe trained on ({change}); "
@@ -203,9 +204,12 @@ def main(argv=None):
     model_lib.check_feature(net, args.feature)
     args.precision = eval_knn.eval_precision(args.precision, train_args, device)
     net.to(device).eval().requires_grad_(False)
-    with open(args.checkpoint, "rb") as f:  # which file: a run replaced by another of the same epoch differs
-        sha256 = hashlib.file_digest(f, "sha256").hexdigest()[:16]
-    encoder = dict(method=train_args["method"], arch=train_args["arch"], epoch=ckpt.get("epoch"), sha256=sha256)
+    digest = hashlib.sha256()  # which file: a run replaced by another of the same epoch differs
+    with open(args.checkpoint, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    encoder = dict(method=train_args["method"], arch=train_args["arch"], epoch=ckpt.get("epoch"),
+                   sha256=digest.hexdigest()[:16])
     info = data.resolve_eval_data(args, train_args)
     measurement = dict(checkpoint=os.path.abspath(args.checkpoint), dataset=args.dataset,
                        data_path=os.path.abspath(args.data_path), classes=args.classes, feature=args.feature,
@@ -274,9 +278,9 @@ def probe(args, net, train_args, ckpt, encoder, info, measurement, rank, world_s
     if not master:
         return None
     if stopped:
-        print(f"stopped by --max-steps at step {step}, {step - done * len(loader)} steps into epoch {done + 1} of "
-              f"{args.epochs}; {ckpt_path} holds epoch {done}: continue with --resume (no result is written "
-              f"for a probe cut short)")
+        print(f"stopped by --max-steps at step {step}, {step - done * len(loader)} steps into epoch "
+              f"{done + 1} of {args.epochs}; {ckpt_path} holds epoch {done}: continue with --resume (no "
+              f"result is written for a probe cut short)")
         return None
     return report(args, ckpt, train_args, encoder, measurement, done, step, len(train_set), len(test_y), top1,
                   top5)

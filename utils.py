@@ -237,11 +237,12 @@ def save_checkpoint(obj, path):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:  # torch's zip writer raises RuntimeError when the disk fills up
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        fail(f"could not write '{path}' ({e.strerror or type(e).__name__}); the previous file there is "
-             f"unchanged")
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else \
+            f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}; is its disk full?"
+        fail(f"could not write '{path}' ({reason}); the previous file there is unchanged")
 
 
 def load_checkpoint(path, what="checkpoint"):

@@ -93,7 +93,8 @@ def trained(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:  # one thread, as scripts_on_one_thread gives each test
         torch.set_num_threads(1)
         mp.setattr(torch, "set_num_threads", lambda n: None)
-        r = run_main("train.py", *flags(data_dir, out))  # in this process: a subprocess costs seconds of imports
+        # in this process: a subprocess costs seconds of imports
+        r = run_main("train.py", *flags(data_dir, out))
     assert r.returncode == 0, r.stderr[-2000:]
     return data_dir, out
 
@@ -429,7 +430,8 @@ def test_sigterm_saves_at_next_step_and_resume_continues(tmp_path):
     # the stop flag is read at --log-every boundaries: every step here
     p = subprocess.Popen([sys.executable, TRAIN, *map(str, flags(data_dir, out, epochs=2)), "--log-every",
                           "1"],
-                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=one_thread_env())
+                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=one_thread_env())
     log = os.path.join(out, "log.jsonl")
     wait_for(lambda: os.path.exists(log))  # epoch 1 done, epoch 2 under way
     p.send_signal(signal.SIGTERM)

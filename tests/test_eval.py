@@ -198,9 +198,9 @@ def run_train(folder, out, method, *extra):
     """train.py's main() in this process, on one thread, as `python train.py ...` would run it (a
     subprocess costs seconds of imports). Returns the path of its checkpoint."""
     import train
-    argv = ["--method", method, "--dataset", "folder", "--data-path", folder, "--arch", "tiny", "--batch-size",
-            "8", "--epochs", "1", "--warmup-epochs", "1", "--num-workers", "0", "--device", "cpu",
-            "--output-dir", out, *extra]
+    argv = ["--method", method, "--dataset", "folder", "--data-path", folder, "--arch", "tiny",
+            "--batch-size", "8", "--epochs", "1", "--warmup-epochs", "1", "--num-workers", "0",
+            "--device", "cpu", "--output-dir", out, *extra]
     if method in ("vssl", "byol"):  # a 64-wide projector keeps the test fast
         argv += ["--proj-hidden", "64"]
     with pytest.MonkeyPatch.context() as mp:
@@ -314,7 +314,8 @@ def test_eval_linear_end_to_end_and_exact_resume(vje_ckpt, tmp_path):
     --data-path), so that top-5 can miss: top-1 and top-5 equal the share of
     test images whose label is the largest, or among the 5 largest, of the
     saved layer's 12 logits on the eval-mode features computed here."""
-    twelve = make_overlapping_image_folder(tmp_path / "twelve", classes=12, train_per_class=2, test_per_class=1)
+    twelve = make_overlapping_image_folder(tmp_path / "twelve", classes=12, train_per_class=2,
+                                           test_per_class=1)
     flags = ["--checkpoint", vje_ckpt, *CPU, "--data-path", twelve, "--epochs", "2", "--batch-size", "8"]
     a = eval_linear.main([*flags, "--output-dir", str(tmp_path / "a"), "--output", str(tmp_path / "a.json")])
     log = [json.loads(line) for line in open(tmp_path / "a" / "log.jsonl")]
@@ -326,7 +327,8 @@ def test_eval_linear_end_to_end_and_exact_resume(vje_ckpt, tmp_path):
     classes = sorted(os.listdir(os.path.join(twelve, "train")))  # ImageFolder's labels: class10 is 2
     test = [(path, classes.index(os.path.basename(os.path.dirname(path))))
             for path in sorted(glob.glob(os.path.join(twelve, "test", "class*", "*.png")))]
-    x = torch.stack([TF.normalize(TF.to_tensor(Image.open(path).convert("RGB")), mean, std) for path, _ in test])
+    x = torch.stack([TF.normalize(TF.to_tensor(Image.open(path).convert("RGB")), mean, std)
+                     for path, _ in test])
     linear = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)["linear"]
     with torch.no_grad():
         logits = net.encoder(x) @ linear["weight"].T + linear["bias"]

@@ -39,8 +39,9 @@ U32 = 2.0 ** -24  # float32's unit roundoff
 RUNS = {
     "vje-epoch-cosine-pil": ["--method", "vje", "--target", "ema", "--epochs", 3, "--warmup-epochs", 2,
                              "--lr-schedule", "epoch", "--ema-schedule", "cosine", "--aug", "pil"],
-    "byol-step-constant-batched": ["--method", "byol", "--proj-hidden", 64, "--epochs", 2, "--warmup-epochs", 1,
-                                   "--lr-schedule", "step", "--ema-schedule", "constant", "--aug", "batched"],
+    "byol-step-constant-batched": ["--method", "byol", "--proj-hidden", 64, "--epochs", 2,
+                                   "--warmup-epochs", 1, "--lr-schedule", "step", "--ema-schedule",
+                                   "constant", "--aug", "batched"],
 }
 
 

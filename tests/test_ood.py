@@ -214,8 +214,8 @@ def test_group_means_are_the_means_of_their_sets(multi):
             assert list(metrics) == ["auroc", "aupr_in", "aupr_out", "fpr95"]
             for key, value in metrics.items():
                 # the sets' values differ, so that another way of averaging would give another mean
-                assert len({sets[s]["scores"][score][key] for s in g["sets"]}) == len(g["sets"]), (group, score,
-                                                                                                  key)
+                values = {sets[s]["scores"][score][key] for s in g["sets"]}
+                assert len(values) == len(g["sets"]), (group, score, key)
                 assert value == np.mean([sets[s]["scores"][score][key] for s in g["sets"]]), (group, score,
                                                                                               key)
     assert "ood" not in saved and "scores" not in saved  # the one-set layout is for one-set runs only

@@ -80,9 +80,9 @@ def test_resume_refuses_data_that_changed_and_goes_on_when_it_is_restored(folder
     extra = os.path.join(folder, "train", "class0", "new.png")
     shutil.copy(os.path.join(folder, "train", "class1", "000.png"), extra)
     line = error_line(lambda: train.main(["--output-dir", str(out), "--resume"]))
-    assert line == (f"error: --resume: the data in '{folder}' is not what the run trained on (24 images in 3 "
-                    f"classes then, 25 in 3 now; images per class: class0 8 -> 9); restore it, or start a new "
-                    f"run with another --output-dir")
+    assert line == (f"error: --resume: the data in '{folder}' is not what the run trained on (24 images "
+                    f"in 3 classes then, 25 in 3 now; images per class: class0 8 -> 9); restore it, or start "
+                    f"a new run with another --output-dir")
     assert digest(out) == before
     os.remove(extra)
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
@@ -120,21 +120,30 @@ def test_a_probe_resumes_only_on_its_data_and_its_training_checkpoint(folder, tm
 # -----------------------------------------------------------------------------
 # files of a run, damaged
 
-def test_a_full_disk_during_the_checkpoint_write_loses_nothing(folder, tmp_path, monkeypatch):
+# how a full disk surfaces in torch.save: an OSError from a write, or (what a real full tmpfs gave)
+# the RuntimeError of torch's zip writer when it finds its file shorter than what it wrote
+ZIP_ERROR = "[enforce fail at inline_container.cc:672] . unexpected pos 1880448 vs 1880336"
+FULL_DISK = {"oserror": (OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), "No space left on device"),
+             "zip-writer": (RuntimeError(ZIP_ERROR), f"RuntimeError: {ZIP_ERROR}; is its disk full?")}
+
+
+@pytest.mark.parametrize("how", FULL_DISK)
+def test_a_full_disk_during_the_checkpoint_write_loses_nothing(how, folder, tmp_path, monkeypatch):
     """The disk fills up while the checkpoint is written: one line, no partial file left to keep
     the disk full, the previous checkpoint and log as they were, and --resume goes on from them."""
     out = tmp_path / "run"
     train.main(flags(folder, out, "--epochs", "2", "--max-steps", "3"))
     before = digest(out)
+    error, reason = FULL_DISK[how]
 
     def full_disk(obj, f, *args, **kwargs):
         f.write(b"PK\x03\x04 part of a checkpoint")
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        raise error
     with monkeypatch.context() as m:
         m.setattr(torch, "save", full_disk)
         line = error_line(lambda: train.main(["--output-dir", str(out), "--resume"]))
-    assert line == (f"error: could not write '{out / 'checkpoint.pt'}' (No space left on device); the previous "
-                    f"file there is unchanged")
+    assert line == f"error: could not write '{out / 'checkpoint.pt'}' ({reason}); the previous file there " \
+                   f"is unchanged"
     after = digest(out)  # args.json says this invocation's --resume
     assert after.pop("args.json") and after == {k: v for k, v in before.items() if k != "args.json"}
     train.main(["--output-dir", str(out), "--resume"])
@@ -231,8 +240,8 @@ def test_under_torchrun_a_failure_in_set_up_is_one_line_from_rank_0_only(tmp_pat
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
                        env=dict(os.environ, OMP_NUM_THREADS="1"))
     errors = [line for line in r.stderr.splitlines() if "error: " in line]
-    assert r.returncode != 0 and len(errors) == 1 and errors[0].startswith(f"error: --data-path "
-                                                                          f"'{tmp_path / 'nothing'}'"), r.stderr
+    expected = f"error: --data-path '{tmp_path / 'nothing'}'"
+    assert r.returncode != 0 and len(errors) == 1 and errors[0].startswith(expected), r.stderr
     assert "[rank1]" not in r.stderr and "[rank0]" not in r.stderr, r.stderr
     assert not (tmp_path / "runs").exists()
 

@@ -579,7 +579,8 @@ def run_two_process_group(out):
     state, rank 1's state)}."""
     labels = {"labelled": [0, 1, 2, 0, 1, 2, 0, 1], "unlabelled": [0, 1, -1, 2, -1, -1, -1, -1]}
     cases = []
-    for name, method, kind in [*((m, m, "labelled") for m in DDP_METHODS), ("byol-unlabelled", "byol", "unlabelled")]:
+    kinds = [*((m, m, "labelled") for m in DDP_METHODS), ("byol-unlabelled", "byol", "unlabelled")]
+    for name, method, kind in kinds:
         torch.manual_seed(1)
         init = small_model(method).state_dict()
         batch = ((torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16)), torch.tensor(labels[kind]))
@@ -644,8 +645,8 @@ for argv in json.loads(sys.argv[1]):
 cleanup()
 """
 
-TORCHRUN_MATCH_FLAGS = {aug: ["--method", "byol", "--aug", aug, "--epochs", 1, "--max-steps", 1, "--eval-every",
-                              0, "--device", "cpu"] for aug in ("batched", "pil")}
+TORCHRUN_MATCH_FLAGS = {aug: ["--method", "byol", "--aug", aug, "--epochs", 1, "--max-steps", 1,
+                              "--eval-every", 0, "--device", "cpu"] for aug in ("batched", "pil")}
 
 
 @pytest.fixture(scope="module")
@@ -684,8 +685,8 @@ def test_torchrun_matches_one_process(aug, torchrun_runs, tmp_path, monkeypatch,
     start from rank 0's student and teacher."""
     assert torchrun_runs.returncode == 0, torchrun_runs.stderr[-3000:]
     one, two = str(tmp_path / "one"), torchrun_runs.outs[f"two-{aug}"]
-    init = train_in_process([*common_flags(torchrun_runs.folder, one, method="byol"), *TORCHRUN_MATCH_FLAGS[aug]],
-                            monkeypatch)
+    init = train_in_process([*common_flags(torchrun_runs.folder, one, method="byol"),
+                             *TORCHRUN_MATCH_FLAGS[aug]], monkeypatch)
     pa = torch.load(os.path.join(one, "checkpoint.pt"), weights_only=True)["model"]
     pb = torch.load(os.path.join(two, "checkpoint.pt"), weights_only=True)["model"]
     assert pa.keys() == pb.keys() == init.keys()
