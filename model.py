@@ -455,7 +455,8 @@ class SimSiam(Method):
     -> predictor (2048 -> 512 -> 2048); the target is the other view's projection, detached."""
 
     name = "simsiam"
-    # the SimSiam paper's CIFAR recipe: SGD, lr 0.05, weight decay 5e-4, 800 epochs
+    # after the SimSiam paper: SGD, weight decay 5e-4, 800 epochs; lr 0.05 is its ImageNet base rate
+    # (App. D: 0.03 for CIFAR, no warm-up; its code sets the rate once an epoch, with bilinear crops)
     recipe = dict(optimizer="sgd", nesterov=False, lr=0.05, weight_decay=5e-4, epochs=800, warmup_epochs=10,
                   lr_schedule="step", interpolation="bicubic", constants="solo-learn")
     # the SimSiam paper's views (not solo-learn's, which crop 0.08-1 and blur p 0.5 at 32 px):
